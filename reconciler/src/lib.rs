@@ -1,0 +1,9 @@
+//! flotilla: a GitOps reconciler for FreeBSD bhyve virtual machines spread over several
+//! hosts.
+//!
+//! The crate is laid out by concept; each module owns one:
+//! - [`size`]: byte sizes in vm-bhyve's notation;
+//! - [`actual`]: what vm-bhyve really has on a host.
+
+pub mod actual;
+pub mod size;
