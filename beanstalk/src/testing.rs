@@ -1,0 +1,173 @@
+//! A real beanstalkd for tests (feature `testing`): started on a free loopback port,
+//! stopped when dropped.
+//!
+//! ```no_run
+//! let server = beanstalk::testing::Beanstalkd::start().expect("beanstalkd installed");
+//! println!("listening on {}", server.addr());
+//! ```
+
+use std::io;
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How to start the server.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// Keep a binlog (`-b`) in a temporary directory, so jobs survive a restart.
+    pub binlog: bool,
+    /// `-z`: the largest job body in bytes (beanstalkd's default is 65535).
+    pub max_job_size: Option<u64>,
+    /// The program to run; `beanstalkd` from `PATH` when unset.
+    pub program: Option<PathBuf>,
+}
+
+/// A running beanstalkd on 127.0.0.1, killed on drop.
+#[derive(Debug)]
+pub struct Beanstalkd {
+    child: Option<Child>,
+    port: u16,
+    config: Config,
+    binlog_dir: Option<tempfile::TempDir>,
+}
+
+fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
+}
+
+impl Beanstalkd {
+    /// Starts a server with the default configuration.
+    pub fn start() -> io::Result<Beanstalkd> {
+        Beanstalkd::start_with(Config::default())
+    }
+
+    /// Starts a server with `config`.
+    pub fn start_with(config: Config) -> io::Result<Beanstalkd> {
+        let binlog_dir = if config.binlog {
+            Some(
+                tempfile::Builder::new()
+                    .prefix("beanstalkd-binlog")
+                    .tempdir()?,
+            )
+        } else {
+            None
+        };
+        let mut server = Beanstalkd {
+            child: None,
+            port: 0,
+            config,
+            binlog_dir,
+        };
+        // Another test may take the port between our probe and beanstalkd's bind; then
+        // beanstalkd exits at once and the next free port is tried.
+        let mut last = None;
+        for _ in 0..20 {
+            server.port = free_port()?;
+            match server.spawn() {
+                Ok(()) => return Ok(server),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("could not start beanstalkd")))
+    }
+
+    fn spawn(&mut self) -> io::Result<()> {
+        let program = self
+            .config
+            .program
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("beanstalkd"));
+        let mut cmd = Command::new(&program);
+        cmd.args(["-l", "127.0.0.1", "-p", &self.port.to_string()]);
+        if let Some(dir) = &self.binlog_dir {
+            cmd.arg("-b").arg(dir.path());
+        }
+        if let Some(z) = self.config.max_job_size {
+            cmd.args(["-z", &z.to_string()]);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot run {} (install the `beanstalkd` package): {e}",
+                    program.display()
+                ),
+            )
+        })?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Err(io::Error::other(format!(
+                    "beanstalkd exited with {status} on port {}",
+                    self.port
+                )));
+            }
+            if TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok() {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "beanstalkd did not accept connections within 10 s",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The binlog directory, when started with one.
+    pub fn binlog_dir(&self) -> Option<&Path> {
+        self.binlog_dir.as_ref().map(|d| d.path())
+    }
+
+    /// Kills the server (SIGKILL: no chance to flush anything but what the binlog has).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (and binlog).
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.stop();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.spawn() {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}
+
+impl Drop for Beanstalkd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
