@@ -48,6 +48,47 @@ async fn cycles(addr: &str, tube: &str) -> f64 {
     rate(CYCLES, start.elapsed())
 }
 
+/// The same cycles with the client's pipelining: the `delete` of one cycle goes out in
+/// one write with the `put` and `reserve` of the next, one round trip per cycle. Each
+/// job is still put, reserved and deleted before the next one is reserved.
+async fn pipelined_cycles(addr: &str, tube: &str) -> f64 {
+    use beanstalk::proto::{Answer, Request};
+    let mut c = Client::connect(addr).await.expect("connect");
+    c.use_tube(tube).await.unwrap();
+    c.watch(tube).await.unwrap();
+    c.ignore("default").await.unwrap();
+    let body = vec![b'c'; BODY];
+    let put = Request::Put {
+        pri: P.pri,
+        delay: P.delay,
+        ttr: P.ttr,
+        body: &body,
+    };
+    let start = Instant::now();
+    let mut held = None;
+    for _ in 0..CYCLES {
+        let answers = match held {
+            None => c.pipeline(&[put, Request::Reserve]).await.unwrap(),
+            Some(id) => {
+                let a = c
+                    .pipeline(&[Request::Delete(id), put, Request::Reserve])
+                    .await
+                    .unwrap();
+                assert_eq!(a[0], Answer::Deleted);
+                a
+            }
+        };
+        match answers.last() {
+            Some(Answer::Reserved(id, _)) => held = Some(*id),
+            other => panic!("{other:?}"),
+        }
+    }
+    if let Some(id) = held {
+        c.delete(id).await.unwrap();
+    }
+    rate(CYCLES, start.elapsed())
+}
+
 async fn sequential_puts(addr: &str, tube: &str) -> f64 {
     let mut c = Client::connect(addr).await.expect("connect");
     c.use_tube(tube).await.unwrap();
@@ -73,6 +114,40 @@ async fn pipelined_puts(addr: &str, tube: &str) -> f64 {
         done += BATCH as u64;
     }
     rate(done, start.elapsed())
+}
+
+/// What beanstalkd itself accepts: pre-encoded puts blasted down a raw socket by one
+/// thread while another counts the answers. No client does less work than this, so it is
+/// the ceiling for (b).
+fn raw_socket_puts(addr: &str, tube: &str) -> f64 {
+    use std::io::{BufRead, BufReader, Write};
+    let mut sock = std::net::TcpStream::connect(addr).expect("connect");
+    sock.set_nodelay(true).unwrap();
+    let mut reader = BufReader::new(sock.try_clone().unwrap());
+    sock.write_all(format!("use {tube}\r\n").as_bytes())
+        .unwrap();
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let mut chunk = Vec::new();
+    for _ in 0..BATCH {
+        chunk.extend_from_slice(format!("put 1024 0 120 {BODY}\r\n").as_bytes());
+        chunk.extend_from_slice(&[b'r'; BODY]);
+        chunk.extend_from_slice(b"\r\n");
+    }
+    let start = Instant::now();
+    let writer = std::thread::spawn(move || {
+        for _ in 0..PUTS / BATCH as u64 {
+            sock.write_all(&chunk).unwrap();
+        }
+    });
+    for _ in 0..PUTS {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.starts_with("INSERTED"), "{line}");
+    }
+    let elapsed = start.elapsed();
+    writer.join().unwrap();
+    rate(PUTS, elapsed)
 }
 
 fn best(xs: &[f64]) -> f64 {
@@ -121,12 +196,13 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let (mut cyc, mut seq, mut pipe, mut g_cyc, mut g_puts) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    let (mut cyc, mut pcyc, mut seq, mut pipe, mut raw) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut g_cyc, mut g_puts) = (vec![], vec![]);
     // Rounds interleave the two clients so both meet the same server state and machine load.
     for round in 0..ROUNDS {
         rt.block_on(async {
             cyc.push(cycles(&addr, &format!("bench.cycles.{round}")).await);
+            pcyc.push(pipelined_cycles(&addr, &format!("bench.pcycles.{round}")).await);
         });
         g_cyc.push(greenstalk(
             &python,
@@ -148,40 +224,50 @@ fn main() {
         rt.block_on(async {
             pipe.push(pipelined_puts(&addr, &format!("bench.pipe.{round}")).await);
         });
+        raw.push(raw_socket_puts(&addr, &format!("bench.raw.{round}")));
     }
     let (g_cyc, g_puts) = (best(&g_cyc), best(&g_puts));
-    let (cyc, seq, pipe) = (best(&cyc), best(&seq), best(&pipe));
+    let (cyc, pcyc, seq, pipe, raw) =
+        (best(&cyc), best(&pcyc), best(&seq), best(&pipe), best(&raw));
+    let row = |what: &str, ours: f64, theirs: f64| {
+        println!(
+            "{what:<52} {ours:>10.0} {theirs:>11.0} {:>7.2}x",
+            ours / theirs
+        );
+    };
     println!("beanstalkd at {addr}; 1 KiB bodies; best of {ROUNDS} rounds");
     println!(
-        "{:<44} {:>12} {:>12} {:>8}",
-        "measure", "flotilla", "greenstalk", "ratio"
+        "{:<52} {:>10} {:>11} {:>8}",
+        "measure (per second)", "beanstalk", "greenstalk", "ratio"
     );
-    println!(
-        "{:<44} {:>12.0} {:>12.0} {:>7.2}x",
-        "(a) put+reserve+delete cycles/s (sequential)",
+    row(
+        "(a) put+reserve+delete cycles, each call awaited",
         cyc,
         g_cyc,
-        cyc / g_cyc
     );
-    println!(
-        "{:<44} {:>12.0} {:>12.0} {:>7.2}x",
-        "(b) puts/s, pipelined vs greenstalk's puts",
+    row(
+        "(a) the same cycles, delete pipelined with next put",
+        pcyc,
+        g_cyc,
+    );
+    row(
+        "(b) puts, pipelined (put_many) vs greenstalk's puts",
         pipe,
         g_puts,
-        pipe / g_puts
     );
+    row("    puts, both one at a time", seq, g_puts);
     println!(
-        "{:<44} {:>12.0} {:>12.0} {:>7.2}x",
-        "    puts/s, both sequential (reference)",
-        seq,
-        g_puts,
-        seq / g_puts
+        "{:<52} {raw:>10.0} {:>11} {:>7.0}% of it",
+        "    ceiling: beanstalkd fed pre-encoded puts",
+        "-",
+        100.0 * pipe / raw
     );
-    let ok_a = cyc >= 2.0 * g_cyc;
-    let ok_b = pipe >= 5.0 * g_puts;
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
     println!(
-        "targets: (a) >= 2x: {}; (b) >= 5x: {}",
-        if ok_a { "met" } else { "MISSED" },
-        if ok_b { "met" } else { "MISSED" }
+        "targets: (a) >= 2x greenstalk: {} awaited, {} pipelined; (b) >= 5x greenstalk: {} (ceiling allows {:.2}x)",
+        verdict(cyc >= 2.0 * g_cyc),
+        verdict(pcyc >= 2.0 * g_cyc),
+        verdict(pipe >= 5.0 * g_puts),
+        raw / g_puts
     );
 }

@@ -284,6 +284,26 @@ impl Client {
         }
     }
 
+    /// Keeps the used and watched tubes as the server confirmed them, so that a
+    /// reconnect restores exactly that.
+    fn remember(&mut self, req: &Request<'_>, answer: &Answer) {
+        match (req, answer) {
+            (Request::Use(t), Answer::Using(_)) => self.used = t.to_string(),
+            (Request::Watch(t), Answer::Watching(_)) if !self.watched.iter().any(|w| w == t) => {
+                self.watched.push(t.to_string())
+            }
+            (Request::Ignore(t), Answer::Watching(_)) => self.watched.retain(|w| w != t),
+            _ => {}
+        }
+    }
+
+    /// Sends a `use`, `watch` or `ignore` and remembers what the server confirmed.
+    async fn tube_command(&mut self, req: Request<'_>) -> Result<Answer, Error> {
+        let answer = self.call(req).await?;
+        self.remember(&req, &answer);
+        Ok(answer)
+    }
+
     async fn call(&mut self, req: Request<'_>) -> Result<Answer, Error> {
         self.request(req, Duration::ZERO).await
     }
@@ -291,11 +311,8 @@ impl Client {
     /// `use <tube>`: later puts go to `tube`.
     pub async fn use_tube(&mut self, tube: &str) -> Result<(), Error> {
         check_tube(tube)?;
-        match self.call(Request::Use(tube)).await? {
-            Answer::Using(_) => {
-                self.used = tube.to_string();
-                Ok(())
-            }
+        match self.tube_command(Request::Use(tube)).await? {
+            Answer::Using(_) => Ok(()),
             other => Err(Error::from_answer("use", other)),
         }
     }
@@ -379,6 +396,69 @@ impl Client {
         Ok(out)
     }
 
+    /// Sends several commands in one write and returns their answers in order, as the
+    /// wire gave them (see [`Answer`]; map one to its error with [`Error::from_answer`]).
+    ///
+    /// Any sequence works, e.g. a worker's `delete` of a finished job together with the
+    /// `reserve` of the next, saving a round trip. Tube names and bodies are checked
+    /// first; `use`, `watch` and `ignore` update the client's remembered tubes as
+    /// answered. Nothing is retried: a broken connection is an error for the whole batch.
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &mut beanstalk::Client) -> Result<(), beanstalk::Error> {
+    /// use beanstalk::proto::{Answer, Request};
+    /// let answers = c
+    ///     .pipeline(&[Request::Put { pri: 0, delay: 0, ttr: 60, body: b"x" }, Request::Reserve])
+    ///     .await?;
+    /// if let Answer::Reserved(id, _) = answers[1] {
+    ///     c.delete(id).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn pipeline(&mut self, requests: &[Request<'_>]) -> Result<Vec<Answer>, Error> {
+        for r in requests {
+            match r {
+                Request::Use(t)
+                | Request::Watch(t)
+                | Request::Ignore(t)
+                | Request::StatsTube(t)
+                | Request::PauseTube(t, _) => check_tube(t)?,
+                Request::Put { body, .. } => self.check_body(body)?,
+                _ => {}
+            }
+        }
+        if self.conn.as_mut().is_none_or(Connection::is_stale) {
+            self.reconnect().await?;
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            unreachable!("reconnect either sets a connection or returns an error")
+        };
+        let command = requests.first().map(Request::name).unwrap_or("none");
+        let answers = match bounded(
+            self.options.call_timeout,
+            command,
+            conn.round_trip(requests),
+        )
+        .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                self.conn = None;
+                return Err(e);
+            }
+        };
+        for (r, a) in requests.iter().zip(&answers) {
+            self.remember(r, a);
+            if matches!(
+                a,
+                Answer::ExpectedCrlf | Answer::BadFormat | Answer::UnknownCommand
+            ) {
+                self.conn = None;
+            }
+        }
+        Ok(answers)
+    }
+
     /// `reserve`: waits as long as it takes for a job from the watched tubes.
     ///
     /// [`Error::DeadlineSoon`] when a job this connection holds is about to time out.
@@ -446,13 +526,8 @@ impl Client {
     /// `watch <tube>`: adds a tube to the watch list; returns how many are watched.
     pub async fn watch(&mut self, tube: &str) -> Result<u64, Error> {
         check_tube(tube)?;
-        match self.call(Request::Watch(tube)).await? {
-            Answer::Watching(n) => {
-                if !self.watched.iter().any(|t| t == tube) {
-                    self.watched.push(tube.to_string());
-                }
-                Ok(n)
-            }
+        match self.tube_command(Request::Watch(tube)).await? {
+            Answer::Watching(n) => Ok(n),
             other => Err(Error::from_answer("watch", other)),
         }
     }
@@ -461,11 +536,8 @@ impl Client {
     /// last one.
     pub async fn ignore(&mut self, tube: &str) -> Result<u64, Error> {
         check_tube(tube)?;
-        match self.call(Request::Ignore(tube)).await? {
-            Answer::Watching(n) => {
-                self.watched.retain(|t| t != tube);
-                Ok(n)
-            }
+        match self.tube_command(Request::Ignore(tube)).await? {
+            Answer::Watching(n) => Ok(n),
             other => Err(Error::from_answer("ignore", other)),
         }
     }

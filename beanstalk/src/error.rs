@@ -150,7 +150,7 @@ impl Error {
     }
 
     /// Maps an answer that is not the success case of `command` to its error.
-    pub(crate) fn from_answer(command: &'static str, answer: Answer) -> Error {
+    pub fn from_answer(command: &'static str, answer: Answer) -> Error {
         match answer {
             Answer::NotFound => Error::NotFound,
             Answer::DeadlineSoon => Error::DeadlineSoon,

@@ -320,3 +320,42 @@ async fn a_cancelled_call_does_not_desync_the_next_one() {
     assert_eq!(st.state, "ready");
     assert_eq!(c.connects(), 2);
 }
+
+#[tokio::test]
+async fn pipeline_sends_mixed_commands_and_tracks_tubes() {
+    use beanstalk::proto::{Answer, Request};
+    let s = server();
+    let mut c = Client::connect(s.addr()).await.unwrap();
+    let answers = c
+        .pipeline(&[
+            Request::Use("pipe"),
+            Request::Watch("pipe"),
+            Request::Ignore("default"),
+            Request::Put {
+                pri: 1,
+                delay: 0,
+                ttr: 60,
+                body: b"p1",
+            },
+            Request::Reserve,
+            Request::Delete(999_999),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(answers[0], Answer::Using("pipe".into()));
+    assert_eq!(answers[2], Answer::Watching(1));
+    let Answer::Inserted(id) = answers[3] else {
+        panic!("{answers:?}")
+    };
+    assert!(matches!(&answers[4], Answer::Reserved(rid, body) if *rid == id && &body[..] == b"p1"));
+    assert!(matches!(
+        Error::from_answer("delete", answers[5].clone()),
+        Error::NotFound
+    ));
+    assert_eq!(c.used_tube(), "pipe");
+    assert_eq!(c.watched_tubes(), ["pipe"]);
+    assert!(matches!(
+        c.pipeline(&[Request::Use("-bad")]).await,
+        Err(Error::InvalidTube(_))
+    ));
+}
