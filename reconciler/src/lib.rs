@@ -7,3 +7,7 @@
 
 pub mod actual;
 pub mod size;
+pub mod backend;
+pub mod capacity;
+pub mod conf;
+pub mod sim;
