@@ -6,8 +6,10 @@
 //! - [`actual`]: what vm-bhyve really has on a host.
 
 pub mod actual;
-pub mod size;
 pub mod backend;
 pub mod capacity;
 pub mod conf;
+pub mod message;
+pub mod placement;
 pub mod sim;
+pub mod size;

@@ -1,0 +1,501 @@
+//! Every message flotilla puts on beanstalkd, defined once.
+//!
+//! A message is an [`Envelope`] (format version, message id, cluster, sender, time)
+//! around one [`Message`]: the five job kinds (create, destroy, update, start, stop), the
+//! result of a job, a host's inventory, and a trigger. All are JSON, so an operator can
+//! read a job with `peek`, and all are decoded by [`decode`], which never panics and
+//! refuses what it does not understand with a reason a worker can bury the job with.
+//!
+//! Jobs are self-contained: a create carries everything the worker needs to build the VM
+//! ([`VmOrder`]), so a worker never has to fetch the desired repo at the job's commit.
+//! Secrets are carried by name only; each host resolves a name to a file of its own.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::capacity::{Limits, Usage};
+use crate::size::Size;
+
+/// The message format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Largest encoded message flotilla writes or reads: under beanstalkd's default
+/// `max-job-size` (65535), so a default server takes every message.
+pub const MAX_MESSAGE: usize = 60 * 1024;
+
+/// The beanstalkd tubes flotilla uses on every host.
+pub mod tubes {
+    /// Creates, first tries and forwarded ones.
+    pub const CREATE: &str = "flotilla.create";
+    /// Destroy, update, start and stop for VMs on this host.
+    pub const OPS: &str = "flotilla.ops";
+    /// Outcomes sent back to the owner that asked.
+    pub const RESULTS: &str = "flotilla.results";
+    /// This host's latest inventory, as one ready job that others peek at.
+    pub const INVENTORY: &str = "flotilla.inventory";
+    /// Triggers: reconcile now.
+    pub const CONTROL: &str = "flotilla.control";
+}
+
+/// One message with its metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    /// [`FORMAT_VERSION`] of the writer.
+    pub v: u32,
+    /// Unique id of this message (a UUID); for jobs, the job id that markers and results
+    /// refer to.
+    pub id: String,
+    /// The cluster id from `cluster.yaml`; a host ignores other clusters' messages.
+    pub cluster: String,
+    /// The host that sent the message.
+    pub from: String,
+    /// When it was sent, in seconds since the Unix epoch (used for expiry, not ordering).
+    pub sent_at: u64,
+    /// The message itself.
+    pub body: Message,
+}
+
+/// What a message says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Message {
+    /// Build a VM (on this host if it fits, else forward it along the chain).
+    Create(CreateJob),
+    /// Destroy a managed VM on this host.
+    Destroy(VmJob),
+    /// Change a managed VM's configuration in place.
+    Update(UpdateJob),
+    /// Start a managed VM.
+    Start(VmJob),
+    /// Stop a managed VM.
+    Stop(VmJob),
+    /// The outcome of a job, sent to the owner that asked.
+    Result(JobResult),
+    /// A host's actual state and capacity.
+    Inventory(Inventory),
+    /// Reconcile now (sent by the desired repo's post-receive hook or `flotilla trigger`).
+    Trigger(Trigger),
+}
+
+impl Message {
+    /// The message kind as it appears in JSON (`create`, `destroy`, …).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Create(_) => "create",
+            Message::Destroy(_) => "destroy",
+            Message::Update(_) => "update",
+            Message::Start(_) => "start",
+            Message::Stop(_) => "stop",
+            Message::Result(_) => "result",
+            Message::Inventory(_) => "inventory",
+            Message::Trigger(_) => "trigger",
+        }
+    }
+
+    /// The VM a job or result is about.
+    pub fn vm(&self) -> Option<&str> {
+        match self {
+            Message::Create(j) => Some(&j.vm),
+            Message::Destroy(j) | Message::Start(j) | Message::Stop(j) => Some(&j.vm),
+            Message::Update(j) => Some(&j.vm),
+            Message::Result(r) => Some(&r.vm),
+            Message::Inventory(_) | Message::Trigger(_) => None,
+        }
+    }
+}
+
+/// Who asked for a job and where the answer goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Origin {
+    /// The desired commit the job was planned from.
+    pub commit: String,
+    /// The owner host, whose reconciler emitted the job.
+    pub owner: String,
+    /// The owner's beanstalkd address, where the result goes (tube `flotilla.results`).
+    pub reply_to: String,
+}
+
+/// Everything a worker needs to build one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmOrder {
+    /// vm-bhyve template name (installed as `.templates/<name>.conf`).
+    pub template: String,
+    /// The template's contents, installed before `vm create`.
+    pub template_conf: String,
+    /// Virtual CPUs.
+    pub cpu: u32,
+    /// Guest memory.
+    pub memory: Size,
+    /// Size of `disk0`.
+    pub disk: Size,
+    /// Swap partition size inside the guest (for the provisioning hooks).
+    pub swap: Size,
+    /// Further vm-bhyve config keys to set after create.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    /// Whether the VM should run (and start at boot) once built.
+    pub running: bool,
+    /// Recorded in the marker: the VM is never destroyed while set.
+    pub protect: bool,
+    /// Hook options (`FLOTILLA_OPT_<KEY>` in the hooks' environment).
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    /// Names of secrets; each host resolves them to files of its own.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+}
+
+impl VmOrder {
+    /// What the VM claims from a host's capacity.
+    pub fn usage(&self) -> Usage {
+        Usage {
+            memory: self.memory,
+            storage: self.disk,
+            vms: 1,
+        }
+    }
+}
+
+/// Build a VM, here or further along the hop chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJob {
+    /// The VM's name.
+    pub vm: String,
+    /// What to build.
+    pub order: VmOrder,
+    /// Hash of the desired spec, recorded in the marker.
+    pub spec_hash: String,
+    /// Who asked.
+    pub origin: Origin,
+    /// How many more times the job may be forwarded. Travels with the job: no host resets
+    /// it.
+    pub hops_left: u32,
+    /// Hosts that already refused the job, in order, with their reasons.
+    #[serde(default)]
+    pub visited: Vec<Refusal>,
+}
+
+/// One host's refusal of a create, carried along the chain so that `unplaceable` can say
+/// why every host said no.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refusal {
+    /// The host.
+    pub host: String,
+    /// Why it did not take the VM.
+    pub reason: String,
+}
+
+/// Destroy, start or stop one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmJob {
+    /// The VM's name.
+    pub vm: String,
+    /// The host that holds it (the worker refuses a job meant for another host).
+    pub host: String,
+    /// Who asked.
+    pub origin: Origin,
+}
+
+/// Change a VM's configuration in place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateJob {
+    /// The VM's name.
+    pub vm: String,
+    /// The host that holds it.
+    pub host: String,
+    /// Config keys to set.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Config keys to remove.
+    #[serde(default)]
+    pub unset: Vec<String>,
+    /// New size of `disk0`, when it grows.
+    #[serde(default)]
+    pub grow_disk: Option<Size>,
+    /// Whether the change needs a stopped VM (cpu, memory, disks): the worker stops it,
+    /// changes it, and starts it again if it was running.
+    pub restart: bool,
+    /// The new spec hash, recorded in the marker once done.
+    pub spec_hash: String,
+    /// Who asked.
+    pub origin: Origin,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Done on `JobResult::host`.
+    Done,
+    /// No host on the chain had room (or the chain looped or ran out of hops).
+    Unplaceable {
+        /// Why, host by host.
+        reason: String,
+    },
+    /// Tried and failed `attempts` times; the job was buried.
+    Failed {
+        /// The last error, with its chain.
+        reason: String,
+        /// How many tries.
+        attempts: u32,
+    },
+    /// Not acted on (an unmanaged VM, a protected VM, a job for another host…).
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The outcome of one job.
+// No deny_unknown_fields: serde does not support it together with `flatten`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResult {
+    /// The job's id ([`Envelope::id`]).
+    pub job_id: String,
+    /// The job's kind.
+    pub job_kind: String,
+    /// The VM.
+    pub vm: String,
+    /// The host that acted (or gave up).
+    pub host: String,
+    /// The commit the job was planned from.
+    pub commit: String,
+    /// What happened.
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+/// One VM in an inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InventoryVm {
+    /// Name.
+    pub name: String,
+    /// Run state.
+    pub state: crate::actual::RunState,
+    /// Whether it carries this cluster's marker.
+    pub managed: bool,
+    /// The spec hash in its marker.
+    #[serde(default)]
+    pub spec_hash: Option<String>,
+    /// Memory it claims.
+    pub memory: Size,
+    /// Storage it claims.
+    pub storage: Size,
+}
+
+/// A host's published summary of its actual state and capacity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inventory {
+    /// The host.
+    pub host: String,
+    /// The desired commit this host last reconciled.
+    #[serde(default)]
+    pub applied_commit: Option<String>,
+    /// What all its VMs claim.
+    pub used: Usage,
+    /// What admitted creates in progress hold.
+    pub reserved: Usage,
+    /// Its limits.
+    pub limits: Limits,
+    /// Every VM on it, managed or not.
+    pub vms: Vec<InventoryVm>,
+}
+
+/// Reconcile now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trigger {
+    /// Why (e.g. `push to refs/heads/main`), for the event log.
+    pub reason: String,
+}
+
+/// Why bytes from the queue are not a message this host can act on. A worker buries the
+/// job with this text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Larger than [`MAX_MESSAGE`].
+    #[error("message of {0} bytes is larger than the {MAX_MESSAGE}-byte limit")]
+    TooLarge(usize),
+    /// Not JSON of the expected shape.
+    #[error("not a flotilla message: {0}")]
+    Malformed(String),
+    /// A format this build does not read.
+    #[error(
+        "message format version {0} is not supported (this build reads version {FORMAT_VERSION})"
+    )]
+    Version(u32),
+}
+
+/// Serializes an envelope.
+pub fn encode(envelope: &Envelope) -> Vec<u8> {
+    // Serializing plain data structs with string keys cannot fail.
+    serde_json::to_vec(envelope).unwrap_or_default()
+}
+
+/// Reads an envelope, checking size and version first.
+pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+    if bytes.len() > MAX_MESSAGE {
+        return Err(DecodeError::TooLarge(bytes.len()));
+    }
+    // The version is read on its own first, so a message from a newer flotilla is
+    // reported as such rather than as "unknown field".
+    #[derive(Deserialize)]
+    struct Version {
+        v: u32,
+    }
+    let version: Version =
+        serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if version.v != FORMAT_VERSION {
+        return Err(DecodeError::Version(version.v));
+    }
+    serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin() -> Origin {
+        Origin {
+            commit: "0123abcd".into(),
+            owner: "host1".into(),
+            reply_to: "10.0.0.1:11300".into(),
+        }
+    }
+
+    fn create() -> Envelope {
+        Envelope {
+            v: FORMAT_VERSION,
+            id: "4f1c7a52-2d0e-4b8e-9d8e-1f2a3b4c5d6e".into(),
+            cluster: "lab".into(),
+            from: "host1".into(),
+            sent_at: 1_790_000_000,
+            body: Message::Create(CreateJob {
+                vm: "web01".into(),
+                order: VmOrder {
+                    template: "CS1".into(),
+                    template_conf: "loader=\"bhyveload\"\ncpu=1\nmemory=512M\n".into(),
+                    cpu: 1,
+                    memory: Size::mib(512),
+                    disk: Size::gib(30),
+                    swap: Size::gib(4),
+                    config: BTreeMap::new(),
+                    running: true,
+                    protect: false,
+                    options: BTreeMap::from([("timezone".into(), "UTC".into())]),
+                    secrets: vec!["tailscale".into()],
+                },
+                spec_hash: "ab12".into(),
+                origin: origin(),
+                hops_left: 3,
+                visited: vec![],
+            }),
+        }
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        let job = VmJob {
+            vm: "web01".into(),
+            host: "host2".into(),
+            origin: origin(),
+        };
+        let bodies = vec![
+            create().body,
+            Message::Destroy(job.clone()),
+            Message::Start(job.clone()),
+            Message::Stop(job),
+            Message::Update(UpdateJob {
+                vm: "web01".into(),
+                host: "host2".into(),
+                set: BTreeMap::from([("memory".into(), "1G".into())]),
+                unset: vec!["graphics".into()],
+                grow_disk: Some(Size::gib(40)),
+                restart: true,
+                spec_hash: "cd34".into(),
+                origin: origin(),
+            }),
+            Message::Result(JobResult {
+                job_id: "x".into(),
+                job_kind: "create".into(),
+                vm: "web01".into(),
+                host: "host3".into(),
+                commit: "0123abcd".into(),
+                outcome: Outcome::Unplaceable {
+                    reason: "host1: memory 9G would exceed the limit 8G".into(),
+                },
+            }),
+            Message::Inventory(Inventory {
+                host: "host1".into(),
+                applied_commit: None,
+                used: Usage::default(),
+                reserved: Usage::default(),
+                limits: Limits::default(),
+                vms: vec![],
+            }),
+            Message::Trigger(Trigger {
+                reason: "push".into(),
+            }),
+        ];
+        for body in bodies {
+            let env = Envelope { body, ..create() };
+            let bytes = encode(&env);
+            assert_eq!(decode(&bytes), Ok(env));
+        }
+    }
+
+    #[test]
+    fn kind_is_a_readable_tag() {
+        let text = String::from_utf8(encode(&create())).unwrap();
+        assert!(text.contains(r#""kind":"create""#), "{text}");
+        assert!(text.contains(r#""memory":"512M""#), "{text}");
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_act_on_with_a_reason() {
+        assert_eq!(
+            decode(&vec![b' '; MAX_MESSAGE + 1]),
+            Err(DecodeError::TooLarge(MAX_MESSAGE + 1))
+        );
+        let mut newer = serde_json::to_value(create()).unwrap();
+        newer["v"] = 2.into();
+        newer["new_field"] = true.into();
+        assert_eq!(
+            decode(newer.to_string().as_bytes()),
+            Err(DecodeError::Version(2))
+        );
+        let mut extra = serde_json::to_value(create()).unwrap();
+        extra["body"]["hops_left"] = (-1).into();
+        assert!(matches!(
+            decode(extra.to_string().as_bytes()),
+            Err(DecodeError::Malformed(_))
+        ));
+        let mut unknown = serde_json::to_value(create()).unwrap();
+        unknown["body"]["kind"] = "format_disk".into();
+        assert!(matches!(
+            decode(unknown.to_string().as_bytes()),
+            Err(DecodeError::Malformed(m)) if m.contains("format_disk")
+        ));
+        assert!(matches!(
+            decode(b"create web01"),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics_on_any_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = decode(&bytes);
+        }
+    }
+}
