@@ -9,6 +9,7 @@ pub mod actual;
 pub mod backend;
 pub mod capacity;
 pub mod conf;
+pub mod intents;
 pub mod message;
 pub mod placement;
 pub mod sim;

@@ -1,0 +1,221 @@
+//! Create intents, kept durably by the owner of a VM.
+//!
+//! Safety rule 2 (no VM is created twice) starts here: before the owner puts a create on
+//! the queue it records the intent on disk, and while an intent is open it emits no
+//! other create for that VM. An intent closes when a result comes back, or when its
+//! deadline has passed and no inventory shows the VM. Because the record is written
+//! (and synced) before the put, a crash between the two leaves an intent without a job,
+//! which only delays the VM until the deadline; the other order could leave a job without
+//! an intent and so a second create.
+//!
+//! One JSON file per VM in the store's directory, replaced atomically (write, fsync,
+//! rename, fsync the directory).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// One create in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Intent {
+    /// The VM.
+    pub vm: String,
+    /// The create job's id.
+    pub job_id: String,
+    /// The host the create was first sent to.
+    pub first_hop: String,
+    /// The desired commit it was planned from.
+    pub commit: String,
+    /// The spec hash it builds.
+    pub spec_hash: String,
+    /// When it was recorded (seconds since the Unix epoch).
+    pub recorded_at: u64,
+    /// After this time (seconds since the Unix epoch), an intent with no result and no VM
+    /// in any inventory may be dropped and the create planned again.
+    pub deadline: u64,
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IntentError {
+    /// Reading or writing the store failed.
+    #[error("intent store {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file in the store is not an intent.
+    #[error("intent store {path}: unreadable intent: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A VM name that cannot be a file name.
+    #[error("VM name {0:?} cannot name an intent file")]
+    BadName(String),
+}
+
+/// The owner's intents, one file per VM under a directory.
+#[derive(Debug, Clone)]
+pub struct IntentStore {
+    dir: PathBuf,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IntentError + '_ {
+    move |source| IntentError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl IntentStore {
+    /// Opens (creating if needed) the store in `dir`.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<IntentStore, IntentError> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        Ok(IntentStore { dir })
+    }
+
+    fn path(&self, vm: &str) -> Result<PathBuf, IntentError> {
+        // VM names are validated by the desired-state loader; this guards the file system
+        // against anything that slipped through.
+        if vm.is_empty() || vm.starts_with('.') || vm.contains(['/', '\\', '\0']) {
+            return Err(IntentError::BadName(vm.to_string()));
+        }
+        Ok(self.dir.join(format!("{vm}.json")))
+    }
+
+    /// Records `intent`, durably, replacing any earlier one for the same VM.
+    pub fn record(&self, intent: &Intent) -> Result<(), IntentError> {
+        let path = self.path(&intent.vm)?;
+        let tmp = self.dir.join(format!(".{}.tmp", intent.vm));
+        let bytes = serde_json::to_vec_pretty(intent).unwrap_or_default();
+        let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(&bytes).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io(&path))?;
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))
+    }
+
+    /// The open intent for `vm`, if any.
+    pub fn get(&self, vm: &str) -> Result<Option<Intent>, IntentError> {
+        let path = self.path(vm)?;
+        match fs::read(&path) {
+            Ok(bytes) => parse(&path, &bytes).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Closes the intent for `vm` (absent is fine).
+    pub fn remove(&self, vm: &str) -> Result<(), IntentError> {
+        let path = self.path(vm)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Every open intent, sorted by VM name.
+    pub fn all(&self) -> Result<Vec<Intent>, IntentError> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(io(&self.dir))? {
+            let entry = entry.map_err(io(&self.dir))?;
+            let path = entry.path();
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') || !name.ends_with(".json") {
+                continue;
+            }
+            let bytes = fs::read(&path).map_err(io(&path))?;
+            out.push(parse(&path, &bytes)?);
+        }
+        out.sort_by(|a, b| a.vm.cmp(&b.vm));
+        Ok(out)
+    }
+}
+
+fn parse(path: &Path, bytes: &[u8]) -> Result<Intent, IntentError> {
+    serde_json::from_slice(bytes).map_err(|e| IntentError::Corrupt {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn intent(vm: &str) -> Intent {
+        Intent {
+            vm: vm.into(),
+            job_id: format!("job-{vm}"),
+            first_hop: "host1".into(),
+            commit: "abc".into(),
+            spec_hash: "h".into(),
+            recorded_at: 100,
+            deadline: 700,
+        }
+    }
+
+    #[test]
+    fn recorded_intents_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = IntentStore::open(dir.path().join("intents")).unwrap();
+        store.record(&intent("web02")).unwrap();
+        store.record(&intent("web01")).unwrap();
+        let again = IntentStore::open(dir.path().join("intents")).unwrap();
+        assert_eq!(again.all().unwrap(), vec![intent("web01"), intent("web02")]);
+        assert_eq!(again.get("web01").unwrap(), Some(intent("web01")));
+        again.remove("web01").unwrap();
+        again.remove("web01").unwrap();
+        assert_eq!(again.get("web01").unwrap(), None);
+        assert_eq!(again.all().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_second_record_replaces_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = IntentStore::open(dir.path()).unwrap();
+        store.record(&intent("a")).unwrap();
+        let newer = Intent {
+            job_id: "job-2".into(),
+            ..intent("a")
+        };
+        store.record(&newer).unwrap();
+        assert_eq!(store.all().unwrap(), vec![newer]);
+    }
+
+    #[test]
+    fn a_corrupt_file_is_an_error_naming_it_not_a_silent_gap() {
+        // Dropping it silently would reopen the door to a second create.
+        let dir = tempfile::tempdir().unwrap();
+        let store = IntentStore::open(dir.path()).unwrap();
+        std::fs::write(dir.path().join("web01.json"), b"{ half").unwrap();
+        let err = store.all().unwrap_err();
+        assert!(err.to_string().contains("web01.json"), "{err}");
+    }
+
+    #[test]
+    fn names_that_escape_the_directory_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = IntentStore::open(dir.path()).unwrap();
+        for bad in ["../x", "", ".hidden", "a/b"] {
+            assert!(
+                matches!(store.get(bad), Err(IntentError::BadName(_))),
+                "{bad}"
+            );
+        }
+    }
+}
