@@ -135,11 +135,20 @@ mod tests {
     #[test]
     fn refuses_garbage_with_the_text() {
         assert_eq!("".parse::<Size>(), Err(SizeError::Empty));
-        assert_eq!("lots".parse::<Size>(), Err(SizeError::Invalid("lots".into())));
-        assert_eq!("1.5G".parse::<Size>(), Err(SizeError::Invalid("1.5G".into())));
+        assert_eq!(
+            "lots".parse::<Size>(),
+            Err(SizeError::Invalid("lots".into()))
+        );
+        assert_eq!(
+            "1.5G".parse::<Size>(),
+            Err(SizeError::Invalid("1.5G".into()))
+        );
         assert_eq!("-1G".parse::<Size>(), Err(SizeError::Invalid("-1G".into())));
         assert_eq!("G".parse::<Size>(), Err(SizeError::Invalid("G".into())));
-        assert!(matches!("99999999999P".parse::<Size>(), Err(SizeError::Overflow(_))));
+        assert!(matches!(
+            "99999999999P".parse::<Size>(),
+            Err(SizeError::Overflow(_))
+        ));
     }
 
     #[test]
