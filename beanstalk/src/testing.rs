@@ -108,9 +108,19 @@ impl Beanstalkd {
                     self.port
                 )));
             }
-            if TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok() {
-                self.child = Some(child);
-                return Ok(());
+            if let Ok(sock) = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)) {
+                // Another test's server may hold the port (it took it between our probe
+                // and our bind, and ours is about to exit): only our own pid will do.
+                if server_pid(sock) == Some(child.id()) {
+                    self.child = Some(child);
+                    return Ok(());
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("port {} belongs to another server", self.port),
+                ));
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
@@ -163,6 +173,27 @@ impl Beanstalkd {
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
         }
+    }
+}
+
+/// Asks the server on `sock` for its pid.
+fn server_pid(mut sock: TcpStream) -> Option<u32> {
+    use std::io::{Read, Write};
+    sock.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    sock.write_all(b"stats\r\n").ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Ok(Some((crate::proto::Answer::Ok(body), _))) = crate::proto::parse_answer(&buf) {
+            return crate::stats::ServerStats::parse(&body)
+                .ok()
+                .and_then(|s| u32::try_from(s.pid).ok());
+        }
+        let n = sock.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
