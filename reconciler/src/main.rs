@@ -1,10 +1,8 @@
-//! The `flotilla` command line. Its subcommands (`validate`, `plan`, `apply`, `status`,
-//! `events`, `trigger`, `agent`, `demo`) arrive with the issues that build them.
+//! The `flotilla` command line: a thin layer over the library. Each subcommand lives in
+//! its own module under `cli/`.
 
-fn main() {
-    eprintln!(
-        "flotilla {}: no subcommands are available in this build yet",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::exit(64);
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
 }

@@ -1,0 +1,75 @@
+//! Subcommands and their shared arguments.
+//!
+//! Exit codes follow one rule for every subcommand: 0 success (for `plan`: no changes),
+//! 1 error (for `validate`: invalid), 2 changes (`plan` only), 64 bad usage.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use flotilla::render::Style;
+
+mod desired;
+mod plan;
+mod validate;
+
+/// GitOps reconciler for FreeBSD bhyve VMs.
+#[derive(Debug, Parser)]
+#[command(name = "flotilla", version, about, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a desired repo: every error with file, line, column and a hint.
+    ///
+    /// Exit 0 when valid, 1 when not (or when it cannot be read).
+    Validate(validate::Args),
+    /// Show what it takes to make the hosts equal to a desired repo (a dry run).
+    ///
+    /// Exit 0 when nothing would change, 2 when something would, 1 on error.
+    Plan(plan::Args),
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// For people.
+    Text,
+    /// For programs: one JSON document with a `format_version`.
+    Json,
+}
+
+/// Colours only on a terminal, and never with `NO_COLOR` set (to anything non-empty).
+fn style(no_color: bool) -> Style {
+    let disabled = no_color || std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    Style {
+        color: !disabled && std::io::stdout().is_terminal(),
+    }
+}
+
+/// Runs the command line and returns the process's exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 64 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let result = match cli.command {
+        Command::Validate(args) => validate::run(args),
+        Command::Plan(args) => plan::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("flotilla: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,747 @@
+//! Planner examples and properties.
+
+use super::*;
+use crate::actual::{Disk, Marker};
+use crate::desired::{load, FileSet};
+use proptest::prelude::*;
+
+const HOSTS: [&str; 3] = ["host1", "host2", "host3"];
+
+fn cluster_yaml(prune_guard: f64) -> String {
+    let mut s = String::from("cluster: lab\nhosts:\n");
+    for h in HOSTS {
+        s.push_str(&format!(
+            "  {h}:\n    beanstalkd: 127.0.0.1:11300\n    limits: {{ memory: 64G, storage: 2T, vms: 100 }}\n"
+        ));
+    }
+    s.push_str(&format!("policies:\n  prune_guard: {prune_guard}\n"));
+    s
+}
+
+fn snapshot(vms: &[String], prune_guard: f64) -> Snapshot {
+    let mut files = FileSet::new();
+    files.insert("cluster.yaml", cluster_yaml(prune_guard));
+    for (i, v) in vms.iter().enumerate() {
+        files.insert(format!("vms/{i:04}.yaml"), v.as_str());
+    }
+    load(&files, Some("c0ffee".into())).unwrap_or_else(|e| panic!("{}", e.render()))
+}
+
+fn marker(protect: bool, complete: bool, cluster: &str) -> Marker {
+    Marker {
+        format_version: Marker::FORMAT_VERSION,
+        cluster: cluster.into(),
+        job_id: "job".into(),
+        spec_hash: "old".into(),
+        commit: "old".into(),
+        owner: "host1".into(),
+        protect,
+        complete,
+    }
+}
+
+/// A VM as a worker would build it from `spec`.
+fn built(spec: &VmSpec) -> ActualVm {
+    let mut config = spec.config.clone();
+    config.insert("uuid".into(), format!("uuid-{}", spec.name));
+    config.insert("network0_mac".into(), "58:9c:fc:00:00:01".into());
+    ActualVm {
+        name: spec.name.clone(),
+        datastore: "default".into(),
+        cpu: spec.cpu,
+        memory: spec.memory,
+        config,
+        disks: vec![Disk {
+            name: "disk0.img".into(),
+            dev: "file".into(),
+            size: spec.disk,
+        }],
+        state: match spec.state {
+            DesiredState::Running => RunState::Running,
+            DesiredState::Stopped => RunState::Stopped,
+        },
+        autostart: None,
+        marker: Some(Marker {
+            spec_hash: spec.spec_hash.clone(),
+            protect: spec.protect,
+            ..marker(spec.protect, true, "lab")
+        }),
+    }
+}
+
+fn host_mut<'a>(actual: &'a mut Vec<HostActual>, host: &str) -> &'a mut HostActual {
+    if let Some(i) = actual.iter().position(|h| h.host == host) {
+        return &mut actual[i];
+    }
+    actual.push(HostActual {
+        host: host.into(),
+        vms: vec![],
+    });
+    let last = actual.len() - 1;
+    &mut actual[last]
+}
+
+fn vm_mut<'a>(actual: &'a mut [HostActual], host: &str, vm: &str) -> &'a mut ActualVm {
+    actual
+        .iter_mut()
+        .find(|h| h.host == host)
+        .and_then(|h| h.vms.iter_mut().find(|v| v.name == vm))
+        .expect("action for a VM that is not there")
+}
+
+/// Carries a plan out on a model of the hosts, the way workers would.
+fn apply(plan: &Plan, actual: &mut Vec<HostActual>) {
+    for a in plan.actions() {
+        match a {
+            Action::Create { host, vm, spec, .. } => {
+                let h = host_mut(actual, host);
+                h.vms.retain(|v| v.name != *vm);
+                h.vms.push(built(spec));
+            }
+            Action::Replace {
+                host,
+                vm,
+                owner,
+                spec,
+                ..
+            } => {
+                host_mut(actual, host).vms.retain(|v| v.name != *vm);
+                host_mut(actual, owner).vms.push(built(spec));
+            }
+            Action::Destroy { host, vm, .. } => {
+                host_mut(actual, host).vms.retain(|v| v.name != *vm)
+            }
+            Action::Update {
+                host,
+                vm,
+                changes,
+                protect,
+                ..
+            } => {
+                let v = vm_mut(actual, host, vm);
+                for c in changes {
+                    match &c.to {
+                        Some(t) => v.config.insert(c.key.clone(), t.clone()),
+                        None => v.config.remove(&c.key),
+                    };
+                }
+                if let (Some(p), Some(m)) = (protect, v.marker.as_mut()) {
+                    m.protect = *p;
+                }
+            }
+            Action::GrowDisk { host, vm, to, .. } => vm_mut(actual, host, vm).disks[0].size = *to,
+            Action::Start { host, vm } => vm_mut(actual, host, vm).state = RunState::Running,
+            Action::Stop { host, vm } => vm_mut(actual, host, vm).state = RunState::Stopped,
+        }
+    }
+    for h in actual.iter_mut() {
+        h.vms.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+}
+
+fn all(plan: &Plan) -> Vec<(String, String, Kind)> {
+    plan.actions()
+        .map(|a| (a.host().to_string(), a.vm().to_string(), a.kind()))
+        .collect()
+}
+
+fn blocked(plan: &Plan) -> Vec<(String, String, BlockReason)> {
+    plan.blocked()
+        .map(|b| (b.host.clone(), b.vm.clone(), b.reason))
+        .collect()
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+#[test]
+fn creates_what_is_missing_on_its_owner_with_resources() {
+    let snap = snapshot(
+        &s(&[
+            "name: web1\nprofile: CS2\n",
+            "name: db1\nprofile: CS3\nhost: host2\n",
+        ]),
+        0.5,
+    );
+    let p = plan(&snap, &[], &[], &PlanOptions::default());
+    let owner = crate::owner::rendezvous("web1", HOSTS).unwrap();
+    let mut want = vec![
+        ("host2".to_string(), "db1".to_string(), Kind::Create),
+        (owner.to_string(), "web1".to_string(), Kind::Create),
+    ];
+    want.sort();
+    assert_eq!(all(&p), want);
+    let Some(Action::Create { spec, owner: o, .. }) = p.actions().find(|a| a.vm() == "db1") else {
+        panic!()
+    };
+    assert_eq!(
+        (o.as_str(), spec.cpu, spec.memory, spec.disk),
+        ("host2", 2, Size::gib(2), Size::gib(50))
+    );
+    assert_eq!(
+        p.warnings.len(),
+        3,
+        "every host lacks actual state: {:?}",
+        p.warnings
+    );
+}
+
+#[test]
+fn updates_in_place_with_restart_and_ignores_generated_keys() {
+    let old = snapshot(&s(&["name: web1\nprofile: CS2\nhost: host1\n"]), 0.5);
+    let new = snapshot(
+        &s(&["name: web1\nprofile: CS2\nhost: host1\ncpu: 4\nconfig:\n  graphics: yes\n"]),
+        0.5,
+    );
+    let mut vm = built(&old.vms["web1"]);
+    vm.config.insert("disk0_size".into(), "20G".into());
+    vm.config.insert("memory".into(), "1024M".into());
+    let actual = vec![HostActual {
+        host: "host1".into(),
+        vms: vec![vm],
+    }];
+    assert!(!plan(&old, &actual, &[], &PlanOptions::default()).has_changes());
+    let p = plan(&new, &actual, &[], &PlanOptions::default());
+    let [Action::Update {
+        changes,
+        restart,
+        protect,
+        ..
+    }] = &p.hosts[0].actions[..]
+    else {
+        panic!("{p:#?}")
+    };
+    assert!(*restart);
+    assert_eq!(*protect, None);
+    assert_eq!(
+        changes,
+        &[
+            Change {
+                key: "cpu".into(),
+                from: Some("2".into()),
+                to: Some("4".into())
+            },
+            Change {
+                key: "graphics".into(),
+                from: None,
+                to: Some("yes".into())
+            },
+        ]
+    );
+}
+
+#[test]
+fn disk_grows_in_place_and_a_shrink_is_blocked_or_replaced() {
+    let snap = snapshot(
+        &s(&[
+            "name: web1\nprofile: CS2\nhost: host1\n",
+            "name: ci1\nprofile: CS2\nhost: host1\nreplace: allow\n",
+        ]),
+        0.5,
+    );
+    let mut web = built(&snap.vms["web1"]);
+    web.disks[0].size = Size::gib(30);
+    let mut ci = built(&snap.vms["ci1"]);
+    ci.disks[0].size = Size::gib(50);
+    let actual = vec![HostActual {
+        host: "host1".into(),
+        vms: vec![ci, web],
+    }];
+    let p = plan(&snap, &actual, &[], &PlanOptions::default());
+    assert_eq!(
+        all(&p),
+        [
+            ("host1".into(), "ci1".into(), Kind::Replace),
+            ("host1".into(), "web1".into(), Kind::GrowDisk)
+        ]
+    );
+
+    let strict = snapshot(&s(&["name: ci1\nprofile: CS2\nhost: host1\n"]), 0.5);
+    let mut ci = built(&strict.vms["ci1"]);
+    ci.config.insert("loader".into(), "uefi".into());
+    let p = plan(
+        &strict,
+        &[HostActual {
+            host: "host1".into(),
+            vms: vec![ci],
+        }],
+        &[],
+        &PlanOptions::default(),
+    );
+    assert_eq!(all(&p), []);
+    assert_eq!(p.hosts[0].blocked[0].reason, BlockReason::Drift);
+    assert_eq!(
+        p.hosts[0].blocked[0].detail,
+        "loader changes from uefi to bhyveload; only a rebuild fixes that, and it does not allow a replace (replace: allow)"
+    );
+}
+
+#[test]
+fn starts_and_stops() {
+    let snap = snapshot(
+        &s(&[
+            "name: web1\nprofile: CS0\nhost: host1\n",
+            "name: web2\nprofile: CS0\nhost: host1\nstate: stopped\n",
+        ]),
+        0.5,
+    );
+    let mut a = built(&snap.vms["web1"]);
+    a.state = RunState::Stopped;
+    let mut b = built(&snap.vms["web2"]);
+    b.state = RunState::Running;
+    let p = plan(
+        &snap,
+        &[HostActual {
+            host: "host1".into(),
+            vms: vec![a, b],
+        }],
+        &[],
+        &PlanOptions::default(),
+    );
+    assert_eq!(
+        all(&p),
+        [
+            ("host1".into(), "web1".into(), Kind::Start),
+            ("host1".into(), "web2".into(), Kind::Stop)
+        ]
+    );
+}
+
+#[test]
+fn never_touches_unmanaged_vms_nor_takes_their_names() {
+    let snap = snapshot(&s(&["name: web1\nprofile: CS0\n"]), 1.0);
+    let mut mine = built(&snap.vms["web1"]);
+    mine.marker = None;
+    let mut other = built(&snap.vms["web1"]);
+    other.name = "legacy".into();
+    other.marker = Some(marker(false, true, "another-cluster"));
+    let actual = vec![HostActual {
+        host: "host2".into(),
+        vms: vec![other, mine],
+    }];
+    let p = plan(&snap, &actual, &[], &PlanOptions::default());
+    assert_eq!(all(&p), []);
+    assert_eq!(
+        blocked(&p),
+        [("host2".into(), "web1".into(), BlockReason::NameTaken)]
+    );
+}
+
+#[test]
+fn protect_from_the_marker_prevents_destroy() {
+    let snap = snapshot(&s(&["name: keep\nprofile: CS0\nhost: host1\n"]), 1.0);
+    let tmp = snapshot(&s(&["name: db1\nprofile: CS0\nhost: host1\n"]), 1.0);
+    let mut db = built(&tmp.vms["db1"]);
+    db.marker = Some(marker(true, true, "lab"));
+    let keep = built(&snap.vms["keep"]);
+    let p = plan(
+        &snap,
+        &[HostActual {
+            host: "host1".into(),
+            vms: vec![db, keep],
+        }],
+        &[],
+        &PlanOptions {
+            allow_prune: true,
+            allow_empty: true,
+        },
+    );
+    assert_eq!(all(&p), []);
+    assert_eq!(
+        blocked(&p),
+        [("host1".into(), "db1".into(), BlockReason::Protected)]
+    );
+}
+
+#[test]
+fn prune_guard_and_empty_desired() {
+    let full = snapshot(
+        &s(&[
+            "name: aa\nprofile: CS0\nhost: host1\n",
+            "name: bb\nprofile: CS0\nhost: host1\n",
+            "name: cc\nprofile: CS0\nhost: host1\n",
+            "name: dd\nprofile: CS0\nhost: host1\n",
+        ]),
+        0.5,
+    );
+    let vms: Vec<ActualVm> = full.vms.values().map(built).collect();
+    let actual = vec![HostActual {
+        host: "host1".into(),
+        vms,
+    }];
+    // Two of four is within a 50% guard; three is not.
+    let two = snapshot(
+        &s(&[
+            "name: aa\nprofile: CS0\nhost: host1\n",
+            "name: bb\nprofile: CS0\nhost: host1\n",
+        ]),
+        0.5,
+    );
+    assert_eq!(
+        plan(&two, &actual, &[], &PlanOptions::default())
+            .summary()
+            .destroy,
+        2
+    );
+    let one = snapshot(&s(&["name: aa\nprofile: CS0\nhost: host1\n"]), 0.5);
+    let p = plan(&one, &actual, &[], &PlanOptions::default());
+    assert_eq!(p.summary().destroy, 0);
+    assert_eq!(p.summary().blocked, 3);
+    assert_eq!(
+        p.hosts[0].blocked[0].detail,
+        "3 of 4 managed VMs on host1 would be destroyed, more than the prune guard's 50%; pass --allow-prune to proceed"
+    );
+    assert_eq!(
+        plan(
+            &one,
+            &actual,
+            &[],
+            &PlanOptions {
+                allow_prune: true,
+                allow_empty: false
+            }
+        )
+        .summary()
+        .destroy,
+        3
+    );
+    let none = snapshot(&[], 1.0);
+    let p = plan(
+        &none,
+        &actual,
+        &[],
+        &PlanOptions {
+            allow_prune: true,
+            allow_empty: false,
+        },
+    );
+    assert_eq!(
+        (p.summary().destroy, p.blocked().next().map(|b| b.reason)),
+        (0, Some(BlockReason::EmptyDesired))
+    );
+    assert_eq!(
+        plan(
+            &none,
+            &actual,
+            &[],
+            &PlanOptions {
+                allow_prune: false,
+                allow_empty: true
+            }
+        )
+        .summary()
+        .destroy,
+        4
+    );
+}
+
+#[test]
+fn in_flight_creates_are_not_repeated_and_half_made_vms_are_resumed() {
+    let snap = snapshot(
+        &s(&[
+            "name: web1\nprofile: CS0\n",
+            "name: web2\nprofile: CS0\nhost: host3\n",
+        ]),
+        0.5,
+    );
+    let flying = [InFlight {
+        vm: "web1".into(),
+        kind: Kind::Create,
+        host: Some("host2".into()),
+    }];
+    let mut half = built(&snap.vms["web2"]);
+    half.marker = Some(marker(false, false, "lab"));
+    let p = plan(
+        &snap,
+        &[HostActual {
+            host: "host3".into(),
+            vms: vec![half],
+        }],
+        &flying,
+        &PlanOptions::default(),
+    );
+    assert_eq!(p.pending, flying);
+    let [Action::Create {
+        host, resume: true, ..
+    }] = &p.hosts[0].actions[..]
+    else {
+        panic!("{p:#?}")
+    };
+    assert_eq!(host, "host3");
+}
+
+#[test]
+fn a_pin_to_another_host_is_drift() {
+    let snap = snapshot(&s(&["name: web1\nprofile: CS0\nhost: host2\n"]), 0.5);
+    let vm = built(&snap.vms["web1"]);
+    let p = plan(
+        &snap,
+        &[HostActual {
+            host: "host1".into(),
+            vms: vec![vm],
+        }],
+        &[],
+        &PlanOptions::default(),
+    );
+    assert_eq!(
+        blocked(&p),
+        [("host1".into(), "web1".into(), BlockReason::Drift)]
+    );
+    assert!(p.hosts[0].blocked[0]
+        .detail
+        .starts_with("pinned to host2 but it is on host1"));
+}
+
+// ---- properties ----
+
+fn arb_vm_yaml(i: usize) -> impl Strategy<Value = String> {
+    (
+        0usize..6,
+        proptest::option::of(1u32..6),
+        proptest::option::of(prop_oneof![Just("512M"), Just("2G")]),
+        proptest::option::of(prop_oneof![Just("30G"), Just("90G")]),
+        proptest::option::of(0usize..3),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        proptest::option::of(prop_oneof![Just("lan"), Just("public")]),
+    )
+        .prop_map(
+            move |(p, cpu, mem, disk, pin, stopped, protect, replace, switch)| {
+                let mut y = format!("name: vm{i}\nprofile: CS{p}\n");
+                if let Some(c) = cpu {
+                    y += &format!("cpu: {c}\n");
+                }
+                if let Some(m) = mem {
+                    y += &format!("memory: {m}\n");
+                }
+                if let Some(d) = disk {
+                    y += &format!("disk: {d}\n");
+                }
+                if let Some(h) = pin {
+                    y += &format!("host: {}\n", HOSTS[h]);
+                }
+                if stopped {
+                    y += "state: stopped\n";
+                }
+                if protect {
+                    y += "protect: true\n";
+                }
+                if replace {
+                    y += "replace: allow\n";
+                }
+                if let Some(sw) = switch {
+                    y += &format!("config:\n  network0_switch: {sw}\n");
+                }
+                y
+            },
+        )
+}
+
+/// How an actual VM differs from what its spec would build.
+#[derive(Debug, Clone)]
+enum Twist {
+    None,
+    Cpu(u32),
+    Memory(&'static str),
+    ExtraKey,
+    Loader,
+    Disk(u64),
+    State(RunState),
+    Protect(bool),
+    Incomplete,
+}
+
+fn arb_twist() -> impl Strategy<Value = Twist> {
+    prop_oneof![
+        3 => Just(Twist::None),
+        1 => (1u32..9).prop_map(Twist::Cpu),
+        1 => prop_oneof![Just("256M"), Just("4G")].prop_map(Twist::Memory),
+        1 => Just(Twist::ExtraKey),
+        1 => Just(Twist::Loader),
+        1 => (10u64..100).prop_map(Twist::Disk),
+        1 => prop_oneof![Just(RunState::Running), Just(RunState::Stopped), Just(RunState::Bootloader), Just(RunState::Locked)].prop_map(Twist::State),
+        1 => any::<bool>().prop_map(Twist::Protect),
+        1 => Just(Twist::Incomplete),
+    ]
+}
+
+/// One actual VM: built from a spec of the universe (desired or not), twisted, and
+/// managed, unmanaged or of another cluster.
+#[derive(Debug, Clone)]
+struct Seed {
+    vm: usize,
+    host: usize,
+    twist: Twist,
+    ownership: u8,
+}
+
+fn arb_world() -> impl Strategy<Value = (Vec<String>, Vec<bool>, Vec<Seed>, f64, bool)> {
+    (4usize..14).prop_flat_map(|n| {
+        (
+            (0..n).map(arb_vm_yaml).collect::<Vec<_>>(),
+            proptest::collection::vec(proptest::bool::weighted(0.7), n),
+            proptest::collection::vec(
+                (
+                    0..n,
+                    0usize..3,
+                    arb_twist(),
+                    prop_oneof![6 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8)],
+                )
+                    .prop_map(|(vm, host, twist, ownership)| Seed {
+                        vm,
+                        host,
+                        twist,
+                        ownership,
+                    }),
+                0..16,
+            ),
+            prop_oneof![Just(0.0), Just(0.34), Just(0.5), Just(1.0)],
+            any::<bool>(),
+        )
+    })
+}
+
+fn world(
+    yaml: &[String],
+    desired_mask: &[bool],
+    seeds: &[Seed],
+    share: f64,
+) -> (Snapshot, Vec<HostActual>) {
+    let universe = snapshot(yaml, share);
+    let chosen: Vec<String> = yaml
+        .iter()
+        .zip(desired_mask)
+        .filter(|(_, d)| **d)
+        .map(|(y, _)| y.clone())
+        .collect();
+    let desired = snapshot(&chosen, share);
+    let mut actual: Vec<HostActual> = HOSTS
+        .iter()
+        .map(|h| HostActual {
+            host: h.to_string(),
+            vms: vec![],
+        })
+        .collect();
+    for seed in seeds {
+        let spec = &universe.vms[&format!("vm{}", seed.vm)];
+        let host = &mut actual[seed.host];
+        if host.vms.iter().any(|v| v.name == spec.name) {
+            continue;
+        }
+        let mut vm = built(spec);
+        match &seed.twist {
+            Twist::None => {}
+            Twist::Cpu(c) => {
+                vm.cpu = *c;
+                vm.config.insert("cpu".into(), c.to_string());
+            }
+            Twist::Memory(m) => {
+                vm.config.insert("memory".into(), m.to_string());
+            }
+            Twist::ExtraKey => {
+                vm.config.insert("graphics".into(), "yes".into());
+            }
+            Twist::Loader => {
+                vm.config.insert("loader".into(), "uefi".into());
+            }
+            Twist::Disk(g) => vm.disks[0].size = Size::gib(*g),
+            Twist::State(s) => vm.state = *s,
+            Twist::Protect(p) => {
+                if let Some(m) = vm.marker.as_mut() {
+                    m.protect = *p;
+                }
+            }
+            Twist::Incomplete => {
+                if let Some(m) = vm.marker.as_mut() {
+                    m.complete = false;
+                }
+            }
+        }
+        match seed.ownership {
+            1 => vm.marker = None,
+            2 => vm.marker = Some(marker(false, true, "another-cluster")),
+            _ => {}
+        }
+        host.vms.push(vm);
+        host.vms.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+    (desired, actual)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn applying_a_plan_leaves_nothing_to_do((yaml, mask, seeds, share, overrides) in arb_world()) {
+        let (desired, mut actual) = world(&yaml, &mask, &seeds, share);
+        let opts = PlanOptions { allow_prune: overrides, allow_empty: overrides };
+        let first = plan(&desired, &actual, &[], &opts);
+        apply(&first, &mut actual);
+        let second = plan(&desired, &actual, &[], &opts);
+        // Without overrides, creates can raise a host's managed count enough to let a
+        // destroy through that the prune guard held back the first time; nothing else
+        // may be left.
+        let held: Vec<(String, String)> = first.blocked().map(|b| (b.host.clone(), b.vm.clone())).collect();
+        let left: Vec<_> = all(&second)
+            .into_iter()
+            .filter(|(h, v, k)| !(*k == Kind::Destroy && held.contains(&(h.clone(), v.clone()))))
+            .collect();
+        prop_assert_eq!(left, vec![], "first: {:#?}\nsecond: {:#?}", first, second);
+        if overrides {
+            prop_assert_eq!(all(&second), vec![]);
+        }
+    }
+
+    #[test]
+    fn unmanaged_vms_never_appear((yaml, mask, seeds, share, overrides) in arb_world()) {
+        let (desired, actual) = world(&yaml, &mask, &seeds, share);
+        let opts = PlanOptions { allow_prune: overrides, allow_empty: overrides };
+        let p = plan(&desired, &actual, &[], &opts);
+        for a in p.actions() {
+            let on_host = actual.iter().find(|h| h.host == a.host()).and_then(|h| h.vms.iter().find(|v| v.name == a.vm()));
+            if let Some(vm) = on_host {
+                prop_assert!(vm.is_managed_by("lab"), "{:?} touches unmanaged {}", a.kind(), vm.name);
+            }
+            // Nothing is created under a name an unmanaged VM holds anywhere.
+            if matches!(a, Action::Create { resume: false, .. }) {
+                let taken = actual.iter().flat_map(|h| &h.vms).any(|v| v.name == a.vm() && !v.is_managed_by("lab"));
+                prop_assert!(!taken);
+            }
+        }
+    }
+
+    #[test]
+    fn the_prune_guard_holds((yaml, mask, seeds, share, _o) in arb_world()) {
+        let (desired, actual) = world(&yaml, &mask, &seeds, share);
+        let p = plan(&desired, &actual, &[], &PlanOptions::default());
+        for h in &actual {
+            let managed = h.vms.iter().filter(|v| v.is_managed_by("lab")).count();
+            let destroys = p.actions().filter(|a| a.host() == h.host && a.kind() == Kind::Destroy).count();
+            prop_assert!(destroys as f64 <= share * managed as f64, "{} destroys of {} on {}", destroys, managed, h.host);
+            if desired.vms.is_empty() {
+                prop_assert_eq!(destroys, 0);
+            }
+            for a in p.actions().filter(|a| a.host() == h.host && matches!(a.kind(), Kind::Destroy | Kind::Replace)) {
+                let vm = h.vms.iter().find(|v| v.name == a.vm());
+                prop_assert!(!vm.and_then(|v| v.marker.as_ref()).is_some_and(|m| m.protect), "destroys protected {}", a.vm());
+            }
+        }
+    }
+
+    #[test]
+    fn order_of_hosts_and_vms_does_not_matter((yaml, mask, seeds, share, overrides) in arb_world(), rot in 0usize..3) {
+        let (desired, actual) = world(&yaml, &mask, &seeds, share);
+        let opts = PlanOptions { allow_prune: overrides, allow_empty: overrides };
+        let p1 = plan(&desired, &actual, &[], &opts);
+        let mut shuffled = actual.clone();
+        shuffled.rotate_left(rot);
+        shuffled.reverse();
+        for h in &mut shuffled {
+            h.vms.reverse();
+        }
+        let p2 = plan(&desired, &shuffled, &[], &opts);
+        prop_assert_eq!(p1, p2);
+    }
+}

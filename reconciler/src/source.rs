@@ -1,0 +1,377 @@
+//! Where the desired repo's files come from: a git remote, through a bare clone, or a
+//! plain directory.
+//!
+//! A remote (a local path, `file://`, `git://`, `ssh://`, `user@host:path` or
+//! `https://`) is fetched into a bare clone, and the files are read straight from the
+//! tree of the chosen commit: no work tree to go stale or be seen half-written, and the
+//! commit id labels exactly what was read. ssh uses the ssh agent; https uses git's
+//! credential helpers.
+//!
+//! A plain directory is read as it is on disk, for checks before a commit or a push; its
+//! snapshot has no commit id.
+
+use std::path::{Path, PathBuf};
+
+use git2::{
+    FetchOptions, ObjectType, Oid, RemoteCallbacks, Repository, TreeWalkMode, TreeWalkResult,
+};
+
+use crate::desired::{FileSet, MAX_FILE_SIZE};
+
+/// Why the desired repo could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// A git operation failed.
+    #[error("{what}: {source}")]
+    Git {
+        /// What was being done.
+        what: String,
+        /// libgit2's error.
+        #[source]
+        source: git2::Error,
+    },
+    /// The ref names nothing in the fetched repo.
+    #[error("ref `{0}` not found (tried a branch, a tag, a full ref and a commit id)")]
+    RefNotFound(String),
+    /// Reading a directory failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn git(what: impl Into<String>) -> impl FnOnce(git2::Error) -> SourceError {
+    let what = what.into();
+    move |source| SourceError::Git { what, source }
+}
+
+/// A bare clone of a desired repo's remote.
+pub struct GitSource {
+    url: String,
+    repo: Repository,
+}
+
+impl std::fmt::Debug for GitSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitSource")
+            .field("url", &self.url)
+            .field("path", &self.repo.path())
+            .finish()
+    }
+}
+
+/// A directory name under a cache root for `url`: readable, and unique per URL.
+pub fn cache_dir(root: &Path, url: &str) -> PathBuf {
+    let readable: String = url
+        .chars()
+        .rev()
+        .take(40)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let hash = crate::owner::weight(url, "cache");
+    root.join(format!(
+        "{}-{hash:016x}",
+        readable.trim_start_matches(['_', '.'])
+    ))
+}
+
+/// A remote given as an existing local path becomes an absolute path, so the clone
+/// finds it whatever the working directory of later runs.
+fn normalize_url(url: &str) -> String {
+    let looks_remote = url.contains("://")
+        || (url.contains(':') && !url.starts_with('/') && !url.starts_with('.'));
+    if !looks_remote {
+        if let Ok(abs) = std::fs::canonicalize(url) {
+            return abs.to_string_lossy().into_owned();
+        }
+    }
+    url.to_string()
+}
+
+impl GitSource {
+    /// Opens the bare clone at `dir`, creating it if needed, with `url` as its remote.
+    pub fn open(url: &str, dir: &Path) -> Result<GitSource, SourceError> {
+        let url = normalize_url(url);
+        let repo = match Repository::open_bare(dir) {
+            Ok(r) => r,
+            Err(_) => {
+                std::fs::create_dir_all(dir).map_err(|source| SourceError::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+                Repository::init_bare(dir).map_err(git(format!("creating {}", dir.display())))?
+            }
+        };
+        match repo.find_remote("origin") {
+            Ok(r) if r.url().ok() == Some(url.as_str()) => {}
+            Ok(_) => repo
+                .remote_set_url("origin", &url)
+                .map_err(git("setting the remote's url"))?,
+            Err(_) => {
+                repo.remote("origin", &url)
+                    .map_err(git("adding the remote"))?;
+            }
+        }
+        Ok(GitSource { url, repo })
+    }
+
+    /// The remote's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Fetches every branch and tag, and the remote's HEAD.
+    pub fn fetch(&self) -> Result<(), SourceError> {
+        let mut remote = self
+            .repo
+            .find_remote("origin")
+            .map_err(git("finding the remote"))?;
+        let mut tries = 0;
+        let mut callbacks = RemoteCallbacks::new();
+        callbacks.credentials(move |url, username, allowed| {
+            // libgit2 calls again after each refusal; stop instead of looping forever.
+            tries += 1;
+            if tries > 3 {
+                return Err(git2::Error::from_str("authentication failed"));
+            }
+            if allowed.contains(git2::CredentialType::SSH_KEY) {
+                return git2::Cred::ssh_key_from_agent(username.unwrap_or("git"));
+            }
+            if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) {
+                let config = git2::Config::open_default()?;
+                return git2::Cred::credential_helper(&config, url, username);
+            }
+            git2::Cred::default()
+        });
+        let mut opts = FetchOptions::new();
+        opts.remote_callbacks(callbacks);
+        opts.download_tags(git2::AutotagOption::None);
+        remote
+            .fetch(
+                &[
+                    "+refs/heads/*:refs/remotes/origin/*",
+                    "+refs/tags/*:refs/tags/*",
+                    "+HEAD:refs/remotes/origin/HEAD",
+                ],
+                Some(&mut opts),
+                None,
+            )
+            .map_err(git(format!("fetching {}", self.url)))
+    }
+
+    /// The commit `reference` names: a branch, a tag, a full ref or a commit id; `HEAD`
+    /// (or an empty string) is the remote's HEAD.
+    pub fn resolve(&self, reference: &str) -> Result<Oid, SourceError> {
+        let r = if reference.is_empty() {
+            "HEAD"
+        } else {
+            reference
+        };
+        let mut candidates = vec![format!("refs/remotes/origin/{r}"), format!("refs/tags/{r}")];
+        if let Some(branch) = r.strip_prefix("refs/heads/") {
+            candidates.push(format!("refs/remotes/origin/{branch}"));
+        }
+        candidates.push(r.to_string());
+        for name in &candidates {
+            if let Ok(obj) = self.repo.revparse_single(name) {
+                if let Ok(c) = obj.peel_to_commit() {
+                    return Ok(c.id());
+                }
+            }
+        }
+        Err(SourceError::RefNotFound(r.to_string()))
+    }
+
+    /// The desired repo's files in `commit`'s tree.
+    pub fn read(&self, commit: Oid) -> Result<FileSet, SourceError> {
+        let commit = self
+            .repo
+            .find_commit(commit)
+            .map_err(git(format!("reading commit {commit}")))?;
+        let tree = commit.tree().map_err(git("reading the commit's tree"))?;
+        let odb = self
+            .repo
+            .odb()
+            .map_err(git("opening the object database"))?;
+        let mut files = FileSet::new();
+        let mut failure = None;
+        tree.walk(TreeWalkMode::PreOrder, |dir, entry| {
+            let path = format!("{dir}{}", entry.name().unwrap_or(""));
+            if entry.kind() == Some(ObjectType::Tree) {
+                // Descend only where the loader looks.
+                let wanted = ["profiles/", "templates/", "vms/"]
+                    .iter()
+                    .any(|top| format!("{path}/").starts_with(top));
+                return if wanted {
+                    TreeWalkResult::Ok
+                } else {
+                    TreeWalkResult::Skip
+                };
+            }
+            // Regular files only: symlinks and submodules are not desired state.
+            if entry.kind() != Some(ObjectType::Blob)
+                || !matches!(entry.filemode(), 0o100644 | 0o100755)
+                || !FileSet::wanted(&path)
+            {
+                return TreeWalkResult::Ok;
+            }
+            match odb.read_header(entry.id()) {
+                Ok((size, _)) if size as u64 > MAX_FILE_SIZE => {
+                    files.insert_too_large(path, size as u64);
+                }
+                Ok(_) => match self.repo.find_blob(entry.id()) {
+                    Ok(blob) => files.insert(path, blob.content()),
+                    Err(e) => {
+                        failure = Some(git(format!("reading {path}"))(e));
+                        return TreeWalkResult::Abort;
+                    }
+                },
+                Err(e) => {
+                    failure = Some(git(format!("reading {path}"))(e));
+                    return TreeWalkResult::Abort;
+                }
+            }
+            TreeWalkResult::Ok
+        })
+        .or_else(|e| if failure.is_some() { Ok(()) } else { Err(e) })
+        .map_err(git("walking the tree"))?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(files),
+        }
+    }
+}
+
+/// Reads the desired repo's files from a plain directory (a work tree, uncommitted
+/// changes included). Symlinks are not followed.
+pub fn read_dir(root: &Path) -> Result<FileSet, SourceError> {
+    let mut files = FileSet::new();
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SourceError::Io { path, source }
+    };
+    let meta = std::fs::metadata(root).map_err(io(root))?;
+    if !meta.is_dir() {
+        return Err(SourceError::Io {
+            path: root.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+        });
+    }
+    let mut stack: Vec<(PathBuf, String)> = Vec::new();
+    for top in ["cluster.yaml", "profiles", "templates", "vms"] {
+        stack.push((root.join(top), top.to_string()));
+    }
+    while let Some((path, rel)) = stack.pop() {
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io(&path)(e)),
+        };
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).map_err(io(&path))? {
+                let entry = entry.map_err(io(&path))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                stack.push((entry.path(), format!("{rel}/{name}")));
+            }
+        } else if meta.is_file() {
+            if meta.len() > MAX_FILE_SIZE {
+                files.insert_too_large(rel, meta.len());
+            } else {
+                files.insert(rel, std::fs::read(&path).map_err(io(&path))?);
+            }
+        }
+    }
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn sh(dir: &Path, args: &[&str]) {
+        let out = Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn fetches_and_reads_a_commit_tree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let work = tmp.path().join("work");
+        std::fs::create_dir_all(work.join("vms/team")).unwrap();
+        std::fs::create_dir_all(work.join("docs")).unwrap();
+        std::fs::write(work.join("cluster.yaml"), "cluster: lab\n").unwrap();
+        std::fs::write(work.join("vms/team/a.yaml"), "name: ab\n").unwrap();
+        std::fs::write(work.join("docs/readme.md"), "not read\n").unwrap();
+        sh(&work, &["init", "-q", "-b", "main"]);
+        sh(&work, &["add", "."]);
+        sh(&work, &["commit", "-q", "-m", "one"]);
+        sh(&work, &["tag", "v1"]);
+        std::fs::write(work.join("vms/b.yaml"), "name: bc\n").unwrap();
+        sh(&work, &["add", "."]);
+        sh(&work, &["commit", "-q", "-m", "two"]);
+
+        let src = GitSource::open(
+            work.to_str().unwrap(),
+            &cache_dir(&tmp.path().join("cache"), "x"),
+        )
+        .unwrap();
+        src.fetch().unwrap();
+        let head = src.resolve("HEAD").unwrap();
+        assert_eq!(src.resolve("main").unwrap(), head);
+        assert_eq!(src.resolve("refs/heads/main").unwrap(), head);
+        assert_eq!(src.resolve(&head.to_string()).unwrap(), head);
+        let v1 = src.resolve("v1").unwrap();
+        assert_ne!(v1, head);
+        assert!(matches!(
+            src.resolve("nope"),
+            Err(SourceError::RefNotFound(_))
+        ));
+
+        let files = src.read(head).unwrap();
+        assert_eq!(files.len(), 3);
+        assert!(files.get("vms/team/a.yaml").is_some());
+        assert!(files.get("docs/readme.md").is_none());
+        assert_eq!(src.read(v1).unwrap().len(), 2);
+
+        // A second fetch into the same clone picks up new commits.
+        std::fs::write(work.join("vms/c.yaml"), "name: cd\n").unwrap();
+        sh(&work, &["add", "."]);
+        sh(&work, &["commit", "-q", "-m", "three"]);
+        let again = GitSource::open(
+            &format!("file://{}", work.display()),
+            &cache_dir(&tmp.path().join("cache"), "x"),
+        )
+        .unwrap();
+        again.fetch().unwrap();
+        assert_eq!(again.read(again.resolve("main").unwrap()).unwrap().len(), 4);
+
+        let plain = read_dir(&work).unwrap();
+        assert_eq!(plain.len(), 4);
+    }
+}
