@@ -57,6 +57,18 @@ impl std::ops::Add for Usage {
     }
 }
 
+impl std::ops::Sub for Usage {
+    type Output = Usage;
+    /// Saturating: releasing more than was reserved leaves zero, never a wrap-around.
+    fn sub(self, o: Usage) -> Usage {
+        Usage {
+            memory: Size(self.memory.0.saturating_sub(o.memory.0)),
+            storage: Size(self.storage.0.saturating_sub(o.storage.0)),
+            vms: self.vms.saturating_sub(o.vms),
+        }
+    }
+}
+
 /// A host's limits; `None` means unlimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Limits {

@@ -36,6 +36,36 @@ pub struct Intent {
     /// After this time (seconds since the Unix epoch), an intent with no result and no VM
     /// in any inventory may be dropped and the create planned again.
     pub deadline: u64,
+    /// What the owner has heard back.
+    #[serde(default)]
+    pub status: IntentStatus,
+}
+
+/// Where an intent stands. It stays open after a result so that nothing is planned from
+/// an inventory older than the result: a placed VM is awaited in its host's inventory, a
+/// refused create waits until its retry time or a new spec.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum IntentStatus {
+    /// Sent; no result yet.
+    #[default]
+    Sent,
+    /// Built on `host` at `at`; closes once an inventory of `host` listed after `at`
+    /// shows the VM.
+    Placed {
+        /// Where.
+        host: String,
+        /// When the result arrived (seconds since the Unix epoch).
+        at: u64,
+    },
+    /// Not built (unplaceable, failed or refused); planned again after `retry_at`, or at
+    /// once when the spec changes.
+    Failed {
+        /// Why.
+        reason: String,
+        /// When to try again (seconds since the Unix epoch).
+        retry_at: u64,
+    },
 }
 
 /// Why the store failed.
@@ -166,6 +196,7 @@ mod tests {
             spec_hash: "h".into(),
             recorded_at: 100,
             deadline: 700,
+            status: IntentStatus::Sent,
         }
     }
 

@@ -19,3 +19,4 @@ pub mod render;
 pub mod sim;
 pub mod size;
 pub mod source;
+pub mod agent;

@@ -20,9 +20,13 @@ use crate::size::Size;
 /// The message format this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 
-/// Largest encoded message flotilla writes or reads: under beanstalkd's default
-/// `max-job-size` (65535), so a default server takes every message.
+/// Largest encoded job, result or trigger flotilla writes or reads: under beanstalkd's
+/// default `max-job-size` (65535), so a default server takes every job.
 pub const MAX_MESSAGE: usize = 60 * 1024;
+
+/// Largest encoded inventory: it holds a host's whole actual state, so hosts run
+/// beanstalkd with `-z 1048576` (see `host/rc.conf.sample`).
+pub const MAX_INVENTORY: usize = 1024 * 1024;
 
 /// The beanstalkd tubes flotilla uses on every host.
 pub mod tubes {
@@ -178,6 +182,9 @@ pub struct CreateJob {
     /// Hosts that already refused the job, in order, with their reasons.
     #[serde(default)]
     pub visited: Vec<Refusal>,
+    /// After this time (seconds since the Unix epoch) the owner may plan the VM again, so
+    /// a worker refuses to start building it: two creates never race.
+    pub expires_at: u64,
 }
 
 /// One host's refusal of a create, carried along the chain so that `unplaceable` can say
@@ -223,6 +230,9 @@ pub struct UpdateJob {
     /// Whether the change needs a stopped VM (cpu, memory, disks): the worker stops it,
     /// changes it, and starts it again if it was running.
     pub restart: bool,
+    /// The new `protect` flag for the marker, when it changes.
+    #[serde(default)]
+    pub protect: Option<bool>,
     /// The new spec hash, recorded in the marker once done.
     pub spec_hash: String,
     /// Who asked.
@@ -273,26 +283,38 @@ pub struct JobResult {
     pub outcome: Outcome,
 }
 
-/// One VM in an inventory.
+/// A create this host owns and has sent, as shown in its inventory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct InventoryVm {
-    /// Name.
-    pub name: String,
-    /// Run state.
-    pub state: crate::actual::RunState,
-    /// Whether it carries this cluster's marker.
-    pub managed: bool,
-    /// The spec hash in its marker.
-    #[serde(default)]
-    pub spec_hash: Option<String>,
-    /// Memory it claims.
-    pub memory: Size,
-    /// Storage it claims.
-    pub storage: Size,
+pub struct InFlightCreate {
+    /// The VM.
+    pub vm: String,
+    /// The create job's id.
+    pub job_id: String,
+    /// Where it stands (`sent`, `placed on host2`, `unplaceable: …`).
+    pub status: String,
+    /// When it was sent (seconds since the Unix epoch).
+    pub sent_at: u64,
 }
 
-/// A host's published summary of its actual state and capacity.
+/// A job that failed recently, as shown in the owner's inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecentFailure {
+    /// The VM.
+    pub vm: String,
+    /// The job kind.
+    pub job_kind: String,
+    /// The host that reported it.
+    pub host: String,
+    /// What happened.
+    pub reason: String,
+    /// When the result arrived (seconds since the Unix epoch).
+    pub at: u64,
+}
+
+/// A host's published actual state and capacity. Other hosts plan creates against it
+/// (a VM in any inventory is never created again) and `flotilla status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Inventory {
@@ -301,14 +323,25 @@ pub struct Inventory {
     /// The desired commit this host last reconciled.
     #[serde(default)]
     pub applied_commit: Option<String>,
+    /// When this host last listed its VMs (seconds since the Unix epoch).
+    pub listed_at: u64,
     /// What all its VMs claim.
     pub used: Usage,
     /// What admitted creates in progress hold.
     pub reserved: Usage,
     /// Its limits.
     pub limits: Limits,
-    /// Every VM on it, managed or not.
-    pub vms: Vec<InventoryVm>,
+    /// An overload threshold crossed, if any.
+    #[serde(default)]
+    pub overload: Option<String>,
+    /// Every VM on it, managed or not, as vm-bhyve shows them.
+    pub vms: Vec<crate::actual::ActualVm>,
+    /// Creates this host owns that are still in flight.
+    #[serde(default)]
+    pub in_flight: Vec<InFlightCreate>,
+    /// Failures reported to this host recently, newest last.
+    #[serde(default)]
+    pub failures: Vec<RecentFailure>,
 }
 
 /// Reconcile now.
@@ -324,8 +357,8 @@ pub struct Trigger {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     /// Larger than [`MAX_MESSAGE`].
-    #[error("message of {0} bytes is larger than the {MAX_MESSAGE}-byte limit")]
-    TooLarge(usize),
+    #[error("message of {0} bytes is larger than the {1}-byte limit")]
+    TooLarge(usize, usize),
     /// Not JSON of the expected shape.
     #[error("not a flotilla message: {0}")]
     Malformed(String),
@@ -344,8 +377,8 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
 
 /// Reads an envelope, checking size and version first.
 pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
-    if bytes.len() > MAX_MESSAGE {
-        return Err(DecodeError::TooLarge(bytes.len()));
+    if bytes.len() > MAX_INVENTORY {
+        return Err(DecodeError::TooLarge(bytes.len(), MAX_INVENTORY));
     }
     // The version is read on its own first, so a message from a newer flotilla is
     // reported as such rather than as "unknown field".
@@ -358,7 +391,64 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
     if version.v != FORMAT_VERSION {
         return Err(DecodeError::Version(version.v));
     }
-    serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))
+    let envelope: Envelope =
+        serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if bytes.len() > MAX_MESSAGE && !matches!(envelope.body, Message::Inventory(_)) {
+        return Err(DecodeError::TooLarge(bytes.len(), MAX_MESSAGE));
+    }
+    Ok(envelope)
+}
+
+impl Envelope {
+    /// A new message from `from` in `cluster`, with a fresh id, sent now.
+    pub fn new(cluster: &str, from: &str, body: Message) -> Envelope {
+        Envelope {
+            v: FORMAT_VERSION,
+            id: uuid::Uuid::new_v4().to_string(),
+            cluster: cluster.to_string(),
+            from: from.to_string(),
+            sent_at: now(),
+            body,
+        }
+    }
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A create job for unit tests across the crate.
+#[cfg(test)]
+pub(crate) fn sample_create() -> CreateJob {
+    CreateJob {
+        vm: "web01".into(),
+        order: VmOrder {
+            template: "CS1".into(),
+            template_conf: "loader=\"bhyveload\"\ncpu=1\nmemory=512M\n".into(),
+            cpu: 1,
+            memory: Size::mib(512),
+            disk: Size::gib(30),
+            swap: Size::gib(4),
+            config: BTreeMap::new(),
+            running: true,
+            protect: false,
+            options: BTreeMap::from([("timezone".into(), "UTC".into())]),
+            secrets: vec!["tailscale".into()],
+        },
+        spec_hash: "ab12".into(),
+        origin: Origin {
+        commit: "0123abcd".into(),
+        owner: "host1".into(),
+        reply_to: "10.0.0.1:11300".into(),
+    },
+        hops_left: 3,
+        visited: vec![],
+        expires_at: 1_790_007_200,
+    }
 }
 
 #[cfg(test)]
@@ -380,26 +470,7 @@ mod tests {
             cluster: "lab".into(),
             from: "host1".into(),
             sent_at: 1_790_000_000,
-            body: Message::Create(CreateJob {
-                vm: "web01".into(),
-                order: VmOrder {
-                    template: "CS1".into(),
-                    template_conf: "loader=\"bhyveload\"\ncpu=1\nmemory=512M\n".into(),
-                    cpu: 1,
-                    memory: Size::mib(512),
-                    disk: Size::gib(30),
-                    swap: Size::gib(4),
-                    config: BTreeMap::new(),
-                    running: true,
-                    protect: false,
-                    options: BTreeMap::from([("timezone".into(), "UTC".into())]),
-                    secrets: vec!["tailscale".into()],
-                },
-                spec_hash: "ab12".into(),
-                origin: origin(),
-                hops_left: 3,
-                visited: vec![],
-            }),
+            body: Message::Create(sample_create()),
         }
     }
 
@@ -422,6 +493,7 @@ mod tests {
                 unset: vec!["graphics".into()],
                 grow_disk: Some(Size::gib(40)),
                 restart: true,
+                protect: Some(true),
                 spec_hash: "cd34".into(),
                 origin: origin(),
             }),
@@ -438,10 +510,14 @@ mod tests {
             Message::Inventory(Inventory {
                 host: "host1".into(),
                 applied_commit: None,
+                listed_at: 1_790_000_000,
                 used: Usage::default(),
                 reserved: Usage::default(),
                 limits: Limits::default(),
+                overload: None,
                 vms: vec![],
+                in_flight: vec![],
+                failures: vec![],
             }),
             Message::Trigger(Trigger {
                 reason: "push".into(),
@@ -464,8 +540,20 @@ mod tests {
     #[test]
     fn refuses_what_it_cannot_act_on_with_a_reason() {
         assert_eq!(
-            decode(&vec![b' '; MAX_MESSAGE + 1]),
-            Err(DecodeError::TooLarge(MAX_MESSAGE + 1))
+            decode(&vec![b' '; MAX_INVENTORY + 1]),
+            Err(DecodeError::TooLarge(MAX_INVENTORY + 1, MAX_INVENTORY))
+        );
+        // Only an inventory may be larger than a job.
+        let mut big = create();
+        if let Message::Create(job) = &mut big.body {
+            job.order
+                .options
+                .insert("motd".into(), "x".repeat(MAX_MESSAGE));
+        }
+        let bytes = encode(&big);
+        assert_eq!(
+            decode(&bytes),
+            Err(DecodeError::TooLarge(bytes.len(), MAX_MESSAGE))
         );
         let mut newer = serde_json::to_value(create()).unwrap();
         newer["v"] = 2.into();

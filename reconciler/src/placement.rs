@@ -99,33 +99,12 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::message::{Origin, VmOrder};
     use crate::size::Size;
 
     fn job(hops_left: u32) -> CreateJob {
         CreateJob {
-            vm: "web01".into(),
-            order: VmOrder {
-                template: "CS1".into(),
-                template_conf: String::new(),
-                cpu: 1,
-                memory: Size::mib(512),
-                disk: Size::gib(30),
-                swap: Size::gib(4),
-                config: BTreeMap::new(),
-                running: true,
-                protect: false,
-                options: BTreeMap::new(),
-                secrets: vec![],
-            },
-            spec_hash: "h".into(),
-            origin: Origin {
-                commit: "c".into(),
-                owner: "host1".into(),
-                reply_to: "127.0.0.1:1".into(),
-            },
             hops_left,
-            visited: vec![],
+            ..crate::message::sample_create()
         }
     }
 

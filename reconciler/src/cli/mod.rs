@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use flotilla::render::Style;
 
+mod agent;
+mod cluster;
 mod desired;
 mod plan;
 mod validate;
@@ -32,6 +34,24 @@ enum Command {
     ///
     /// Exit 0 when nothing would change, 2 when something would, 1 on error.
     Plan(plan::Args),
+    /// Reconcile the cluster now (a trigger to every host); with --wait, show progress
+    /// until it has converged.
+    ///
+    /// Exit 0 when triggered (converged with --wait), 1 otherwise.
+    Apply(cluster::ApplyArgs),
+    /// Hosts, their capacity and inventory age, every VM, creates in flight, the commit
+    /// each host has applied, recent failures.
+    Status(cluster::StatusArgs),
+    /// The local agent's event log: what was done, where, why, with which result.
+    Events(cluster::EventsArgs),
+    /// Ask hosts to fetch the desired repo and reconcile now (the post-receive hook's
+    /// command).
+    ///
+    /// Exit 0 when every host got it, 1 otherwise.
+    Trigger(cluster::TriggerArgs),
+    /// Run this host's agent: source, reconciler, worker, inbox, inventory. Exit 0 on
+    /// SIGTERM, 78 on a bad configuration.
+    Agent(agent::Args),
 }
 
 /// How results are printed.
@@ -64,6 +84,11 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Validate(args) => validate::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Apply(args) => cluster::apply(args),
+        Command::Status(args) => cluster::status(args),
+        Command::Events(args) => cluster::events(args),
+        Command::Trigger(args) => cluster::trigger(args),
+        Command::Agent(args) => agent::run(args),
     };
     match result {
         Ok(code) => code,

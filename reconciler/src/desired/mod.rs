@@ -81,6 +81,7 @@ mod spec;
 pub use diag::{Diagnostic, Invalid};
 pub use files::{Entry, FileSet};
 pub use load::{load, MAX_FILE_SIZE, MAX_FLOW_DEPTH};
+pub use schema::parse_duration;
 pub use spec::{
     Cluster, DesiredState, Host, HostLimits, Policies, Profile, ReplacePolicy, Snapshot, Template,
     VmSpec,

@@ -164,12 +164,19 @@ impl<'de> Deserialize<'de> for Scalar {
     }
 }
 
-/// A duration written as `90`, `90s`, `5m`, `1h` or `2d`.
+/// A duration written as `90`, `90s`, `250ms`, `5m`, `1h` or `2d`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Seconds(pub Duration);
 
-pub(crate) fn parse_duration(s: &str) -> Option<Duration> {
+/// Parses a duration written as `90`, `90s`, `250ms`, `5m`, `1h` or `2d`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
+    if let Some(ms) = s.strip_suffix("ms") {
+        if ms.is_empty() || !ms.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        return ms.parse().ok().map(Duration::from_millis);
+    }
     let (digits, mult) = match s.as_bytes().last()? {
         b's' => (&s[..s.len() - 1], 1),
         b'm' => (&s[..s.len() - 1], 60),
@@ -195,7 +202,7 @@ impl<'de> Deserialize<'de> for Seconds {
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Seconds, E> {
                 parse_duration(v).map(Seconds).ok_or_else(|| {
                     E::custom(format_args!(
-                        "`{v}` is not a duration (expected a number with an optional s, m, h or d suffix)"
+                        "`{v}` is not a duration (expected a number with an optional ms, s, m, h or d suffix)"
                     ))
                 })
             }

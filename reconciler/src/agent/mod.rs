@@ -1,0 +1,1106 @@
+//! The agent: one process per host that keeps the host's share of the cluster equal to
+//! the desired repo.
+//!
+//! It runs, as tasks of one tokio runtime:
+//! - the **source**: fetches the desired repo on an interval, at once on a trigger, and
+//!   on a file-system event when the repo is local; keeps the last good snapshot;
+//! - the **reconciler**: lists this host's VMs, reads the other hosts' inventories,
+//!   plans (a pure function, [`crate::planner`]), and emits this host's share of the plan
+//!   ([`decide`]): creates it owns, after recording each intent durably, and ops on the
+//!   VMs it holds;
+//! - the **worker** slots ([`worker`]): admission, the hop chain, building and changing
+//!   VMs through the backend;
+//! - the **inbox**: results for the creates and ops this host asked for, and triggers;
+//! - the **publisher**: this host's inventory, for the other hosts and `status`.
+//!
+//! Errors in one pass are reported (log and event log) and retried with backoff; the
+//! agent itself only stops on SIGTERM or SIGINT: it stops reserving, lets the jobs in
+//! hand finish or releases them, and exits.
+
+pub mod config;
+pub mod decide;
+pub mod events;
+pub mod hooks;
+pub mod peers;
+pub mod status;
+mod worker;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use beanstalk::{Client, PutParams};
+use tokio::sync::{watch, Notify};
+
+use crate::actual::{ActualVm, HostActual, RunState};
+use crate::backend::{Backend, VmBhyve, VmBhyveConfig};
+use crate::capacity::{Limits, Usage};
+use crate::desired::{self, Snapshot};
+use crate::intents::{Intent, IntentStatus, IntentStore};
+use crate::message::{
+    self, tubes, CreateJob, Envelope, InFlightCreate, Inventory, JobResult, Message, Origin,
+    Outcome, RecentFailure, UpdateJob, VmOrder,
+};
+use crate::planner::{self, Action, InFlight, Kind, PlanOptions};
+use crate::source::{self, GitSource};
+
+use config::AgentConfig;
+use decide::{Emit, IntentFate};
+use events::{Event, EventLog};
+use peers::Peers;
+
+/// `<state_dir>/hosts.json`: the cluster's hosts as of the last good snapshot, so that
+/// `flotilla status`, `apply` and `trigger` on this host know where every beanstalkd is.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HostsFile {
+    /// The cluster id.
+    pub cluster: String,
+    /// The commit of the last good snapshot.
+    pub commit: Option<String>,
+    /// This host.
+    pub me: String,
+    /// Every host's beanstalkd address, by host name.
+    pub hosts: BTreeMap<String, String>,
+}
+
+impl HostsFile {
+    /// The file's name in the state directory.
+    pub const NAME: &'static str = "hosts.json";
+}
+
+fn write_hosts_file(state_dir: &std::path::Path, me: &str, snap: &Snapshot) -> std::io::Result<()> {
+    let me = me.to_string();
+    let file = HostsFile {
+        cluster: snap.cluster.id.clone(),
+        commit: snap.commit.clone(),
+        me,
+        hosts: snap
+            .cluster
+            .hosts
+            .iter()
+            .map(|(n, h)| (n.clone(), h.beanstalkd.clone()))
+            .collect(),
+    };
+    let tmp = state_dir.join(".hosts.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&file).unwrap_or_default())?;
+    std::fs::rename(tmp, state_dir.join(HostsFile::NAME))
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The state directory or the intent store cannot be used.
+    #[error("state directory {path}: {reason}")]
+    State {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What the worker holds while it builds.
+#[derive(Debug, Default)]
+struct Admission {
+    reserved: Usage,
+    building: BTreeSet<String>,
+}
+
+/// An op this host sent to its own ops tube and awaits the result of.
+#[derive(Debug, Clone)]
+struct OpInFlight {
+    kind: Kind,
+    job_id: String,
+    /// Set after a failure: plan it again only after this time.
+    retry_at: Option<u64>,
+}
+
+/// What the agent knows about itself, for its inventory.
+#[derive(Debug, Default)]
+struct Local {
+    applied_commit: Option<String>,
+    failures: VecDeque<RecentFailure>,
+}
+
+/// State shared by the agent's tasks.
+pub struct Shared {
+    cfg: AgentConfig,
+    backend: Arc<dyn Backend>,
+    intents: IntentStore,
+    events: EventLog,
+    peers: Peers,
+    snapshot: watch::Sender<Option<Arc<Snapshot>>>,
+    admission: Mutex<Admission>,
+    ops: Mutex<BTreeMap<String, OpInFlight>>,
+    inventories: Mutex<BTreeMap<String, Inventory>>,
+    latencies: Mutex<BTreeMap<String, Duration>>,
+    local: Mutex<Local>,
+    counters: Mutex<BTreeMap<String, u64>>,
+    wake_reconcile: Notify,
+    wake_fetch: Notify,
+    wake_publish: Notify,
+    stop: watch::Sender<bool>,
+    /// Set on shutdown; builds check it between steps and clean up.
+    cancel: AtomicBool,
+}
+
+/// The backend the config describes: vm-bhyve's `vm`, or the simulator when `sim_dir` is
+/// set.
+pub fn backend_for(cfg: &AgentConfig) -> VmBhyve {
+    let mut b = VmBhyveConfig {
+        vm: cfg.backend.vm_command.clone(),
+        sysrc: cfg.backend.sysrc_command.clone(),
+        ..VmBhyveConfig::default()
+    };
+    if let Some(d) = cfg.backend.start_timeout {
+        b.start_timeout = d.0;
+    }
+    if let Some(d) = cfg.backend.poll_interval {
+        b.poll_interval = d.0;
+    }
+    if let Some(dir) = &cfg.backend.sim_dir {
+        b.env.push(("VM_SIM_DIR".into(), dir.clone().into()));
+        b.env
+            .push(("VM_SIM_HOSTNAME".into(), cfg.host.clone().into()));
+        b.rc_conf = Some(dir.join(".config/rc.conf"));
+        b.hostname = Some(cfg.host.clone());
+        b.lock_grace = Duration::from_secs(2);
+    }
+    VmBhyve::new(b)
+}
+
+impl Shared {
+    /// Shared state for an agent with `cfg`, acting through `backend`.
+    pub fn new(cfg: AgentConfig, backend: Arc<dyn Backend>) -> Result<Arc<Shared>, StartError> {
+        let state = |reason: String| StartError::State {
+            path: cfg.state_dir.clone(),
+            reason,
+        };
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|e| state(e.to_string()))?;
+        let intents =
+            IntentStore::open(cfg.state_dir.join("intents")).map_err(|e| state(e.to_string()))?;
+        Ok(Arc::new(Shared {
+            events: EventLog::new(&cfg.state_dir),
+            cfg,
+            backend,
+            intents,
+            peers: Peers::new(),
+            snapshot: watch::channel(None).0,
+            admission: Mutex::default(),
+            ops: Mutex::default(),
+            inventories: Mutex::default(),
+            latencies: Mutex::default(),
+            local: Mutex::default(),
+            counters: Mutex::default(),
+            wake_reconcile: Notify::new(),
+            wake_fetch: Notify::new(),
+            wake_publish: Notify::new(),
+            stop: watch::channel(false).0,
+            cancel: AtomicBool::new(false),
+        }))
+    }
+
+    fn me(&self) -> &str {
+        &self.cfg.host
+    }
+
+    fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.snapshot.borrow().clone()
+    }
+
+    fn cluster_id(&self) -> String {
+        self.snapshot()
+            .map(|s| s.cluster.id.clone())
+            .unwrap_or_default()
+    }
+
+    fn addr_of(&self, host: &str) -> Option<String> {
+        if host == self.me() {
+            return self.own_addr();
+        }
+        self.snapshot()?
+            .cluster
+            .hosts
+            .get(host)
+            .map(|h| h.beanstalkd.clone())
+    }
+
+    fn own_addr(&self) -> Option<String> {
+        self.cfg.beanstalkd.clone().or_else(|| {
+            self.snapshot()?
+                .cluster
+                .hosts
+                .get(self.me())
+                .map(|h| h.beanstalkd.clone())
+        })
+    }
+
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Sleeps for `d`, or less when the agent stops.
+    async fn sleep(&self, d: Duration) {
+        let mut rx = self.stop.subscribe();
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = stopped(&mut rx) => {}
+        }
+    }
+
+    fn count(&self, what: &str) {
+        *self
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(what.to_string())
+            .or_default() += 1;
+    }
+
+    fn event(
+        &self,
+        kind: &str,
+        vm: Option<&str>,
+        job: Option<&str>,
+        commit: Option<&str>,
+        message: String,
+    ) {
+        tracing::info!(kind, vm, job, commit, "{message}");
+        self.events.append(&Event {
+            at: message::now(),
+            host: self.me().to_string(),
+            kind: kind.to_string(),
+            vm: vm.map(str::to_string),
+            job: job.map(str::to_string),
+            commit: commit.map(str::to_string),
+            message,
+        });
+    }
+
+    fn put_params(&self, pri: u32) -> PutParams {
+        let ttr = self
+            .snapshot()
+            .map(|s| s.cluster.policies.ttr)
+            .unwrap_or(Duration::from_secs(3600));
+        worker::params(pri, ttr)
+    }
+
+    async fn send_result(&self, origin: &Origin, r: &JobResult) {
+        let env = Envelope::new(&self.cluster_id(), self.me(), Message::Result(r.clone()));
+        if let Err(e) = self
+            .peers
+            .put(&origin.reply_to, tubes::RESULTS, &env, self.put_params(512))
+            .await
+        {
+            // The owner learns the outcome from this host's inventory instead.
+            tracing::warn!(to = %origin.reply_to, error = %e, "cannot send a result");
+        }
+    }
+
+    /// The overload threshold this host crosses now, if any.
+    fn overload(&self, vms: &[ActualVm], limits: &Limits) -> Option<String> {
+        let o = &self.cfg.overload;
+        let probe = o
+            .probe_file
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default();
+        let probed = |key: &str| {
+            probe.lines().find_map(|l| {
+                let mut it = l.split_whitespace();
+                (it.next() == Some(key)).then(|| it.next()?.parse::<f64>().ok())?
+            })
+        };
+        if let Some(max) = o.memory_in_use {
+            let in_use = probed("memory_in_use").or_else(|| {
+                let running: u64 = vms
+                    .iter()
+                    .filter(|v| v.state == RunState::Running)
+                    .map(|v| v.memory.bytes())
+                    .sum();
+                limits
+                    .memory
+                    .filter(|m| m.bytes() > 0)
+                    .map(|m| running as f64 / m.bytes() as f64)
+            });
+            if let Some(u) = in_use.filter(|u| *u >= max) {
+                return Some(format!(
+                    "memory in use {:.0}% >= {:.0}%",
+                    u * 100.0,
+                    max * 100.0
+                ));
+            }
+        }
+        if let (Some(max), Some(n)) = (o.net_bytes, probed("net_bytes")) {
+            if n >= max as f64 {
+                return Some(format!("network {n} bytes/s >= {max}"));
+            }
+        }
+        for line in probe.lines() {
+            // rctl values the probe found over their threshold: `rctl <what>`.
+            if let Some(r) = line.strip_prefix("rctl ") {
+                return Some(format!("rctl: {}", r.trim()));
+            }
+        }
+        None
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(shared: Arc<Shared>) {
+    shared.event(
+        "start",
+        None,
+        None,
+        None,
+        format!("agent {} starting", env!("CARGO_PKG_VERSION")),
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(source_loop(shared.clone()));
+    tasks.spawn(reconcile_loop(shared.clone()));
+    tasks.spawn(inbox_loop(shared.clone()));
+    tasks.spawn(publish_loop(shared.clone()));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..shared.cfg.worker.max_creates {
+        workers.spawn(worker::slot(shared.clone(), true));
+    }
+    workers.spawn(worker::slot(shared.clone(), false));
+
+    wait_for_signal().await;
+    shared.event(
+        "stop",
+        None,
+        None,
+        None,
+        "signal received: no new jobs; finishing or releasing the jobs in hand".into(),
+    );
+    shared.stop.send_replace(true);
+    shared.cancel.store(true, Ordering::SeqCst);
+    while workers.join_next().await.is_some() {}
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    shared.event("stop", None, None, None, "agent stopped".into());
+}
+
+/// Resolves once the agent stops.
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the agent can only be killed; run on regardless.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn poll_interval(shared: &Shared) -> Duration {
+    shared.cfg.desired.poll_interval.map(|d| d.0).unwrap_or_else(|| {
+        shared
+            .snapshot()
+            .map(|s| s.cluster.policies.reconcile_interval)
+            .unwrap_or(Duration::from_secs(60))
+    })
+}
+
+/// A local path (or file:// URL) of the desired repo, for the file-system watch.
+fn local_repo(url: &str) -> Option<PathBuf> {
+    let path = url.strip_prefix("file://").unwrap_or(url);
+    if path.contains("://") || path.contains('@') {
+        return None;
+    }
+    let p = PathBuf::from(path);
+    let git = p.join(".git");
+    Some(if git.is_dir() { git } else { p })
+}
+
+/// What one fetch found.
+enum Fetched {
+    Unchanged,
+    Good(Box<Snapshot>),
+    Invalid(String, String),
+}
+
+fn fetch_and_load(
+    src: &GitSource,
+    branch: &str,
+    last: Option<&str>,
+) -> Result<Fetched, String> {
+    let fetched = src.fetch();
+    // A remote that is down still leaves the last fetched commit in the clone.
+    let oid = match (src.resolve(branch), &fetched) {
+        (Ok(oid), _) => oid,
+        (Err(e), Ok(())) => return Err(format!("{e}")),
+        (Err(_), Err(e)) => return Err(format!("{e}")),
+    };
+    let commit = oid.to_string();
+    let fetch_error = fetched.err().map(|e| e.to_string());
+    if last == Some(commit.as_str()) {
+        return match fetch_error {
+            Some(e) => Err(e),
+            None => Ok(Fetched::Unchanged),
+        };
+    }
+    let files = src.read(oid).map_err(|e| e.to_string())?;
+    match desired::load(&files, Some(commit.clone())) {
+        Ok(s) => Ok(Fetched::Good(Box::new(s))),
+        Err(invalid) => {
+            let text = invalid
+                .0
+                .iter()
+                .take(5)
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
+            Ok(Fetched::Invalid(commit, text))
+        }
+    }
+}
+
+async fn source_loop(shared: Arc<Shared>) {
+    let url = shared.cfg.desired.url.clone();
+    let dir = source::cache_dir(&shared.cfg.state_dir.join("git"), &url);
+    let mut src = None;
+    let mut last: Option<String> = None;
+    let mut last_error: Option<String> = None;
+    let mut backoff = Duration::from_millis(500);
+    // Local repos are watched, so a commit is seen at once.
+    let _watcher = local_repo(&url).and_then(|path| {
+        use notify::Watcher;
+        let s = shared.clone();
+        let mut w = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+            s.wake_fetch.notify_one();
+        })
+        .ok()?;
+        w.watch(&path, notify::RecursiveMode::Recursive).ok()?;
+        Some(w)
+    });
+    loop {
+        let s = shared.clone();
+        let branch = shared.cfg.desired.branch.clone();
+        let url2 = url.clone();
+        let dir2 = dir.clone();
+        let last2 = last.clone();
+        let taken = src.take();
+        let res = tokio::task::spawn_blocking(move || {
+            let src = match taken {
+                Some(s) => s,
+                None => GitSource::open(&url2, &dir2).map_err(|e| (None, e.to_string()))?,
+            };
+            let r = fetch_and_load(&src, &branch, last2.as_deref());
+            Ok::<_, (Option<GitSource>, String)>((src, r))
+        })
+        .await;
+        let outcome = match res {
+            Ok(Ok((g, r))) => {
+                src = Some(g);
+                r
+            }
+            Ok(Err((_, e))) => Err(e),
+            Err(e) => Err(e.to_string()),
+        };
+        let mut wait = poll_interval(&s);
+        match outcome {
+            Ok(Fetched::Unchanged) => {
+                last_error = None;
+                backoff = Duration::from_millis(500);
+            }
+            Ok(Fetched::Good(snap)) => {
+                last_error = None;
+                backoff = Duration::from_millis(500);
+                let commit = snap.commit.clone();
+                last = commit.clone();
+                if !snap.cluster.hosts.contains_key(s.me()) {
+                    s.event(
+                        "error",
+                        None,
+                        None,
+                        commit.as_deref(),
+                        format!(
+                            "this host `{}` is not in cluster.yaml at {}; keeping the last good desired state",
+                            s.me(),
+                            commit.as_deref().unwrap_or("?")
+                        ),
+                    );
+                } else {
+                    s.event(
+                        "snapshot",
+                        None,
+                        None,
+                        commit.as_deref(),
+                        format!("desired state at {}: {} VMs", commit.as_deref().unwrap_or("?"), snap.vms.len()),
+                    );
+                    if let Err(e) = write_hosts_file(&s.cfg.state_dir, s.me(), &snap) {
+                        tracing::warn!(error = %e, "cannot write hosts.json for flotilla status");
+                    }
+                    s.snapshot.send_replace(Some(Arc::new(*snap)));
+                    s.wake_reconcile.notify_one();
+                }
+            }
+            Ok(Fetched::Invalid(commit, why)) => {
+                last = Some(commit.clone());
+                s.count("snapshots_invalid");
+                s.event(
+                    "error",
+                    None,
+                    None,
+                    Some(&commit),
+                    format!("desired state at {commit} is invalid; nothing from it is applied, the last good one is kept: {why}"),
+                );
+            }
+            Err(e) => {
+                if last_error.as_deref() != Some(e.as_str()) {
+                    s.event(
+                        "error",
+                        None,
+                        None,
+                        None,
+                        format!("cannot fetch the desired repo {url}: {e}; keeping the last good desired state and retrying"),
+                    );
+                }
+                last_error = Some(e);
+                wait = wait.min(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
+        let mut stop = s.stop.subscribe();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = s.wake_fetch.notified() => {
+                // Coalesce a burst of file-system events into one fetch.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            _ = stopped(&mut stop) => return,
+        }
+    }
+}
+
+async fn reconcile_loop(shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let wait = match shared.snapshot() {
+            Some(snap) => match reconcile_once(&shared, &snap).await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(500);
+                    poll_interval(&shared)
+                }
+                Err(e) => {
+                    shared.event("error", None, None, snap.commit.as_deref(), format!("reconcile failed: {e}"));
+                    let b = backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                    b
+                }
+            },
+            None => poll_interval(&shared),
+        };
+        let mut stop = shared.stop.subscribe();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shared.wake_reconcile.notified() => {}
+            _ = stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// Lists this host's VMs on a blocking thread.
+async fn list_local(shared: &Arc<Shared>) -> Result<Vec<ActualVm>, String> {
+    let b = shared.backend.clone();
+    tokio::task::spawn_blocking(move || b.list())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// Reads every other host's inventory; keeps the last one read of a host that does not
+/// answer.
+async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) {
+    let mut reads = Vec::new();
+    for (name, host) in &snap.cluster.hosts {
+        if name == shared.me() {
+            continue;
+        }
+        let s = shared.clone();
+        let addr = host.beanstalkd.clone();
+        let name = name.clone();
+        reads.push(tokio::spawn(async move {
+            let r = tokio::time::timeout(Duration::from_secs(3), s.peers.inventory(&addr)).await;
+            (name, r)
+        }));
+    }
+    for r in reads {
+        let Ok((name, r)) = r.await else { continue };
+        match r {
+            Ok(Ok((Some(inv), took))) if inv.host == name => {
+                shared.latencies.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), took);
+                shared.inventories.lock().unwrap_or_else(|p| p.into_inner()).insert(name, inv);
+            }
+            Ok(Ok((Some(inv), _))) => {
+                tracing::warn!(host = %name, claimed = %inv.host, "inventory names another host; ignored");
+            }
+            Ok(Ok((None, _))) => {}
+            Ok(Err(e)) => tracing::debug!(host = %name, error = %e, "no inventory"),
+            Err(_) => tracing::debug!(host = %name, "inventory read timed out"),
+        }
+    }
+}
+
+fn order_of(snap: &Snapshot, spec: &desired::VmSpec) -> VmOrder {
+    VmOrder {
+        template: spec.template.clone(),
+        template_conf: snap
+            .templates
+            .get(&spec.template)
+            .map(|t| t.text.clone())
+            .unwrap_or_default(),
+        cpu: spec.cpu,
+        memory: spec.memory,
+        disk: spec.disk,
+        swap: spec.swap,
+        config: spec.config.clone(),
+        running: spec.state == desired::DesiredState::Running,
+        protect: spec.protect,
+        options: spec.hooks.clone(),
+        secrets: spec.secrets.clone(),
+    }
+}
+
+/// One pass: list, read inventories, plan, emit this host's share.
+async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<(), String> {
+    let started = Instant::now();
+    let me = shared.me().to_string();
+    let local = list_local(shared).await.map_err(|e| format!("listing this host's VMs: {e}"))?;
+    refresh_inventories(shared, snap).await;
+    let inventories = shared.inventories.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut actual = vec![HostActual {
+        host: me.clone(),
+        vms: local.clone(),
+    }];
+    for (name, inv) in &inventories {
+        if name != &me && snap.cluster.hosts.contains_key(name) {
+            actual.push(HostActual {
+                host: name.clone(),
+                vms: inv.vms.clone(),
+            });
+        }
+    }
+    let unseen: Vec<&str> = snap
+        .cluster
+        .hosts
+        .keys()
+        .filter(|h| !actual.iter().any(|a| &a.host == *h))
+        .map(String::as_str)
+        .collect();
+
+    // Intents: close the ones that are done with, keep the rest in flight.
+    let now = message::now();
+    let mut in_flight: Vec<InFlight> = Vec::new();
+    let intents = shared.intents.all().map_err(|e| e.to_string())?;
+    for intent in &intents {
+        let hash = snap.vms.get(&intent.vm).map(|v| v.spec_hash.as_str());
+        match decide::intent_fate(intent, hash, &inventories, now) {
+            IntentFate::Open => in_flight.push(decide::in_flight(intent)),
+            IntentFate::Close(why) => {
+                shared.intents.remove(&intent.vm).map_err(|e| e.to_string())?;
+                shared.event("intent", Some(&intent.vm), Some(&intent.job_id), Some(&intent.commit), format!("create intent closed: {why}"));
+            }
+        }
+    }
+    {
+        let mut ops = shared.ops.lock().unwrap_or_else(|p| p.into_inner());
+        ops.retain(|_, o| o.retry_at.is_none_or(|t| now < t));
+        for (vm, o) in ops.iter() {
+            in_flight.push(InFlight {
+                vm: vm.clone(),
+                kind: o.kind,
+                host: Some(me.clone()),
+            });
+        }
+    }
+    let plan = planner::plan(snap, &actual, &in_flight, &PlanOptions::default());
+    let emits = decide::select(&plan, &me, unseen.is_empty());
+    let waiting_creates = plan
+        .actions()
+        .filter(|a| matches!(a, Action::Create { owner, .. } if owner == &me))
+        .count();
+    if !unseen.is_empty() && waiting_creates > 0 {
+        tracing::info!(hosts = ?unseen, creates = waiting_creates, "creates wait until every host's inventory is known");
+    }
+    let commit = snap.commit.clone().unwrap_or_default();
+    let origin = Origin {
+        commit: commit.clone(),
+        owner: me.clone(),
+        reply_to: shared.own_addr().unwrap_or_default(),
+    };
+    let nothing_to_do = emits.is_empty() && in_flight.is_empty() && waiting_creates == 0;
+    for emit in emits {
+        match emit {
+            Emit::Create(action) => emit_create(shared, snap, action, &origin, &inventories).await,
+            Emit::Op(action) => emit_op(shared, snap, action, &origin).await,
+        }
+    }
+    for b in plan.blocked() {
+        if b.host == me {
+            tracing::debug!(vm = %b.vm, reason = ?b.reason, "{}", b.detail);
+        }
+    }
+    if nothing_to_do {
+        shared.local.lock().unwrap_or_else(|p| p.into_inner()).applied_commit = snap.commit.clone();
+    }
+    shared.count("reconciles");
+    tracing::debug!(took = ?started.elapsed(), "reconciled");
+    shared.wake_publish.notify_one();
+    Ok(())
+}
+
+async fn emit_create(
+    shared: &Arc<Shared>,
+    snap: &Snapshot,
+    action: &Action,
+    origin: &Origin,
+    inventories: &BTreeMap<String, Inventory>,
+) {
+    let Action::Create { host, vm, resume, spec, .. } = action else {
+        return;
+    };
+    let latencies = shared.latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let to = decide::first_hop(shared.cfg.first_hop, host, *resume, inventories, &latencies);
+    let Some(addr) = shared.addr_of(&to) else {
+        return;
+    };
+    let now = message::now();
+    let deadline = now + shared.cfg.worker.create_deadline.0.as_secs();
+    let job = CreateJob {
+        vm: vm.clone(),
+        order: order_of(snap, spec),
+        spec_hash: spec.spec_hash.clone(),
+        origin: origin.clone(),
+        hops_left: snap.cluster.policies.hop_limit,
+        visited: Vec::new(),
+        expires_at: deadline,
+    };
+    let env = Envelope::new(&snap.cluster.id, shared.me(), Message::Create(job));
+    // Safety rule 2: the intent is on disk before the job is on the queue.
+    let intent = Intent {
+        vm: vm.clone(),
+        job_id: env.id.clone(),
+        first_hop: to.clone(),
+        commit: origin.commit.clone(),
+        spec_hash: spec.spec_hash.clone(),
+        recorded_at: now,
+        deadline,
+        status: IntentStatus::Sent,
+    };
+    if let Err(e) = shared.intents.record(&intent) {
+        shared.event("error", Some(vm), None, None, format!("cannot record the create intent, so no create is sent: {e}"));
+        return;
+    }
+    match shared.peers.put(&addr, tubes::CREATE, &env, shared.put_params(1024)).await {
+        Ok(_) => {
+            shared.count("emitted_create");
+            shared.event("emit", Some(vm), Some(&env.id), Some(&origin.commit), format!("create {vm} sent to {to}"));
+        }
+        Err(e) if e.nothing_sent() => {
+            // Nothing reached the queue: the intent can go, the next pass tries again.
+            let _ = shared.intents.remove(vm);
+            shared.event("error", Some(vm), Some(&env.id), None, format!("cannot send create {vm} to {to}: {e}"));
+        }
+        Err(e) => {
+            // It may have reached the queue: the intent stays until its deadline.
+            shared.event("error", Some(vm), Some(&env.id), None, format!("create {vm} to {to} may not have been sent: {e}; waiting for its result or deadline"));
+        }
+    }
+}
+
+async fn emit_op(shared: &Arc<Shared>, snap: &Snapshot, action: &Action, origin: &Origin) {
+    let me = shared.me().to_string();
+    let vm = action.vm().to_string();
+    let job = |vm: &str| worker::vm_job(vm, &me, origin.clone());
+    let (body, kind, pri) = match action {
+        Action::Destroy { .. } | Action::Replace { .. } => {
+            (Message::Destroy(job(&vm)), Kind::Destroy, 100)
+        }
+        Action::Start { .. } => (Message::Start(job(&vm)), Kind::Start, 500),
+        Action::Stop { .. } => (Message::Stop(job(&vm)), Kind::Stop, 500),
+        Action::Update {
+            changes,
+            protect,
+            restart,
+            spec_hash,
+            ..
+        } => (
+            Message::Update(UpdateJob {
+                vm: vm.clone(),
+                host: me.clone(),
+                set: changes
+                    .iter()
+                    .filter_map(|c| c.to.clone().map(|v| (c.key.clone(), v)))
+                    .collect(),
+                unset: changes
+                    .iter()
+                    .filter(|c| c.to.is_none())
+                    .map(|c| c.key.clone())
+                    .collect(),
+                grow_disk: None,
+                restart: *restart,
+                protect: *protect,
+                spec_hash: spec_hash.clone(),
+                origin: origin.clone(),
+            }),
+            Kind::Update,
+            800,
+        ),
+        Action::GrowDisk { to, restart, .. } => (
+            Message::Update(UpdateJob {
+                vm: vm.clone(),
+                host: me.clone(),
+                set: BTreeMap::new(),
+                unset: Vec::new(),
+                grow_disk: Some(*to),
+                restart: *restart,
+                protect: None,
+                spec_hash: snap
+                    .vms
+                    .get(&vm)
+                    .map(|s| s.spec_hash.clone())
+                    .unwrap_or_default(),
+                origin: origin.clone(),
+            }),
+            Kind::GrowDisk,
+            800,
+        ),
+        Action::Create { .. } => return,
+    };
+    let Some(addr) = shared.own_addr() else { return };
+    let env = Envelope::new(&snap.cluster.id, &me, body);
+    match shared.peers.put(&addr, tubes::OPS, &env, shared.put_params(pri)).await {
+        Ok(_) => {
+            shared.ops.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                vm.clone(),
+                OpInFlight {
+                    kind,
+                    job_id: env.id.clone(),
+                    retry_at: None,
+                },
+            );
+            shared.count(&format!("emitted_{}", env.body.kind()));
+            shared.event("emit", Some(&vm), Some(&env.id), Some(&origin.commit), format!("{} {vm} queued", env.body.kind()));
+        }
+        Err(e) => shared.event("error", Some(&vm), None, None, format!("cannot queue {} {vm}: {e}", env.body.kind())),
+    }
+}
+
+/// Results and triggers, from this host's beanstalkd.
+async fn inbox_loop(shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(200);
+    while !shared.stopping() {
+        let Some(addr) = shared.own_addr() else {
+            shared.sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let conn = async {
+            let mut c = Client::connect(&addr).await?;
+            c.watch(tubes::RESULTS).await?;
+            c.watch(tubes::CONTROL).await?;
+            c.ignore("default").await?;
+            Ok::<_, beanstalk::Error>(c)
+        };
+        let mut client = match conn.await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "inbox cannot reach beanstalkd; retrying");
+                shared.sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(200);
+        while !shared.stopping() {
+            let job = match client.reserve_with_timeout(Duration::from_secs(1)).await {
+                Ok(Some(j)) => j,
+                Ok(None) | Err(beanstalk::Error::DeadlineSoon) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbox lost beanstalkd");
+                    break;
+                }
+            };
+            let done = match message::decode(&job.body) {
+                Ok(Envelope { body: Message::Result(r), .. }) => {
+                    on_result(&shared, r);
+                    client.delete(job.id).await
+                }
+                Ok(Envelope { body: Message::Trigger(t), from, .. }) => {
+                    shared.event("trigger", None, None, None, format!("trigger from {from}: {}", t.reason));
+                    shared.wake_fetch.notify_one();
+                    shared.wake_reconcile.notify_one();
+                    client.delete(job.id).await
+                }
+                Ok(other) => {
+                    shared.event("buried", None, None, None, format!("a `{}` message in the inbox; buried", other.body.kind()));
+                    client.bury(job.id, 1024).await
+                }
+                Err(e) => {
+                    shared.event("buried", None, None, None, format!("unreadable message in the inbox, buried: {e}"));
+                    client.bury(job.id, 1024).await
+                }
+            };
+            if let Err(e) = done {
+                tracing::warn!(error = %e, "inbox cannot end a job");
+            }
+        }
+    }
+}
+
+fn on_result(shared: &Arc<Shared>, r: JobResult) {
+    let now = message::now();
+    let text = match &r.outcome {
+        Outcome::Done => "done".to_string(),
+        Outcome::Unplaceable { reason } => format!("unplaceable: {reason}"),
+        Outcome::Failed { reason, attempts } => format!("failed after {attempts} tries: {reason}"),
+        Outcome::Refused { reason } => format!("refused: {reason}"),
+    };
+    shared.count(&format!("results_{}", r.job_kind));
+    shared.event("result", Some(&r.vm), Some(&r.job_id), Some(&r.commit), format!("{} {} on {}: {text}", r.job_kind, r.vm, r.host));
+    if r.outcome != Outcome::Done {
+        let mut local = shared.local.lock().unwrap_or_else(|p| p.into_inner());
+        local.failures.push_back(RecentFailure {
+            vm: r.vm.clone(),
+            job_kind: r.job_kind.clone(),
+            host: r.host.clone(),
+            reason: text.clone(),
+            at: now,
+        });
+        while local.failures.len() > 20 {
+            local.failures.pop_front();
+        }
+    }
+    let retry_at = now + shared.cfg.worker.retry_failed.0.as_secs();
+    if r.job_kind == "create" {
+        if let Ok(Some(mut intent)) = shared.intents.get(&r.vm) {
+            if intent.job_id == r.job_id {
+                let update = match &r.outcome {
+                    Outcome::Done => Some(IntentStatus::Placed {
+                        host: r.host.clone(),
+                        at: now,
+                    }),
+                    Outcome::Unplaceable { .. } | Outcome::Failed { .. } => {
+                        Some(IntentStatus::Failed {
+                            reason: text.clone(),
+                            retry_at,
+                        })
+                    }
+                    Outcome::Refused { .. } => None,
+                };
+                let res = match update {
+                    Some(status) => {
+                        intent.status = status;
+                        shared.intents.record(&intent)
+                    }
+                    None => shared.intents.remove(&r.vm),
+                };
+                if let Err(e) = res {
+                    shared.event("error", Some(&r.vm), Some(&r.job_id), None, format!("cannot update the create intent: {e}"));
+                }
+            }
+        }
+    } else {
+        let mut ops = shared.ops.lock().unwrap_or_else(|p| p.into_inner());
+        if ops.get(&r.vm).is_some_and(|o| o.job_id == r.job_id) {
+            match &r.outcome {
+                Outcome::Failed { .. } => {
+                    if let Some(o) = ops.get_mut(&r.vm) {
+                        o.retry_at = Some(retry_at);
+                    }
+                }
+                _ => {
+                    ops.remove(&r.vm);
+                }
+            }
+        }
+    }
+    shared.wake_reconcile.notify_one();
+}
+
+/// This host's inventory, now.
+fn inventory(shared: &Shared, snap: &Snapshot, vms: Vec<ActualVm>, listed_at: u64) -> Inventory {
+    let limits = snap
+        .cluster
+        .hosts
+        .get(shared.me())
+        .map(|h| Limits {
+            memory: Some(h.limits.memory),
+            storage: Some(h.limits.storage),
+            vms: Some(h.limits.vms),
+        })
+        .unwrap_or_default();
+    let reserved = shared.admission.lock().unwrap_or_else(|p| p.into_inner()).reserved;
+    let local = shared.local.lock().unwrap_or_else(|p| p.into_inner());
+    let in_flight = shared
+        .intents
+        .all()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|i| InFlightCreate {
+            status: match &i.status {
+                IntentStatus::Sent => format!("sent to {}", i.first_hop),
+                IntentStatus::Placed { host, .. } => format!("built on {host}"),
+                IntentStatus::Failed { reason, .. } => reason.clone(),
+            },
+            vm: i.vm,
+            job_id: i.job_id,
+            sent_at: i.recorded_at,
+        })
+        .collect();
+    Inventory {
+        host: shared.me().to_string(),
+        applied_commit: local.applied_commit.clone(),
+        listed_at,
+        used: Usage::of(&vms),
+        reserved,
+        overload: shared.overload(&vms, &limits),
+        limits,
+        vms,
+        in_flight,
+        failures: local.failures.iter().cloned().collect(),
+    }
+}
+
+async fn publish_loop(shared: Arc<Shared>) {
+    let min_gap = Duration::from_millis(200);
+    loop {
+        let mut stop = shared.stop.subscribe();
+        tokio::select! {
+            _ = tokio::time::sleep(poll_interval(&shared).min(Duration::from_secs(10))) => {}
+            _ = shared.wake_publish.notified() => {}
+            _ = stopped(&mut stop) => return,
+        }
+        // Bursts of job ends become one publication.
+        tokio::time::sleep(min_gap).await;
+        let (Some(snap), Some(addr)) = (shared.snapshot(), shared.own_addr()) else {
+            continue;
+        };
+        let listed_at = message::now();
+        let vms = match list_local(&shared).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list VMs for the inventory");
+                continue;
+            }
+        };
+        let inv = inventory(&shared, &snap, vms, listed_at);
+        let env = Envelope::new(&snap.cluster.id, shared.me(), Message::Inventory(inv));
+        if let Err(e) = shared.peers.publish_inventory(&addr, &env).await {
+            tracing::warn!(error = %e, "cannot publish the inventory");
+        }
+    }
+}

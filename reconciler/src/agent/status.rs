@@ -1,0 +1,245 @@
+//! The cluster as the hosts' published inventories show it: `flotilla status` and
+//! `flotilla apply --wait` read it.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::actual::RunState;
+use crate::capacity::{Limits, Usage};
+use crate::message::{self, InFlightCreate, Inventory, RecentFailure};
+
+use super::peers::Peers;
+use super::HostsFile;
+
+/// One host as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostStatus {
+    /// Its name.
+    pub host: String,
+    /// Its beanstalkd.
+    pub beanstalkd: String,
+    /// Whether its inventory could be read now.
+    pub reachable: bool,
+    /// Why not, if not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Seconds since it last listed its VMs.
+    pub inventory_age: Option<u64>,
+    /// The commit it has applied.
+    pub applied_commit: Option<String>,
+    /// What its VMs claim.
+    pub used: Option<Usage>,
+    /// What creates in progress hold.
+    pub reserved: Option<Usage>,
+    /// Its limits.
+    pub limits: Option<Limits>,
+    /// An overload threshold crossed.
+    pub overload: Option<String>,
+}
+
+/// One VM as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmStatus {
+    /// Its name.
+    pub vm: String,
+    /// The host it is on.
+    pub host: String,
+    /// Its run state.
+    pub state: RunState,
+    /// Whether this cluster manages it.
+    pub managed: bool,
+    /// The spec hash in its marker.
+    pub spec_hash: Option<String>,
+    /// Whether its build finished.
+    pub complete: bool,
+}
+
+/// The whole cluster.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStatus {
+    /// Format of this document.
+    pub format_version: u32,
+    /// The cluster id.
+    pub cluster: String,
+    /// The desired commit the local agent last read.
+    pub desired_commit: Option<String>,
+    /// Every host.
+    pub hosts: Vec<HostStatus>,
+    /// Every VM on every reachable host, managed or not.
+    pub vms: Vec<VmStatus>,
+    /// Creates in flight, by owner.
+    pub in_flight: Vec<(String, InFlightCreate)>,
+    /// Recent failures, by the owner that heard of them.
+    pub failures: Vec<(String, RecentFailure)>,
+}
+
+impl ClusterStatus {
+    /// True when every host answered, has applied `commit`, listed its VMs after
+    /// `since`, and no create is in flight.
+    pub fn converged(&self, commit: &str, since: u64, inventories: &[Inventory]) -> bool {
+        self.hosts.iter().all(|h| h.reachable)
+            && inventories.len() == self.hosts.len()
+            && inventories
+                .iter()
+                .all(|i| i.applied_commit.as_deref() == Some(commit) && i.listed_at >= since)
+            && self.in_flight.is_empty()
+    }
+}
+
+/// Reads every host's inventory.
+pub async fn gather(hosts: &HostsFile) -> (ClusterStatus, Vec<Inventory>) {
+    let peers = Peers::new();
+    let now = message::now();
+    let mut out = ClusterStatus {
+        format_version: 1,
+        cluster: hosts.cluster.clone(),
+        desired_commit: hosts.commit.clone(),
+        hosts: Vec::new(),
+        vms: Vec::new(),
+        in_flight: Vec::new(),
+        failures: Vec::new(),
+    };
+    let mut invs = Vec::new();
+    for (name, addr) in &hosts.hosts {
+        let r = tokio::time::timeout(Duration::from_secs(3), peers.inventory(addr)).await;
+        let mut h = HostStatus {
+            host: name.clone(),
+            beanstalkd: addr.clone(),
+            reachable: false,
+            error: None,
+            inventory_age: None,
+            applied_commit: None,
+            used: None,
+            reserved: None,
+            limits: None,
+            overload: None,
+        };
+        match r {
+            Ok(Ok((Some(inv), _))) => {
+                h.reachable = true;
+                h.inventory_age = Some(now.saturating_sub(inv.listed_at));
+                h.applied_commit = inv.applied_commit.clone();
+                h.used = Some(inv.used);
+                h.reserved = Some(inv.reserved);
+                h.limits = Some(inv.limits);
+                h.overload = inv.overload.clone();
+                for vm in &inv.vms {
+                    out.vms.push(VmStatus {
+                        vm: vm.name.clone(),
+                        host: name.clone(),
+                        state: vm.state,
+                        managed: vm.is_managed_by(&hosts.cluster),
+                        spec_hash: vm.marker.as_ref().map(|m| m.spec_hash.clone()),
+                        complete: vm.marker.as_ref().is_some_and(|m| m.complete),
+                    });
+                }
+                out.in_flight
+                    .extend(inv.in_flight.iter().map(|f| (name.clone(), f.clone())));
+                out.failures
+                    .extend(inv.failures.iter().map(|f| (name.clone(), f.clone())));
+                invs.push(inv);
+            }
+            Ok(Ok((None, _))) => {
+                h.reachable = true;
+                h.error = Some("no inventory published yet".into());
+            }
+            Ok(Err(e)) => h.error = Some(e.to_string()),
+            Err(_) => h.error = Some("no answer within 3s".into()),
+        }
+        out.hosts.push(h);
+    }
+    out.vms.sort_by(|a, b| a.vm.cmp(&b.vm).then(a.host.cmp(&b.host)));
+    (out, invs)
+}
+
+fn short(commit: Option<&str>) -> String {
+    commit.map_or("-".to_string(), |c| c.chars().take(10).collect())
+}
+
+fn usage(u: Option<Usage>, l: Option<Limits>) -> String {
+    match (u, l) {
+        (Some(u), Some(l)) => format!(
+            "mem {}/{}  disk {}/{}  vms {}/{}",
+            u.memory,
+            l.memory.map_or("-".into(), |m| m.to_string()),
+            u.storage,
+            l.storage.map_or("-".into(), |m| m.to_string()),
+            u.vms,
+            l.vms.map_or("-".into(), |m| m.to_string()),
+        ),
+        _ => "-".into(),
+    }
+}
+
+/// `status` for people.
+pub fn render_text(s: &ClusterStatus) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "cluster {}  desired commit {}",
+        s.cluster,
+        short(s.desired_commit.as_deref())
+    );
+    let _ = writeln!(o, "\nHOSTS");
+    for h in &s.hosts {
+        let state = match (&h.error, h.inventory_age) {
+            (Some(e), _) => format!("UNREACHABLE: {e}"),
+            (None, Some(age)) => format!("inventory {age}s old"),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            o,
+            "  {:<10} {:<21} applied {:<10}  {}  {}{}",
+            h.host,
+            h.beanstalkd,
+            short(h.applied_commit.as_deref()),
+            usage(h.used, h.limits),
+            state,
+            h.overload
+                .as_ref()
+                .map(|x| format!("  OVERLOADED: {x}"))
+                .unwrap_or_default()
+        );
+    }
+    let managed: Vec<&VmStatus> = s.vms.iter().filter(|v| v.managed).collect();
+    let _ = writeln!(o, "\nVMS ({} managed, {} other)", managed.len(), s.vms.len() - managed.len());
+    for v in &managed {
+        let _ = writeln!(
+            o,
+            "  {:<24} {:<10} {:<10}{}",
+            v.vm,
+            v.host,
+            format!("{:?}", v.state).to_lowercase(),
+            if v.complete { "" } else { "  half-made" }
+        );
+    }
+    if !s.in_flight.is_empty() {
+        let _ = writeln!(o, "\nIN FLIGHT");
+        for (owner, f) in &s.in_flight {
+            let _ = writeln!(o, "  create {:<24} owner {:<10} {}", f.vm, owner, f.status);
+        }
+    }
+    if !s.failures.is_empty() {
+        let _ = writeln!(o, "\nRECENT FAILURES");
+        for (owner, f) in &s.failures {
+            let _ = writeln!(
+                o,
+                "  {} {} on {} (owner {owner}): {}",
+                f.job_kind, f.vm, f.host, f.reason
+            );
+        }
+    }
+    o
+}
+
+/// Counts of managed VMs per host, for progress lines.
+pub fn per_host(s: &ClusterStatus) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for v in s.vms.iter().filter(|v| v.managed) {
+        *m.entry(v.host.clone()).or_default() += 1;
+    }
+    m
+}

@@ -1,0 +1,660 @@
+//! The worker: reserves jobs from this host's `flotilla.create` and `flotilla.ops`
+//! tubes and carries them out through the backend.
+//!
+//! Each slot is one task with its own connection (a reserved job must be deleted,
+//! released, touched or buried on the connection that reserved it). `max_creates` slots
+//! take creates and ops, one more takes ops only, so a destroy never waits for builds.
+//!
+//! A create is admitted under one lock that covers listing the VMs, the decision and the
+//! reservation, so two slots never both fit into the same room. Every action is
+//! idempotent: a redelivered create finds its marker (same job id) and finishes or cleans
+//! up; a destroy of a VM already gone is done.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use beanstalk::{Client, Job, PutParams};
+
+use crate::actual::{ActualVm, Marker, RunState};
+use crate::backend::{Backend, BackendError, CreateSpec};
+use crate::capacity::Usage;
+use crate::message::{
+    self, tubes, CreateJob, Envelope, JobResult, Message, Outcome, UpdateJob, VmJob,
+};
+use crate::placement::{self, Decision, HostView};
+use crate::planner::config_changes;
+
+use super::hooks::{self, HookInput};
+use super::Shared;
+
+/// How a job ends on this host.
+#[derive(Debug)]
+pub(super) enum End {
+    /// Done with: delete it, and send the result if any.
+    Delete(Option<(Origin, JobResult)>),
+    /// Try again after `delay`.
+    Release(Duration, String),
+    /// Never again: bury it with the reason, and send the result if any.
+    Bury(String, Option<(Origin, JobResult)>),
+}
+
+type Origin = crate::message::Origin;
+
+/// Why a build step failed, and whether to try again.
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Hook(#[from] hooks::HookError),
+    #[error("stopped by shutdown")]
+    Cancelled,
+}
+
+fn result(env: &Envelope, vm: &str, host: &str, commit: &str, outcome: Outcome) -> JobResult {
+    JobResult {
+        job_id: env.id.clone(),
+        job_kind: env.body.kind().to_string(),
+        vm: vm.to_string(),
+        host: host.to_string(),
+        commit: commit.to_string(),
+        outcome,
+    }
+}
+
+/// Runs one worker slot until shutdown.
+pub(super) async fn slot(shared: Arc<Shared>, creates: bool) {
+    let mut backoff = Duration::from_millis(200);
+    while !shared.stopping() {
+        let Some(addr) = shared.own_addr() else {
+            shared.sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut client = match connect(&addr, creates).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(%addr, error = %format!("{e:#}"), "worker cannot reach beanstalkd; retrying");
+                shared.sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(200);
+        while !shared.stopping() {
+            match client.reserve_with_timeout(Duration::from_secs(1)).await {
+                Ok(None) => {}
+                Ok(Some(job)) => handle(&shared, &mut client, job).await,
+                Err(beanstalk::Error::DeadlineSoon) => {}
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "worker lost beanstalkd");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn connect(addr: &str, creates: bool) -> Result<Client, beanstalk::Error> {
+    let mut c = Client::connect(addr).await?;
+    if creates {
+        c.watch(tubes::CREATE).await?;
+    }
+    c.watch(tubes::OPS).await?;
+    c.ignore("default").await?;
+    Ok(c)
+}
+
+/// Decodes, runs and ends one job.
+async fn handle(shared: &Arc<Shared>, client: &mut Client, job: Job) {
+    let id = job.id;
+    let end = match message::decode(&job.body) {
+        Err(e) => End::Bury(format!("cannot decode: {e}"), None),
+        Ok(env) => run(shared, client, id, env).await,
+    };
+    let (verb, res) = match end {
+        End::Delete(r) => {
+            if let Some((origin, r)) = &r {
+                shared.send_result(origin, r).await;
+            }
+            ("delete", client.delete(id).await)
+        }
+        End::Release(delay, why) => {
+            tracing::info!(job = id, %why, ?delay, "released for a later try");
+            (
+                "release",
+                client
+                    .release(id, 1024, delay.as_secs().min(u32::MAX as u64) as u32)
+                    .await,
+            )
+        }
+        End::Bury(why, r) => {
+            shared.event("buried", None, None, None, format!("job {id} buried: {why}"));
+            shared.count("jobs_buried");
+            if let Some((origin, r)) = &r {
+                shared.send_result(origin, r).await;
+            }
+            ("bury", client.bury(id, 1024).await)
+        }
+    };
+    if let Err(e) = res {
+        tracing::warn!(job = id, error = %e, "cannot {verb} the job; beanstalkd will hand it out again after its TTR");
+    }
+    shared.wake_publish.notify_one();
+}
+
+/// Runs `work` on a blocking thread, touching job `id` while it runs so it outlives its
+/// TTR.
+async fn touching<T: Send + 'static>(
+    client: &mut Client,
+    id: u64,
+    every: Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let task = tokio::task::spawn_blocking(work);
+    tokio::pin!(task);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            r = &mut task => return r.ok(),
+            _ = tick.tick() => {
+                if let Err(e) = client.touch(id).await {
+                    tracing::warn!(job = id, error = %e, "cannot touch the job");
+                }
+            }
+        }
+    }
+}
+
+async fn run(shared: &Arc<Shared>, client: &mut Client, id: u64, env: Envelope) -> End {
+    let Some(snap) = shared.snapshot() else {
+        return End::Release(
+            Duration::from_secs(1),
+            "no desired state read yet".into(),
+        );
+    };
+    if env.cluster != snap.cluster.id {
+        return End::Bury(
+            format!(
+                "job of cluster `{}`, this host is in `{}`",
+                env.cluster, snap.cluster.id
+            ),
+            None,
+        );
+    }
+    let attempts = match client.stats_job(id).await {
+        Ok(s) => s.reserves as u32,
+        Err(_) => 1,
+    };
+    let ttr = snap.cluster.policies.ttr;
+    let every = (ttr / 2).max(Duration::from_millis(500));
+    let me = shared.me().to_string();
+    let kind = env.body.kind();
+    let shared2 = shared.clone();
+    let env2 = env.clone();
+    let end = match &env.body {
+        Message::Create(job) => {
+            let job = job.clone();
+            match touching(client, id, every, move || admit_and_build(&shared2, &env2, &job))
+                .await
+            {
+                Some(Built::Forward(next, to)) => return forward(shared, &env, *next, &to).await,
+                Some(Built::End(end)) => end,
+                None => End::Release(Duration::from_secs(1), "worker thread failed".into()),
+            }
+        }
+        Message::Destroy(_) | Message::Start(_) | Message::Stop(_) | Message::Update(_) => {
+            touching(client, id, every, move || op(&shared2, &env2))
+                .await
+                .unwrap_or_else(|| End::Release(Duration::from_secs(1), "worker thread failed".into()))
+        }
+        other => End::Bury(format!("a `{}` message is not a job", other.kind()), None),
+    };
+    // Failures are retried with backoff a bounded number of times, then buried.
+    match end {
+        End::Release(delay, why) if why.starts_with("failed:") => {
+            let retries = shared.cfg.worker.retries.max(1);
+            if attempts >= retries {
+                let origin = origin_of(&env.body);
+                let vm = env.body.vm().unwrap_or_default().to_string();
+                let outcome = Outcome::Failed {
+                    reason: why.trim_start_matches("failed: ").to_string(),
+                    attempts,
+                };
+                shared.count(&format!("jobs_{kind}_failed"));
+                let r = origin.map(|o| {
+                    let r = result(&env, &vm, &me, &o.commit, outcome);
+                    (o, r)
+                });
+                End::Bury(format!("{why} (after {attempts} tries)"), r)
+            } else {
+                let backoff = shared.cfg.worker.backoff.0 * 2u32.saturating_pow(attempts - 1);
+                End::Release(backoff.max(delay), why)
+            }
+        }
+        other => other,
+    }
+}
+
+fn origin_of(m: &Message) -> Option<Origin> {
+    match m {
+        Message::Create(j) => Some(j.origin.clone()),
+        Message::Destroy(j) | Message::Start(j) | Message::Stop(j) => Some(j.origin.clone()),
+        Message::Update(j) => Some(j.origin.clone()),
+        _ => None,
+    }
+}
+
+enum Built {
+    Forward(Box<CreateJob>, String),
+    End(End),
+}
+
+async fn forward(shared: &Arc<Shared>, env: &Envelope, job: CreateJob, to: &str) -> End {
+    let Some(addr) = shared.addr_of(to) else {
+        return End::Release(
+            Duration::from_secs(5),
+            format!("next host {to} has no address"),
+        );
+    };
+    let vm = job.vm.clone();
+    let reason = job
+        .visited
+        .last()
+        .map(|r| r.reason.clone())
+        .unwrap_or_default();
+    let mut next = Envelope::new(&env.cluster, shared.me(), Message::Create(job));
+    // The job keeps its id along the chain: markers and results refer to it.
+    next.id = env.id.clone();
+    match shared
+        .peers
+        .put(&addr, tubes::CREATE, &next, shared.put_params(1024))
+        .await
+    {
+        Ok(_) => {
+            shared.count("forwards");
+            shared.event(
+                "forward",
+                Some(&vm),
+                Some(&env.id),
+                None,
+                format!("forwarded to {to}: {reason}"),
+            );
+            End::Delete(None)
+        }
+        // The next host is down: keep the job here and try again; it must not be lost.
+        Err(e) => End::Release(
+            Duration::from_secs(5),
+            format!("cannot forward to {to}: {e}"),
+        ),
+    }
+}
+
+/// Lists, decides and reserves under the admission lock, then builds.
+fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
+    let me = shared.me();
+    let done = |outcome| {
+        End::Delete(Some((
+            job.origin.clone(),
+            result(env, &job.vm, me, &job.origin.commit, outcome),
+        )))
+    };
+    if message::now() > job.expires_at {
+        return Built::End(done(Outcome::Refused {
+            reason: "the create expired before any host built it; its owner plans it again"
+                .into(),
+        }));
+    }
+    let Some(snap) = shared.snapshot() else {
+        return Built::End(End::Release(Duration::from_secs(1), "no desired state".into()));
+    };
+    let Some(host) = snap.cluster.hosts.get(me) else {
+        return Built::End(End::Release(
+            Duration::from_secs(10),
+            format!("this host `{me}` is not in cluster.yaml"),
+        ));
+    };
+    let limits = crate::capacity::Limits {
+        memory: Some(host.limits.memory),
+        storage: Some(host.limits.storage),
+        vms: Some(host.limits.vms),
+    };
+    let cluster = snap.cluster.id.clone();
+    let backend = shared.backend.clone();
+    let reserve;
+    let mut resume = false;
+    {
+        let mut adm = shared.admission.lock().unwrap_or_else(|p| p.into_inner());
+        if adm.building.contains(&job.vm) {
+            return Built::End(End::Release(
+                Duration::from_secs(2),
+                format!("{} is being built by another slot", job.vm),
+            ));
+        }
+        let vms = match backend.list() {
+            Ok(v) => v,
+            Err(e) => return Built::End(End::Release(Duration::from_secs(2), format!("failed: {e}"))),
+        };
+        if let Some(vm) = vms.iter().find(|v| v.name == job.vm) {
+            match &vm.marker {
+                Some(m) if m.cluster == cluster && m.job_id == env.id && m.complete => {
+                    return Built::End(done(Outcome::Done));
+                }
+                Some(m) if m.cluster == cluster && !m.complete => resume = true,
+                Some(m) if m.cluster == cluster => {
+                    return Built::End(done(Outcome::Refused {
+                        reason: format!(
+                            "{} already exists on {me}, built by job {}",
+                            job.vm, m.job_id
+                        ),
+                    }))
+                }
+                _ => {
+                    return Built::End(done(Outcome::Refused {
+                        reason: format!(
+                            "an unmanaged VM named {} exists on {me}; it is not touched",
+                            job.vm
+                        ),
+                    }))
+                }
+            }
+        }
+        let overload = shared.overload(&vms, &limits);
+        // A half-made VM of this VM's earlier create is rebuilt in place: its room is
+        // already counted in `used`.
+        let used = Usage::of(&vms);
+        let decision = if resume {
+            Decision::Admit {
+                reserve: Usage::default(),
+            }
+        } else {
+            placement::decide(
+                job,
+                HostView {
+                    name: me,
+                    next: host.next.as_deref(),
+                    used,
+                    reserved: adm.reserved,
+                    limits: &limits,
+                    overload: overload.as_deref(),
+                },
+            )
+        };
+        match decision {
+            Decision::Admit { reserve: r } => {
+                reserve = r;
+                adm.reserved = adm.reserved + r;
+                adm.building.insert(job.vm.clone());
+            }
+            Decision::Forward { to, job } => return Built::Forward(job, to),
+            Decision::Unplaceable { reason } => {
+                shared.count("unplaceable");
+                return Built::End(done(Outcome::Unplaceable { reason }));
+            }
+        }
+    }
+    shared.event(
+        "job",
+        Some(&job.vm),
+        Some(&env.id),
+        Some(&job.origin.commit),
+        format!("building {} (hops left {})", job.vm, job.hops_left),
+    );
+    let outcome = build(shared, env, job, resume);
+    {
+        let mut adm = shared.admission.lock().unwrap_or_else(|p| p.into_inner());
+        adm.reserved = adm.reserved - reserve;
+        adm.building.remove(&job.vm);
+    }
+    Built::End(match outcome {
+        Ok(()) => {
+            shared.count("jobs_create_done");
+            shared.event("job", Some(&job.vm), Some(&env.id), Some(&job.origin.commit), format!("built {} on {me}", job.vm));
+            done(Outcome::Done)
+        }
+        Err(StepError::Cancelled) => End::Release(Duration::ZERO, "stopped by shutdown".into()),
+        Err(e) => {
+            shared.event("error", Some(&job.vm), Some(&env.id), Some(&job.origin.commit), format!("create failed: {e}"));
+            End::Release(Duration::from_secs(1), format!("failed: {e}"))
+        }
+    })
+}
+
+/// Builds the VM; on any failure removes what it made (safety rule 6).
+fn build(shared: &Shared, env: &Envelope, job: &CreateJob, resume: bool) -> Result<(), StepError> {
+    if resume {
+        remove_half_made(shared, &job.vm)?;
+    }
+    let r = build_steps(shared, env, job);
+    if r.is_err() {
+        if let Err(e) = remove_half_made(shared, &job.vm) {
+            shared.event("error", Some(&job.vm), Some(&env.id), None, format!("cleaning up the half-made VM failed: {e}; the next try cleans it up"));
+        }
+    }
+    r
+}
+
+fn remove_half_made(shared: &Shared, vm: &str) -> Result<(), StepError> {
+    let backend = shared.backend.as_ref();
+    let Some(found) = backend.list()?.into_iter().find(|v| v.name == vm) else {
+        return Ok(());
+    };
+    // Only what this cluster half-made is removed; anything else is left alone.
+    match &found.marker {
+        Some(m) if m.cluster == shared.cluster_id() && !m.complete => {}
+        _ => return Ok(()),
+    }
+    if found.state != RunState::Stopped {
+        backend.stop(vm, Duration::from_secs(5))?;
+    }
+    backend.destroy(vm)?;
+    Ok(())
+}
+
+fn check(cancel: &AtomicBool) -> Result<(), StepError> {
+    if cancel.load(Ordering::SeqCst) {
+        Err(StepError::Cancelled)
+    } else {
+        Ok(())
+    }
+}
+
+fn build_steps(shared: &Shared, env: &Envelope, job: &CreateJob) -> Result<(), StepError> {
+    let backend = shared.backend.as_ref();
+    let cancel = &shared.cancel;
+    let order = &job.order;
+    let marker = |complete| Marker {
+        format_version: Marker::FORMAT_VERSION,
+        cluster: shared.cluster_id(),
+        job_id: env.id.clone(),
+        spec_hash: job.spec_hash.clone(),
+        commit: job.origin.commit.clone(),
+        owner: job.origin.owner.clone(),
+        protect: order.protect,
+        complete,
+    };
+    backend.install_template(&order.template, &order.template_conf)?;
+    check(cancel)?;
+    backend.create(&CreateSpec {
+        name: job.vm.clone(),
+        datastore: None,
+        template: order.template.clone(),
+        disk_size: Some(order.disk),
+        cpu: Some(order.cpu),
+        memory: Some(order.memory),
+    })?;
+    // The marker goes in first, incomplete: from now on a crash leaves a VM that every
+    // host recognises as half-made by this job.
+    backend.write_marker(&job.vm, &marker(false))?;
+    check(cancel)?;
+    let made: Option<ActualVm> = backend.list()?.into_iter().find(|v| v.name == job.vm);
+    if let Some(made) = made {
+        let changes = config_changes(&made.config, &order.config);
+        let set = changes
+            .iter()
+            .filter_map(|c| c.to.clone().map(|v| (c.key.clone(), v)))
+            .collect();
+        let unset: Vec<String> = changes
+            .iter()
+            .filter(|c| c.to.is_none())
+            .map(|c| c.key.clone())
+            .collect();
+        if !changes.is_empty() {
+            backend.configure(&job.vm, &set, &unset)?;
+        }
+    }
+    check(cancel)?;
+    let ran = hooks::provision(
+        shared.cfg.hooks_dir.as_deref(),
+        shared.cfg.provision.as_deref(),
+        shared.cfg.secrets_dir.as_deref(),
+        &HookInput {
+            vm: job.vm.clone(),
+            vm_dir: backend.guest_dir(&job.vm)?,
+            host: shared.me().to_string(),
+            job: env.id.clone(),
+            commit: job.origin.commit.clone(),
+            cpu: order.cpu,
+            memory: order.memory.to_string(),
+            disk: order.disk.to_string(),
+            swap: order.swap.to_string(),
+            options: order.options.clone().into_iter().collect(),
+            secrets: order.secrets.clone(),
+        },
+        &shared.cfg.state_dir.join("hooks"),
+        shared.cfg.worker.hook_timeout.0,
+    )?;
+    for (hook, out) in ran {
+        shared.event("hook", Some(&job.vm), Some(&env.id), None, format!("{hook}: {out}"));
+    }
+    check(cancel)?;
+    backend.set_autostart(&job.vm, order.running)?;
+    if order.running {
+        backend.start(&job.vm)?;
+    }
+    backend.write_marker(&job.vm, &marker(true))?;
+    Ok(())
+}
+
+/// Destroy, start, stop and update.
+fn op(shared: &Shared, env: &Envelope) -> End {
+    let me = shared.me();
+    let (vm, host, origin) = match &env.body {
+        Message::Destroy(j) | Message::Start(j) | Message::Stop(j) => (&j.vm, &j.host, &j.origin),
+        Message::Update(j) => (&j.vm, &j.host, &j.origin),
+        _ => return End::Bury("not an op".into(), None),
+    };
+    let done = |outcome| {
+        End::Delete(Some((
+            origin.clone(),
+            result(env, vm, me, &origin.commit, outcome),
+        )))
+    };
+    if host != me {
+        return done(Outcome::Refused {
+            reason: format!("job for {host} reached {me}"),
+        });
+    }
+    let backend = shared.backend.as_ref();
+    let found = match backend.list() {
+        Ok(v) => v.into_iter().find(|v| &v.name == vm),
+        Err(e) => return End::Release(Duration::from_secs(2), format!("failed: {e}")),
+    };
+    let Some(found) = found else {
+        // Gone already: a destroy is done; anything else has nothing to act on.
+        return match env.body {
+            Message::Destroy(_) => done(Outcome::Done),
+            _ => done(Outcome::Refused {
+                reason: format!("{vm} does not exist on {me}"),
+            }),
+        };
+    };
+    // Safety rule 1: only VMs with this cluster's marker are ever changed.
+    let Some(marker) = found.marker.clone().filter(|m| m.cluster == shared.cluster_id()) else {
+        return done(Outcome::Refused {
+            reason: format!("{vm} on {me} is not managed by this cluster; it is not touched"),
+        });
+    };
+    let stop_timeout = shared.cfg.worker.stop_timeout.0;
+    if matches!(env.body, Message::Destroy(_)) && marker.protect {
+        return done(Outcome::Refused {
+            reason: format!("{vm} is protected (its marker says so); clear protect first"),
+        });
+    }
+    let r: Result<(), BackendError> = (|| match &env.body {
+        Message::Destroy(_) => {
+            if found.state != RunState::Stopped {
+                backend.stop(vm, stop_timeout)?;
+            }
+            backend.destroy(vm)
+        }
+        Message::Start(_) => {
+            backend.set_autostart(vm, true)?;
+            backend.start(vm)
+        }
+        Message::Stop(_) => {
+            backend.set_autostart(vm, false)?;
+            backend.stop(vm, stop_timeout).map(|_| ())
+        }
+        Message::Update(u) => update(backend, &found, marker.clone(), u, stop_timeout),
+        _ => Ok(()),
+    })();
+    match r {
+        Ok(()) => {
+            shared.count(&format!("jobs_{}_done", env.body.kind()));
+            shared.event("job", Some(vm), Some(&env.id), Some(&origin.commit), format!("{} {vm} done", env.body.kind()));
+            done(Outcome::Done)
+        }
+        Err(e) => {
+            shared.event("error", Some(vm), Some(&env.id), Some(&origin.commit), format!("{} {vm} failed: {e}", env.body.kind()));
+            End::Release(Duration::from_secs(1), format!("failed: {e}"))
+        }
+    }
+}
+
+fn update(
+    backend: &dyn Backend,
+    found: &ActualVm,
+    mut marker: Marker,
+    u: &UpdateJob,
+    stop_timeout: Duration,
+) -> Result<(), BackendError> {
+    let running = found.state != RunState::Stopped;
+    let changes_config = !u.set.is_empty() || !u.unset.is_empty() || u.grow_disk.is_some();
+    if running && u.restart && changes_config {
+        backend.stop(&u.vm, stop_timeout)?;
+    }
+    if !u.set.is_empty() || !u.unset.is_empty() {
+        backend.configure(&u.vm, &u.set, &u.unset)?;
+    }
+    if let Some(size) = u.grow_disk {
+        backend.grow_disk(&u.vm, 0, size)?;
+    }
+    if let Some(p) = u.protect {
+        marker.protect = p;
+    }
+    marker.spec_hash = u.spec_hash.clone();
+    backend.write_marker(&u.vm, &marker)?;
+    if running && u.restart && changes_config {
+        backend.start(&u.vm)?;
+    }
+    Ok(())
+}
+
+/// A job body for an op on `vm`.
+pub(super) fn vm_job(vm: &str, host: &str, origin: Origin) -> VmJob {
+    VmJob {
+        vm: vm.to_string(),
+        host: host.to_string(),
+        origin,
+    }
+}
+
+/// Parameters of a put of a job.
+pub(super) fn params(pri: u32, ttr: Duration) -> PutParams {
+    PutParams {
+        pri,
+        delay: 0,
+        ttr: ttr.as_secs().clamp(1, u32::MAX as u64) as u32,
+    }
+}

@@ -1,0 +1,261 @@
+//! `status`, `apply`, `events` and `trigger`: the operator's view of a running cluster,
+//! through the hosts' beanstalkd servers and the local agent's state directory.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use flotilla::agent::config::{AgentConfig, Dur};
+use flotilla::agent::{events, status, HostsFile};
+use flotilla::message::{self, tubes, Envelope, Message, Trigger};
+
+use super::Output;
+
+/// Where the local agent keeps its state.
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// The local agent's configuration file (its state directory tells where the
+    /// cluster's hosts are).
+    #[arg(long, value_name = "FILE", default_value = "/usr/local/etc/flotilla/agent.yaml")]
+    pub config: PathBuf,
+}
+
+impl AgentArgs {
+    fn state_dir(&self) -> anyhow::Result<PathBuf> {
+        let cfg = AgentConfig::load(&self.config)?;
+        Ok(cfg.state_dir)
+    }
+
+    fn hosts(&self) -> anyhow::Result<HostsFile> {
+        let path = self.state_dir()?.join(HostsFile::NAME);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {} (written by the agent once it has read the desired repo)",
+                path.display()
+            )
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not a hosts file", path.display()))
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Arguments of `status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    agent: AgentArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    output: Output,
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let hosts = args.agent.hosts()?;
+    let (st, _) = runtime()?.block_on(status::gather(&hosts));
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&st)?),
+        Output::Text => print!("{}", status::render_text(&st)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Sends a trigger to each address; returns the ones that failed.
+async fn send_triggers(addrs: &[String], cluster: &str, reason: &str, timeout: Duration) -> Vec<String> {
+    let peers = flotilla::agent::peers::Peers::new();
+    let from = hostname();
+    let mut failed = Vec::new();
+    for addr in addrs {
+        let env = Envelope::new(
+            cluster,
+            &from,
+            Message::Trigger(Trigger {
+                reason: reason.to_string(),
+            }),
+        );
+        let put = peers.put(
+            addr,
+            tubes::CONTROL,
+            &env,
+            beanstalk::PutParams {
+                pri: 0,
+                delay: 0,
+                ttr: 10,
+            },
+        );
+        match tokio::time::timeout(timeout, put).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => failed.push(format!("{addr}: {e}")),
+            Err(_) => failed.push(format!("{addr}: no answer within {timeout:?}")),
+        }
+    }
+    failed
+}
+
+fn hostname() -> String {
+    std::process::Command::new("hostname")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "cli".into())
+}
+
+/// Arguments of `trigger`.
+#[derive(Debug, clap::Args)]
+pub struct TriggerArgs {
+    /// A host's beanstalkd (host:port); may be repeated. Default: every host the local
+    /// agent knows (from --config).
+    #[arg(long, value_name = "ADDR")]
+    beanstalkd: Vec<String>,
+    /// The local agent's configuration (used when no --beanstalkd is given).
+    #[arg(long, value_name = "FILE", default_value = "/usr/local/etc/flotilla/agent.yaml")]
+    config: PathBuf,
+    /// The cluster id written in the message.
+    #[arg(long, default_value = "")]
+    cluster: String,
+    /// Why, for the event log.
+    #[arg(long, default_value = "flotilla trigger")]
+    reason: String,
+    /// Time limit per host.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_dur)]
+    timeout: Dur,
+}
+
+fn parse_dur(s: &str) -> Result<Dur, String> {
+    flotilla::desired::parse_duration(s)
+        .map(Dur)
+        .ok_or_else(|| format!("`{s}` is not a duration (e.g. 500ms, 5s, 2m)"))
+}
+
+pub fn trigger(args: TriggerArgs) -> anyhow::Result<ExitCode> {
+    let (addrs, cluster) = if args.beanstalkd.is_empty() {
+        let hosts = AgentArgs { config: args.config.clone() }.hosts()?;
+        (hosts.hosts.values().cloned().collect::<Vec<_>>(), hosts.cluster)
+    } else {
+        (args.beanstalkd.clone(), args.cluster.clone())
+    };
+    let failed = runtime()?.block_on(send_triggers(&addrs, &cluster, &args.reason, args.timeout.0));
+    for f in &failed {
+        eprintln!("flotilla: trigger not delivered to {f}");
+    }
+    Ok(ExitCode::from(if failed.is_empty() { 0 } else { 1 }))
+}
+
+/// Arguments of `apply`.
+#[derive(Debug, clap::Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    agent: AgentArgs,
+    /// Wait until the cluster has converged, showing progress.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_dur)]
+    timeout: Dur,
+}
+
+pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
+    let hosts = args.agent.hosts()?;
+    let rt = runtime()?;
+    let addrs: Vec<String> = hosts.hosts.values().cloned().collect();
+    let failed = rt.block_on(send_triggers(&addrs, &hosts.cluster, "flotilla apply", Duration::from_secs(5)));
+    for f in &failed {
+        eprintln!("flotilla: trigger not delivered to {f}");
+    }
+    if !args.wait {
+        return Ok(ExitCode::from(if failed.is_empty() { 0 } else { 1 }));
+    }
+    let started = Instant::now();
+    let since = message::now();
+    let mut last_line = String::new();
+    loop {
+        // The agent may have read a newer commit since the trigger.
+        let hosts = args.agent.hosts()?;
+        let (st, invs) = rt.block_on(status::gather(&hosts));
+        let commit = hosts.commit.clone().unwrap_or_default();
+        let line = progress_line(&st, &commit);
+        if line != last_line {
+            println!("[{:>5.1}s] {line}", started.elapsed().as_secs_f64());
+            last_line = line;
+        }
+        if st.converged(&commit, since, &invs) {
+            println!("converged at {}", &commit[..commit.len().min(10)]);
+            return Ok(ExitCode::SUCCESS);
+        }
+        if started.elapsed() > args.timeout.0 {
+            eprintln!("flotilla: not converged within {:?}", args.timeout.0);
+            print!("{}", status::render_text(&st));
+            return Ok(ExitCode::from(1));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn progress_line(st: &status::ClusterStatus, commit: &str) -> String {
+    let per = status::per_host(st);
+    let hosts: Vec<String> = st
+        .hosts
+        .iter()
+        .map(|h| {
+            let mark = if h.applied_commit.as_deref() == Some(commit) { "✓" } else { "…" };
+            format!("{}{} {} VMs", h.host, mark, per.get(&h.host).copied().unwrap_or(0))
+        })
+        .collect();
+    format!(
+        "{}; {} creates in flight; {} failures",
+        hosts.join(", "),
+        st.in_flight.len(),
+        st.failures.len()
+    )
+}
+
+/// Arguments of `events`.
+#[derive(Debug, clap::Args)]
+pub struct EventsArgs {
+    #[command(flatten)]
+    agent: AgentArgs,
+    /// Only events about this VM.
+    #[arg(long, value_name = "NAME")]
+    vm: Option<String>,
+    /// Only the last N events.
+    #[arg(long, value_name = "N")]
+    last: Option<usize>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    output: Output,
+}
+
+pub fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
+    let dir = args.agent.state_dir()?;
+    let path: &Path = &dir.join("events.jsonl");
+    let mut evs = events::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if let Some(vm) = &args.vm {
+        evs.retain(|e| e.vm.as_deref() == Some(vm.as_str()));
+    }
+    if let Some(n) = args.last {
+        let skip = evs.len().saturating_sub(n);
+        evs.drain(..skip);
+    }
+    for e in &evs {
+        match args.output {
+            Output::Json => println!("{}", serde_json::to_string(e)?),
+            Output::Text => println!(
+                "{} {:<8} {:<9} {:<20} {}",
+                e.at,
+                e.host,
+                e.kind,
+                e.vm.as_deref().unwrap_or("-"),
+                e.message
+            ),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,271 @@
+//! Three hosts on one machine — three real beanstalkd servers, three `flotilla agent`
+//! processes, three simulated vm-bhyve directories — driven by commits to a real git
+//! repository. Each test is one scenario of issue 5.
+
+use std::time::Duration;
+
+use flotilla::actual::RunState;
+use flotilla_e2e::{vm_yaml, Cluster, HostSpec, Options};
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+fn chain() -> Vec<HostSpec> {
+    vec![
+        HostSpec::new("host1", Some("host2")),
+        HostSpec::new("host2", Some("host3")),
+        HostSpec::new("host3", None),
+    ]
+}
+
+fn started(specs: &[HostSpec]) -> Cluster {
+    let mut c = Cluster::start(specs, Options::default());
+    c.start_agents();
+    c
+}
+
+fn host_of(c: &Cluster, vm: &str) -> Vec<usize> {
+    (0..c.hosts.len())
+        .filter(|i| c.names(*i).iter().any(|n| n == vm))
+        .collect()
+}
+
+#[test]
+fn a_first_commit_converges_with_each_vm_on_its_owner() {
+    let c = started(&chain());
+    let names = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"];
+    let files: Vec<(String, String)> = names
+        .iter()
+        .map(|n| (format!("vms/{n}.yaml"), vm_yaml(n, "CS0", "")))
+        .collect();
+    let refs: Vec<(&str, Option<&str>)> = files
+        .iter()
+        .map(|(p, t)| (p.as_str(), Some(t.as_str())))
+        .collect();
+    c.commit(&refs, "six VMs");
+    c.wait_until("all six VMs running", CONVERGE, |c| {
+        names.iter().all(|n| {
+            (0..3).any(|i| {
+                c.vms(i)
+                    .iter()
+                    .any(|v| v.name == *n && v.state == RunState::Running)
+            })
+        })
+    });
+    let hosts = ["host1", "host2", "host3"];
+    for n in names {
+        let owner = flotilla::owner::owner(n, None, hosts.iter().copied()).unwrap();
+        let on = host_of(&c, n);
+        assert_eq!(on.len(), 1, "{n} exists exactly once: {on:?}");
+        assert_eq!(c.hosts[on[0]].name, owner, "{n} is on its owner");
+        let vm = c.vms(on[0]).into_iter().find(|v| v.name == n).unwrap();
+        let marker = vm.marker.expect("marker");
+        assert!(marker.complete && marker.cluster == "e2e" && marker.owner == owner);
+    }
+}
+
+#[test]
+fn a_host_at_its_limit_forwards_along_the_chain() {
+    let specs = vec![
+        HostSpec::new("host1", Some("host2")).limits("1G", "100G", 10),
+        HostSpec::new("host2", Some("host3")).limits("1G", "100G", 10),
+        HostSpec::new("host3", None),
+    ];
+    let c = started(&specs);
+    // CS2 is 1G of memory: pinned to host1, which already holds one, so the second and
+    // third go along the chain.
+    c.commit(
+        &[
+            ("vms/big1.yaml", Some(&vm_yaml("big1", "CS2", "host: host1\n"))),
+        ],
+        "one big VM on host1",
+    );
+    c.wait_until("big1 on host1", CONVERGE, |c| c.names(0).contains(&"big1".into()));
+    c.commit(
+        &[
+            ("vms/big2.yaml", Some(&vm_yaml("big2", "CS2", "host: host1\n"))),
+            ("vms/big3.yaml", Some(&vm_yaml("big3", "CS2", "host: host1\n"))),
+        ],
+        "two more pinned to the full host1",
+    );
+    c.wait_until("big2 and big3 placed further along the chain", CONVERGE, |c| {
+        host_of(c, "big2").len() == 1 && host_of(c, "big3").len() == 1
+    });
+    let mut placed = vec![host_of(&c, "big2")[0], host_of(&c, "big3")[0]];
+    placed.sort();
+    assert_eq!(placed, vec![1, 2], "one on host2 (then full), one on host3");
+    let events = c.events(0);
+    assert!(
+        events.iter().any(|e| e.kind == "forward"),
+        "host1 logged a forward"
+    );
+}
+
+#[test]
+fn an_exhausted_chain_reports_unplaceable_and_creates_nothing() {
+    let specs = vec![
+        HostSpec::new("host1", Some("host2")).limits("1G", "100G", 10),
+        HostSpec::new("host2", Some("host3")).limits("1G", "100G", 10),
+        HostSpec::new("host3", None).limits("1G", "100G", 10),
+    ];
+    let c = started(&specs);
+    // CS3 wants 2G: no host can take it.
+    c.commit(&[("vms/huge.yaml", Some(&vm_yaml("huge", "CS3", "")))], "too big");
+    c.wait_until("an unplaceable result at the owner", CONVERGE, |c| {
+        (0..3).any(|i| {
+            c.events(i)
+                .iter()
+                .any(|e| e.kind == "result" && e.message.contains("unplaceable"))
+        })
+    });
+    for i in 0..3 {
+        assert!(c.names(i).is_empty(), "nothing created on host{}", i + 1);
+    }
+    let (code, out, _) = c.flotilla(&["status", "--config", c.hosts[0].config.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("unplaceable"), "status shows it:\n{out}");
+}
+
+#[test]
+fn removing_resizing_and_stopping_through_git() {
+    let c = started(&chain());
+    c.commit(
+        &[
+            ("vms/keep.yaml", Some(&vm_yaml("keep", "CS0", "host: host1\n"))),
+            ("vms/gone.yaml", Some(&vm_yaml("gone", "CS0", "host: host2\n"))),
+            ("vms/grow.yaml", Some(&vm_yaml("grow", "CS0", "host: host3\n"))),
+            ("vms/halt.yaml", Some(&vm_yaml("halt", "CS0", "host: host1\n"))),
+        ],
+        "four VMs",
+    );
+    c.wait_until("four VMs running", CONVERGE, |c| {
+        (0..3).map(|i| c.vms(i).iter().filter(|v| v.state == RunState::Running).count()).sum::<usize>() == 4
+    });
+    c.commit(
+        &[
+            ("vms/gone.yaml", None),
+            ("vms/grow.yaml", Some(&vm_yaml("grow", "CS0", "host: host3\nmemory: 1G\n"))),
+            ("vms/halt.yaml", Some(&vm_yaml("halt", "CS0", "host: host1\nstate: stopped\n"))),
+        ],
+        "remove one, resize one, stop one",
+    );
+    c.wait_until("gone destroyed, grow at 1G, halt stopped", CONVERGE, |c| {
+        let gone = c.names(1).is_empty();
+        let grow = c.vms(2).into_iter().find(|v| v.name == "grow").is_some_and(|v| v.memory.to_string() == "1G");
+        let halt = c.vms(0).into_iter().find(|v| v.name == "halt").is_some_and(|v| v.state == RunState::Stopped);
+        gone && grow && halt
+    });
+    let keep = c.vms(0).into_iter().find(|v| v.name == "keep").unwrap();
+    assert_eq!(keep.state, RunState::Running, "the untouched VM still runs");
+    let grow = c.vms(2).into_iter().find(|v| v.name == "grow").unwrap();
+    assert_eq!(grow.state, RunState::Running, "the resized VM runs again");
+}
+
+#[test]
+fn an_unmanaged_vm_is_never_touched() {
+    let c = Cluster::start(&chain(), Options::default());
+    // An operator's own VM on host1, made with vm-bhyve by hand: no marker.
+    let b = c.backend(0);
+    use flotilla::backend::{Backend, CreateSpec};
+    b.create(&CreateSpec {
+        name: "handmade".into(),
+        datastore: None,
+        template: "default".into(),
+        disk_size: None,
+        cpu: None,
+        memory: None,
+    })
+    .expect("vm create");
+    b.start("handmade").expect("vm start");
+    let before = std::fs::read_to_string(c.hosts[0].vm_dir.join("handmade/handmade.conf")).unwrap();
+    let mut c = c;
+    c.start_agents();
+    // A desired VM of the same name, and a destroy-everything-else situation.
+    c.commit(
+        &[
+            ("vms/handmade.yaml", Some(&vm_yaml("handmade", "CS0", "host: host1\nmemory: 1G\n"))),
+            ("vms/other.yaml", Some(&vm_yaml("other", "CS0", "host: host1\n"))),
+        ],
+        "a VM named like the unmanaged one",
+    );
+    c.wait_until("other running", CONVERGE, |c| {
+        c.vms(0).iter().any(|v| v.name == "other" && v.state == RunState::Running)
+    });
+    c.commit(&[("vms/handmade.yaml", None)], "and gone again");
+    std::thread::sleep(Duration::from_secs(3));
+    let vm = c.vms(0).into_iter().find(|v| v.name == "handmade").expect("still there");
+    assert_eq!(vm.state, RunState::Running);
+    assert!(vm.marker.is_none(), "no marker was written into it");
+    let after = std::fs::read_to_string(c.hosts[0].vm_dir.join("handmade/handmade.conf")).unwrap();
+    assert_eq!(before, after, "its config is unchanged");
+    assert_eq!(host_of(&c, "handmade"), vec![0], "no second `handmade` anywhere");
+}
+
+#[test]
+fn an_empty_or_broken_commit_destroys_nothing() {
+    let c = started(&chain());
+    c.commit(
+        &[
+            ("vms/a.yaml", Some(&vm_yaml("a", "CS0", ""))),
+            ("vms/b.yaml", Some(&vm_yaml("b", "CS0", ""))),
+        ],
+        "two VMs",
+    );
+    c.wait_until("two VMs", CONVERGE, |c| (0..3).map(|i| c.names(i).len()).sum::<usize>() == 2);
+    let broken = c.commit(&[("vms/a.yaml", Some("name: a\nprofile: [unclosed\n"))], "broken YAML");
+    c.wait_until("the broken commit reported", CONVERGE, |c| {
+        c.events(0).iter().any(|e| e.kind == "error" && e.commit.as_deref() == Some(broken.as_str()))
+    });
+    let err = c.events(0).into_iter().find(|e| e.commit.as_deref() == Some(broken.as_str())).unwrap();
+    assert!(err.message.contains("vms/a.yaml:2"), "error names file and line: {}", err.message);
+    let empty = c.commit(&[("vms/a.yaml", None), ("vms/b.yaml", None)], "every VM deleted");
+    c.wait_until("the empty commit applied", CONVERGE, |c| {
+        c.events(0).iter().any(|e| e.kind == "snapshot" && e.commit.as_deref() == Some(empty.as_str()))
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!((0..3).map(|i| c.names(i).len()).sum::<usize>(), 2, "nothing destroyed");
+}
+
+#[test]
+fn a_commit_pushed_while_jobs_are_in_flight_converges_to_the_newer_commit() {
+    let mut c = Cluster::start(
+        &chain(),
+        Options {
+            sim_delay_ms: 300,
+            ..Options::default()
+        },
+    );
+    c.start_agents();
+    let first: Vec<(String, String)> = (0..6)
+        .map(|i| (format!("vms/v{i}.yaml"), vm_yaml(&format!("v{i}"), "CS0", "")))
+        .collect();
+    let refs: Vec<(&str, Option<&str>)> = first.iter().map(|(p, t)| (p.as_str(), Some(t.as_str()))).collect();
+    c.commit(&refs, "six VMs");
+    c.wait_until("the first create under way", CONVERGE, |c| {
+        (0..3).any(|i| c.events(i).iter().any(|e| e.kind == "emit"))
+    });
+    // While they build: drop two, add one, resize one.
+    let newer = c.commit(
+        &[
+            ("vms/v0.yaml", None),
+            ("vms/v1.yaml", None),
+            ("vms/w.yaml", Some(&vm_yaml("w", "CS0", ""))),
+            ("vms/v2.yaml", Some(&vm_yaml("v2", "CS0", "memory: 1G\n"))),
+        ],
+        "changed mind",
+    );
+    let want = ["v2", "v3", "v4", "v5", "w"];
+    c.wait_until("the newer commit's VMs and nothing else", CONVERGE, |c| {
+        let mut all: Vec<String> = (0..3).flat_map(|i| c.names(i)).collect();
+        all.sort();
+        all == want
+            && (0..3).all(|i| c.vms(i).iter().all(|v| v.state == RunState::Running))
+            && c.vms(host_of(c, "v2")[0]).iter().any(|v| v.name == "v2" && v.memory.to_string() == "1G")
+    });
+    let _ = newer;
+    for i in 0..3 {
+        for v in c.vms(i) {
+            assert!(v.marker.as_ref().is_some_and(|m| m.complete), "{} complete", v.name);
+        }
+    }
+    c.stop_agent(0);
+}
