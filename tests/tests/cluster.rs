@@ -120,9 +120,11 @@ fn an_exhausted_chain_reports_unplaceable_and_creates_nothing() {
     for i in 0..3 {
         assert!(c.names(i).is_empty(), "nothing created on host{}", i + 1);
     }
-    let (code, out, _) = c.flotilla(&["status", "--config", c.hosts[0].config.to_str().unwrap()]);
-    assert_eq!(code, 0);
-    assert!(out.contains("unplaceable"), "status shows it:\n{out}");
+    let config = c.hosts[0].config.to_str().unwrap().to_string();
+    c.wait_until("status shows the unplaceable create", CONVERGE, |c| {
+        let (code, out, _) = c.flotilla(&["status", "--config", &config]);
+        code == 0 && out.contains("unplaceable") && out.contains("no next host")
+    });
 }
 
 #[test]
@@ -205,13 +207,13 @@ fn an_empty_or_broken_commit_destroys_nothing() {
     let c = started(&chain());
     c.commit(
         &[
-            ("vms/a.yaml", Some(&vm_yaml("a", "CS0", ""))),
-            ("vms/b.yaml", Some(&vm_yaml("b", "CS0", ""))),
+            ("vms/a.yaml", Some(&vm_yaml("app-a", "CS0", ""))),
+            ("vms/b.yaml", Some(&vm_yaml("app-b", "CS0", ""))),
         ],
         "two VMs",
     );
     c.wait_until("two VMs", CONVERGE, |c| (0..3).map(|i| c.names(i).len()).sum::<usize>() == 2);
-    let broken = c.commit(&[("vms/a.yaml", Some("name: a\nprofile: [unclosed\n"))], "broken YAML");
+    let broken = c.commit(&[("vms/a.yaml", Some("name: app-a\nprofile: [unclosed\n"))], "broken YAML");
     c.wait_until("the broken commit reported", CONVERGE, |c| {
         c.events(0).iter().any(|e| e.kind == "error" && e.commit.as_deref() == Some(broken.as_str()))
     });
@@ -248,12 +250,12 @@ fn a_commit_pushed_while_jobs_are_in_flight_converges_to_the_newer_commit() {
         &[
             ("vms/v0.yaml", None),
             ("vms/v1.yaml", None),
-            ("vms/w.yaml", Some(&vm_yaml("w", "CS0", ""))),
+            ("vms/ww.yaml", Some(&vm_yaml("ww", "CS0", ""))),
             ("vms/v2.yaml", Some(&vm_yaml("v2", "CS0", "memory: 1G\n"))),
         ],
         "changed mind",
     );
-    let want = ["v2", "v3", "v4", "v5", "w"];
+    let want = ["v2", "v3", "v4", "v5", "ww"];
     c.wait_until("the newer commit's VMs and nothing else", CONVERGE, |c| {
         let mut all: Vec<String> = (0..3).flat_map(|i| c.names(i)).collect();
         all.sort();

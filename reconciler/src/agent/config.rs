@@ -74,6 +74,14 @@ pub struct DesiredConfig {
     /// `policies.reconcile_interval`.
     #[serde(default)]
     pub poll_interval: Option<Dur>,
+    /// Watch a local repo for commits (a file-system watch); off leaves the interval and
+    /// triggers.
+    #[serde(default = "yes")]
+    pub watch: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_branch() -> String {

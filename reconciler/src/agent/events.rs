@@ -19,6 +19,9 @@ pub const MAX_LOG: u64 = 16 * 1024 * 1024;
 pub struct Event {
     /// Seconds since the Unix epoch.
     pub at: u64,
+    /// Milliseconds since the Unix epoch (for timing).
+    #[serde(default)]
+    pub at_ms: u64,
     /// The host that logged it.
     pub host: String,
     /// What kind of thing: `snapshot`, `plan`, `emit`, `job`, `result`, `forward`,
@@ -108,6 +111,7 @@ mod tests {
         let log = EventLog::new(dir.path());
         let ev = Event {
             at: 1,
+            at_ms: 1000,
             host: "host1".into(),
             kind: "job".into(),
             vm: Some("web1".into()),

@@ -171,8 +171,11 @@ fn run_one(
         .open(log)
         .map_err(spawn)?;
     let err = out.try_clone().map_err(spawn)?;
+    use std::os::unix::process::CommandExt;
     let mut child = Command::new(program)
         .args(args)
+        // Its own process group, so a timeout ends what it started too (pkg, tar, …).
+        .process_group(0)
         .current_dir(cwd)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
@@ -193,6 +196,11 @@ fn run_one(
                 })
             }
             None if started.elapsed() > limit => {
+                let _ = Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{}", child.id())])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(HookError::Timeout {

@@ -268,8 +268,12 @@ impl Shared {
         message: String,
     ) {
         tracing::info!(kind, vm, job, commit, "{message}");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         self.events.append(&Event {
-            at: message::now(),
+            at: now.as_secs(),
+            at_ms: now.as_millis() as u64,
             host: self.me().to_string(),
             kind: kind.to_string(),
             vm: vm.map(str::to_string),
@@ -476,7 +480,8 @@ async fn source_loop(shared: Arc<Shared>) {
     let mut last_error: Option<String> = None;
     let mut backoff = Duration::from_millis(500);
     // Local repos are watched, so a commit is seen at once.
-    let _watcher = local_repo(&url).and_then(|path| {
+    let watch = shared.cfg.desired.watch;
+    let _watcher = local_repo(&url).filter(|_| watch).and_then(|path| {
         use notify::Watcher;
         let s = shared.clone();
         let mut w = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
