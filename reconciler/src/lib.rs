@@ -6,6 +6,7 @@
 //! - [`actual`]: what vm-bhyve really has on a host.
 
 pub mod actual;
+pub mod agent;
 pub mod backend;
 pub mod capacity;
 pub mod conf;
@@ -19,4 +20,3 @@ pub mod render;
 pub mod sim;
 pub mod size;
 pub mod source;
-pub mod agent;

@@ -96,8 +96,6 @@ pub fn decide(job: &CreateJob, host: HostView<'_>) -> Decision {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
     use crate::size::Size;
 

@@ -142,7 +142,12 @@ fn git(repo: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
         .arg("-C")
         .arg(repo)
-        .args(["-c", "user.name=flotilla-test", "-c", "user.email=test@flotilla.invalid"])
+        .args([
+            "-c",
+            "user.name=flotilla-test",
+            "-c",
+            "user.email=test@flotilla.invalid",
+        ])
         .args(args)
         .output()
         .expect("run git");
@@ -216,7 +221,11 @@ impl Cluster {
         for h in &cluster.hosts {
             fs::write(&h.config, cluster.agent_config(h)).unwrap();
         }
-        fs::write(cluster.repo.join("cluster.yaml"), cluster.cluster_yaml(specs)).unwrap();
+        fs::write(
+            cluster.repo.join("cluster.yaml"),
+            cluster.cluster_yaml(specs),
+        )
+        .unwrap();
         fs::write(cluster.repo.join("vms/.keep"), "").unwrap();
         cluster.commit_all("cluster");
         cluster
@@ -247,7 +256,11 @@ impl Cluster {
     pub fn cluster_yaml(&self, specs: &[HostSpec]) -> String {
         let mut s = String::from("cluster: e2e\nhosts:\n");
         for spec in specs {
-            let h = self.hosts.iter().find(|h| h.name == spec.name).expect("host");
+            let h = self
+                .hosts
+                .iter()
+                .find(|h| h.name == spec.name)
+                .expect("host");
             s += &format!(
                 "  {}:\n    beanstalkd: {}\n    next: {}\n    limits:\n      memory: {}\n      storage: {}\n      vms: {}\n",
                 spec.name,
@@ -284,7 +297,10 @@ impl Cluster {
 
     fn commit_all(&self, message: &str) -> String {
         git(&self.repo, &["add", "-A"]);
-        git(&self.repo, &["commit", "-q", "--allow-empty", "-m", message]);
+        git(
+            &self.repo,
+            &["commit", "-q", "--allow-empty", "-m", message],
+        );
         git(&self.repo, &["rev-parse", "HEAD"])
     }
 
@@ -307,6 +323,9 @@ impl Cluster {
             .args(["agent", "--config"])
             .arg(&h.config)
             .env("FLOTILLA_LOG", "info,flotilla=debug")
+            // glibc keeps one malloc arena per thread that allocates; the agent's blocking
+            // threads would each hold freed memory. One arena keeps its memory small.
+            .env("MALLOC_ARENA_MAX", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -362,7 +381,12 @@ impl Cluster {
 
     /// Polls `cond` every 100 ms until it holds or `timeout` passes; panics with the
     /// agents' logs and `what` on timeout.
-    pub fn wait_until(&self, what: &str, timeout: Duration, mut cond: impl FnMut(&Cluster) -> bool) {
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut cond: impl FnMut(&Cluster) -> bool,
+    ) {
         let started = Instant::now();
         while started.elapsed() < timeout {
             if cond(self) {
@@ -370,7 +394,10 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("timed out after {timeout:?} waiting for: {what}\n{}", self.logs());
+        panic!(
+            "timed out after {timeout:?} waiting for: {what}\n{}",
+            self.logs()
+        );
     }
 
     /// The tail of every agent's log and event log, for failure messages.
@@ -379,10 +406,18 @@ impl Cluster {
         for h in &self.hosts {
             let log = fs::read_to_string(&h.log).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            out += &format!("--- {} agent.log (last 40 lines, newest first)\n{}\n", h.name, tail.join("\n"));
+            out += &format!(
+                "--- {} agent.log (last 40 lines, newest first)\n{}\n",
+                h.name,
+                tail.join("\n")
+            );
             let ev = fs::read_to_string(h.state_dir.join("events.jsonl")).unwrap_or_default();
             let tail: Vec<&str> = ev.lines().rev().take(30).collect();
-            out += &format!("--- {} events (newest first)\n{}\n", h.name, tail.join("\n"));
+            out += &format!(
+                "--- {} events (newest first)\n{}\n",
+                h.name,
+                tail.join("\n")
+            );
         }
         out
     }
@@ -402,7 +437,8 @@ impl Cluster {
 
     /// The events of host `i`'s agent.
     pub fn events(&self, i: usize) -> Vec<flotilla::agent::events::Event> {
-        flotilla::agent::events::read(&self.hosts[i].state_dir.join("events.jsonl")).unwrap_or_default()
+        flotilla::agent::events::read(&self.hosts[i].state_dir.join("events.jsonl"))
+            .unwrap_or_default()
     }
 }
 
@@ -413,7 +449,9 @@ impl Drop for Cluster {
         }
         // Guests of the simulator are real processes: power them all off.
         for (i, h) in self.hosts.iter().enumerate() {
-            let Ok(vms) = self.backend(i).list() else { continue };
+            let Ok(vms) = self.backend(i).list() else {
+                continue;
+            };
             for vm in vms {
                 if vm.state != flotilla::actual::RunState::Stopped {
                     let _ = Command::new(self.dir.path().join("bin/vm"))

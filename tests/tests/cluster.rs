@@ -74,22 +74,33 @@ fn a_host_at_its_limit_forwards_along_the_chain() {
     // CS2 is 1G of memory: pinned to host1, which already holds one, so the second and
     // third go along the chain.
     c.commit(
-        &[
-            ("vms/big1.yaml", Some(&vm_yaml("big1", "CS2", "host: host1\n"))),
-        ],
+        &[(
+            "vms/big1.yaml",
+            Some(&vm_yaml("big1", "CS2", "host: host1\n")),
+        )],
         "one big VM on host1",
     );
-    c.wait_until("big1 on host1", CONVERGE, |c| c.names(0).contains(&"big1".into()));
+    c.wait_until("big1 on host1", CONVERGE, |c| {
+        c.names(0).contains(&"big1".into())
+    });
     c.commit(
         &[
-            ("vms/big2.yaml", Some(&vm_yaml("big2", "CS2", "host: host1\n"))),
-            ("vms/big3.yaml", Some(&vm_yaml("big3", "CS2", "host: host1\n"))),
+            (
+                "vms/big2.yaml",
+                Some(&vm_yaml("big2", "CS2", "host: host1\n")),
+            ),
+            (
+                "vms/big3.yaml",
+                Some(&vm_yaml("big3", "CS2", "host: host1\n")),
+            ),
         ],
         "two more pinned to the full host1",
     );
-    c.wait_until("big2 and big3 placed further along the chain", CONVERGE, |c| {
-        host_of(c, "big2").len() == 1 && host_of(c, "big3").len() == 1
-    });
+    c.wait_until(
+        "big2 and big3 placed further along the chain",
+        CONVERGE,
+        |c| host_of(c, "big2").len() == 1 && host_of(c, "big3").len() == 1,
+    );
     let mut placed = vec![host_of(&c, "big2")[0], host_of(&c, "big3")[0]];
     placed.sort();
     assert_eq!(placed, vec![1, 2], "one on host2 (then full), one on host3");
@@ -109,7 +120,10 @@ fn an_exhausted_chain_reports_unplaceable_and_creates_nothing() {
     ];
     let c = started(&specs);
     // CS3 wants 2G: no host can take it.
-    c.commit(&[("vms/huge.yaml", Some(&vm_yaml("huge", "CS3", "")))], "too big");
+    c.commit(
+        &[("vms/huge.yaml", Some(&vm_yaml("huge", "CS3", "")))],
+        "too big",
+    );
     c.wait_until("an unplaceable result at the owner", CONVERGE, |c| {
         (0..3).any(|i| {
             c.events(i)
@@ -132,28 +146,62 @@ fn removing_resizing_and_stopping_through_git() {
     let c = started(&chain());
     c.commit(
         &[
-            ("vms/keep.yaml", Some(&vm_yaml("keep", "CS0", "host: host1\n"))),
-            ("vms/gone.yaml", Some(&vm_yaml("gone", "CS0", "host: host2\n"))),
-            ("vms/grow.yaml", Some(&vm_yaml("grow", "CS0", "host: host3\n"))),
-            ("vms/halt.yaml", Some(&vm_yaml("halt", "CS0", "host: host1\n"))),
+            (
+                "vms/keep.yaml",
+                Some(&vm_yaml("keep", "CS0", "host: host1\n")),
+            ),
+            (
+                "vms/gone.yaml",
+                Some(&vm_yaml("gone", "CS0", "host: host2\n")),
+            ),
+            (
+                "vms/grow.yaml",
+                Some(&vm_yaml("grow", "CS0", "host: host3\n")),
+            ),
+            (
+                "vms/halt.yaml",
+                Some(&vm_yaml("halt", "CS0", "host: host1\n")),
+            ),
         ],
         "four VMs",
     );
     c.wait_until("four VMs running", CONVERGE, |c| {
-        (0..3).map(|i| c.vms(i).iter().filter(|v| v.state == RunState::Running).count()).sum::<usize>() == 4
+        (0..3)
+            .map(|i| {
+                c.vms(i)
+                    .iter()
+                    .filter(|v| v.state == RunState::Running)
+                    .count()
+            })
+            .sum::<usize>()
+            == 4
     });
     c.commit(
         &[
             ("vms/gone.yaml", None),
-            ("vms/grow.yaml", Some(&vm_yaml("grow", "CS0", "host: host3\nmemory: 1G\n"))),
-            ("vms/halt.yaml", Some(&vm_yaml("halt", "CS0", "host: host1\nstate: stopped\n"))),
+            (
+                "vms/grow.yaml",
+                Some(&vm_yaml("grow", "CS0", "host: host3\nmemory: 1G\n")),
+            ),
+            (
+                "vms/halt.yaml",
+                Some(&vm_yaml("halt", "CS0", "host: host1\nstate: stopped\n")),
+            ),
         ],
         "remove one, resize one, stop one",
     );
     c.wait_until("gone destroyed, grow at 1G, halt stopped", CONVERGE, |c| {
         let gone = c.names(1).is_empty();
-        let grow = c.vms(2).into_iter().find(|v| v.name == "grow").is_some_and(|v| v.memory.to_string() == "1G");
-        let halt = c.vms(0).into_iter().find(|v| v.name == "halt").is_some_and(|v| v.state == RunState::Stopped);
+        let grow = c
+            .vms(2)
+            .into_iter()
+            .find(|v| v.name == "grow")
+            .is_some_and(|v| v.memory.to_string() == "1G");
+        let halt = c
+            .vms(0)
+            .into_iter()
+            .find(|v| v.name == "halt")
+            .is_some_and(|v| v.state == RunState::Stopped);
         gone && grow && halt
     });
     let keep = c.vms(0).into_iter().find(|v| v.name == "keep").unwrap();
@@ -184,22 +232,38 @@ fn an_unmanaged_vm_is_never_touched() {
     // A desired VM of the same name, and a destroy-everything-else situation.
     c.commit(
         &[
-            ("vms/handmade.yaml", Some(&vm_yaml("handmade", "CS0", "host: host1\nmemory: 1G\n"))),
-            ("vms/other.yaml", Some(&vm_yaml("other", "CS0", "host: host1\n"))),
+            (
+                "vms/handmade.yaml",
+                Some(&vm_yaml("handmade", "CS0", "host: host1\nmemory: 1G\n")),
+            ),
+            (
+                "vms/other.yaml",
+                Some(&vm_yaml("other", "CS0", "host: host1\n")),
+            ),
         ],
         "a VM named like the unmanaged one",
     );
     c.wait_until("other running", CONVERGE, |c| {
-        c.vms(0).iter().any(|v| v.name == "other" && v.state == RunState::Running)
+        c.vms(0)
+            .iter()
+            .any(|v| v.name == "other" && v.state == RunState::Running)
     });
     c.commit(&[("vms/handmade.yaml", None)], "and gone again");
     std::thread::sleep(Duration::from_secs(3));
-    let vm = c.vms(0).into_iter().find(|v| v.name == "handmade").expect("still there");
+    let vm = c
+        .vms(0)
+        .into_iter()
+        .find(|v| v.name == "handmade")
+        .expect("still there");
     assert_eq!(vm.state, RunState::Running);
     assert!(vm.marker.is_none(), "no marker was written into it");
     let after = std::fs::read_to_string(c.hosts[0].vm_dir.join("handmade/handmade.conf")).unwrap();
     assert_eq!(before, after, "its config is unchanged");
-    assert_eq!(host_of(&c, "handmade"), vec![0], "no second `handmade` anywhere");
+    assert_eq!(
+        host_of(&c, "handmade"),
+        vec![0],
+        "no second `handmade` anywhere"
+    );
 }
 
 #[test]
@@ -212,19 +276,43 @@ fn an_empty_or_broken_commit_destroys_nothing() {
         ],
         "two VMs",
     );
-    c.wait_until("two VMs", CONVERGE, |c| (0..3).map(|i| c.names(i).len()).sum::<usize>() == 2);
-    let broken = c.commit(&[("vms/a.yaml", Some("name: app-a\nprofile: [unclosed\n"))], "broken YAML");
-    c.wait_until("the broken commit reported", CONVERGE, |c| {
-        c.events(0).iter().any(|e| e.kind == "error" && e.commit.as_deref() == Some(broken.as_str()))
+    c.wait_until("two VMs", CONVERGE, |c| {
+        (0..3).map(|i| c.names(i).len()).sum::<usize>() == 2
     });
-    let err = c.events(0).into_iter().find(|e| e.commit.as_deref() == Some(broken.as_str())).unwrap();
-    assert!(err.message.contains("vms/a.yaml:2"), "error names file and line: {}", err.message);
-    let empty = c.commit(&[("vms/a.yaml", None), ("vms/b.yaml", None)], "every VM deleted");
+    let broken = c.commit(
+        &[("vms/a.yaml", Some("name: app-a\nprofile: [unclosed\n"))],
+        "broken YAML",
+    );
+    c.wait_until("the broken commit reported", CONVERGE, |c| {
+        c.events(0)
+            .iter()
+            .any(|e| e.kind == "error" && e.commit.as_deref() == Some(broken.as_str()))
+    });
+    let err = c
+        .events(0)
+        .into_iter()
+        .find(|e| e.commit.as_deref() == Some(broken.as_str()))
+        .unwrap();
+    assert!(
+        err.message.contains("vms/a.yaml:2"),
+        "error names file and line: {}",
+        err.message
+    );
+    let empty = c.commit(
+        &[("vms/a.yaml", None), ("vms/b.yaml", None)],
+        "every VM deleted",
+    );
     c.wait_until("the empty commit applied", CONVERGE, |c| {
-        c.events(0).iter().any(|e| e.kind == "snapshot" && e.commit.as_deref() == Some(empty.as_str()))
+        c.events(0)
+            .iter()
+            .any(|e| e.kind == "snapshot" && e.commit.as_deref() == Some(empty.as_str()))
     });
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!((0..3).map(|i| c.names(i).len()).sum::<usize>(), 2, "nothing destroyed");
+    assert_eq!(
+        (0..3).map(|i| c.names(i).len()).sum::<usize>(),
+        2,
+        "nothing destroyed"
+    );
 }
 
 #[test]
@@ -238,9 +326,17 @@ fn a_commit_pushed_while_jobs_are_in_flight_converges_to_the_newer_commit() {
     );
     c.start_agents();
     let first: Vec<(String, String)> = (0..6)
-        .map(|i| (format!("vms/v{i}.yaml"), vm_yaml(&format!("v{i}"), "CS0", "")))
+        .map(|i| {
+            (
+                format!("vms/v{i}.yaml"),
+                vm_yaml(&format!("v{i}"), "CS0", ""),
+            )
+        })
         .collect();
-    let refs: Vec<(&str, Option<&str>)> = first.iter().map(|(p, t)| (p.as_str(), Some(t.as_str()))).collect();
+    let refs: Vec<(&str, Option<&str>)> = first
+        .iter()
+        .map(|(p, t)| (p.as_str(), Some(t.as_str())))
+        .collect();
     c.commit(&refs, "six VMs");
     c.wait_until("the first create under way", CONVERGE, |c| {
         (0..3).any(|i| c.events(i).iter().any(|e| e.kind == "emit"))
@@ -261,12 +357,18 @@ fn a_commit_pushed_while_jobs_are_in_flight_converges_to_the_newer_commit() {
         all.sort();
         all == want
             && (0..3).all(|i| c.vms(i).iter().all(|v| v.state == RunState::Running))
-            && c.vms(host_of(c, "v2")[0]).iter().any(|v| v.name == "v2" && v.memory.to_string() == "1G")
+            && c.vms(host_of(c, "v2")[0])
+                .iter()
+                .any(|v| v.name == "v2" && v.memory.to_string() == "1G")
     });
     let _ = newer;
     for i in 0..3 {
         for v in c.vms(i) {
-            assert!(v.marker.as_ref().is_some_and(|m| m.complete), "{} complete", v.name);
+            assert!(
+                v.marker.as_ref().is_some_and(|m| m.complete),
+                "{} complete",
+                v.name
+            );
         }
     }
     c.stop_agent(0);

@@ -357,7 +357,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.starts_with("agent.yaml:4:1: unknown field `workr`"), "{e}");
+        assert!(
+            e.starts_with("agent.yaml:4:1: unknown field `workr`"),
+            "{e}"
+        );
         let e = AgentConfig::parse(
             Path::new("agent.yaml"),
             "host: h\ndesired: {url: x, poll_interval: soon}\nstate_dir: /s\n",

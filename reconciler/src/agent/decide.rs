@@ -104,11 +104,10 @@ pub fn select<'a>(plan: &'a Plan, me: &str, all_hosts_seen: bool) -> Vec<Emit<'a
     let mut out = Vec::new();
     for action in plan.actions() {
         match action {
-            Action::Create { owner, .. } => {
-                if owner == me && all_hosts_seen {
-                    out.push(Emit::Create(action));
-                }
+            Action::Create { owner, .. } if owner == me && all_hosts_seen => {
+                out.push(Emit::Create(action));
             }
+            Action::Create { .. } => {}
             other if other.host() == me => out.push(Emit::Op(other)),
             _ => {}
         }

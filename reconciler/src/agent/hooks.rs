@@ -134,7 +134,10 @@ pub fn environment(
                 dir: dir.to_path_buf(),
             });
         }
-        env.push((format!("FLOTILLA_SECRET_{}", env_key(name)).into(), path.into()));
+        env.push((
+            format!("FLOTILLA_SECRET_{}", env_key(name)).into(),
+            path.into(),
+        ));
     }
     Ok(env)
 }
@@ -265,7 +268,15 @@ pub fn provision(
             let name = hook.file_name().map(|n| n.to_string_lossy().into_owned());
             let name = name.unwrap_or_default();
             let log = log_dir.join(format!("{}.{name}.log", input.vm));
-            let out = run_one(hook, &[phase.into()], phase, &input.vm_dir, &env, &log, limit)?;
+            let out = run_one(
+                hook,
+                &[phase.into()],
+                phase,
+                &input.vm_dir,
+                &env,
+                &log,
+                limit,
+            )?;
             ran.push((format!("{name} {phase}"), out));
         }
     }
@@ -343,15 +354,35 @@ mod tests {
         assert!(matches!(e, HookError::MissingSecret { .. }), "{e}");
         let mut i = input(t.path());
         i.secrets.clear();
-        script(&hooks.join("post.sh"), "#!/bin/sh\necho broken >&2\nexit 3\n");
-        let e = provision(Some(&hooks), None, None, &i, t.path(), Duration::from_secs(5))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("post.sh check exited with exit status: 3"), "{e}");
+        script(
+            &hooks.join("post.sh"),
+            "#!/bin/sh\necho broken >&2\nexit 3\n",
+        );
+        let e = provision(
+            Some(&hooks),
+            None,
+            None,
+            &i,
+            t.path(),
+            Duration::from_secs(5),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("post.sh check exited with exit status: 3"),
+            "{e}"
+        );
         assert!(e.contains("broken"), "{e}");
         script(&hooks.join("post.sh"), "#!/bin/sh\nexec sleep 5\n");
-        let e = provision(Some(&hooks), None, None, &i, t.path(), Duration::from_millis(200))
-            .unwrap_err();
+        let e = provision(
+            Some(&hooks),
+            None,
+            None,
+            &i,
+            t.path(),
+            Duration::from_millis(200),
+        )
+        .unwrap_err();
         assert!(matches!(e, HookError::Timeout { .. }), "{e}");
     }
 }

@@ -410,12 +410,17 @@ async fn wait_for_signal() {
 }
 
 fn poll_interval(shared: &Shared) -> Duration {
-    shared.cfg.desired.poll_interval.map(|d| d.0).unwrap_or_else(|| {
-        shared
-            .snapshot()
-            .map(|s| s.cluster.policies.reconcile_interval)
-            .unwrap_or(Duration::from_secs(60))
-    })
+    shared
+        .cfg
+        .desired
+        .poll_interval
+        .map(|d| d.0)
+        .unwrap_or_else(|| {
+            shared
+                .snapshot()
+                .map(|s| s.cluster.policies.reconcile_interval)
+                .unwrap_or(Duration::from_secs(60))
+        })
 }
 
 /// A local path (or file:// URL) of the desired repo, for the file-system watch.
@@ -436,11 +441,7 @@ enum Fetched {
     Invalid(String, String),
 }
 
-fn fetch_and_load(
-    src: &GitSource,
-    branch: &str,
-    last: Option<&str>,
-) -> Result<Fetched, String> {
+fn fetch_and_load(src: &GitSource, branch: &str, last: Option<&str>) -> Result<Fetched, String> {
     let fetched = src.fetch();
     // A remote that is down still leaves the last fetched commit in the clone.
     let oid = match (src.resolve(branch), &fetched) {
@@ -544,7 +545,11 @@ async fn source_loop(shared: Arc<Shared>) {
                         None,
                         None,
                         commit.as_deref(),
-                        format!("desired state at {}: {} VMs", commit.as_deref().unwrap_or("?"), snap.vms.len()),
+                        format!(
+                            "desired state at {}: {} VMs",
+                            commit.as_deref().unwrap_or("?"),
+                            snap.vms.len()
+                        ),
                     );
                     if let Err(e) = write_hosts_file(&s.cfg.state_dir, s.me(), &snap) {
                         tracing::warn!(error = %e, "cannot write hosts.json for flotilla status");
@@ -593,7 +598,10 @@ async fn source_loop(shared: Arc<Shared>) {
 
 async fn reconcile_loop(shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(500);
+    // A burst of results wakes the reconciler many times; one pass per gap serves them.
+    let min_gap = Duration::from_millis(250);
     loop {
+        let pass = Instant::now();
         let wait = match shared.snapshot() {
             Some(snap) => match reconcile_once(&shared, &snap).await {
                 Ok(()) => {
@@ -601,7 +609,13 @@ async fn reconcile_loop(shared: Arc<Shared>) {
                     poll_interval(&shared)
                 }
                 Err(e) => {
-                    shared.event("error", None, None, snap.commit.as_deref(), format!("reconcile failed: {e}"));
+                    shared.event(
+                        "error",
+                        None,
+                        None,
+                        snap.commit.as_deref(),
+                        format!("reconcile failed: {e}"),
+                    );
                     let b = backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(60));
                     b
@@ -612,7 +626,9 @@ async fn reconcile_loop(shared: Arc<Shared>) {
         let mut stop = shared.stop.subscribe();
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = shared.wake_reconcile.notified() => {}
+            _ = shared.wake_reconcile.notified() => {
+                tokio::time::sleep(min_gap.saturating_sub(pass.elapsed())).await;
+            }
             _ = stopped(&mut stop) => return,
         }
     }
@@ -647,8 +663,16 @@ async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) {
         let Ok((name, r)) = r.await else { continue };
         match r {
             Ok(Ok((Some(inv), took))) if inv.host == name => {
-                shared.latencies.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), took);
-                shared.inventories.lock().unwrap_or_else(|p| p.into_inner()).insert(name, inv);
+                shared
+                    .latencies
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name.clone(), took);
+                shared
+                    .inventories
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name, inv);
             }
             Ok(Ok((Some(inv), _))) => {
                 tracing::warn!(host = %name, claimed = %inv.host, "inventory names another host; ignored");
@@ -684,9 +708,15 @@ fn order_of(snap: &Snapshot, spec: &desired::VmSpec) -> VmOrder {
 async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<(), String> {
     let started = Instant::now();
     let me = shared.me().to_string();
-    let local = list_local(shared).await.map_err(|e| format!("listing this host's VMs: {e}"))?;
+    let local = list_local(shared)
+        .await
+        .map_err(|e| format!("listing this host's VMs: {e}"))?;
     refresh_inventories(shared, snap).await;
-    let inventories = shared.inventories.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let inventories = shared
+        .inventories
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let mut actual = vec![HostActual {
         host: me.clone(),
         vms: local.clone(),
@@ -716,8 +746,17 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<()
         match decide::intent_fate(intent, hash, &inventories, now) {
             IntentFate::Open => in_flight.push(decide::in_flight(intent)),
             IntentFate::Close(why) => {
-                shared.intents.remove(&intent.vm).map_err(|e| e.to_string())?;
-                shared.event("intent", Some(&intent.vm), Some(&intent.job_id), Some(&intent.commit), format!("create intent closed: {why}"));
+                shared
+                    .intents
+                    .remove(&intent.vm)
+                    .map_err(|e| e.to_string())?;
+                shared.event(
+                    "intent",
+                    Some(&intent.vm),
+                    Some(&intent.job_id),
+                    Some(&intent.commit),
+                    format!("create intent closed: {why}"),
+                );
             }
         }
     }
@@ -760,7 +799,11 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<()
         }
     }
     if nothing_to_do {
-        shared.local.lock().unwrap_or_else(|p| p.into_inner()).applied_commit = snap.commit.clone();
+        shared
+            .local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .applied_commit = snap.commit.clone();
     }
     shared.count("reconciles");
     tracing::debug!(took = ?started.elapsed(), "reconciled");
@@ -775,10 +818,21 @@ async fn emit_create(
     origin: &Origin,
     inventories: &BTreeMap<String, Inventory>,
 ) {
-    let Action::Create { host, vm, resume, spec, .. } = action else {
+    let Action::Create {
+        host,
+        vm,
+        resume,
+        spec,
+        ..
+    } = action
+    else {
         return;
     };
-    let latencies = shared.latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let latencies = shared
+        .latencies
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let to = decide::first_hop(shared.cfg.first_hop, host, *resume, inventories, &latencies);
     let Some(addr) = shared.addr_of(&to) else {
         return;
@@ -807,18 +861,40 @@ async fn emit_create(
         status: IntentStatus::Sent,
     };
     if let Err(e) = shared.intents.record(&intent) {
-        shared.event("error", Some(vm), None, None, format!("cannot record the create intent, so no create is sent: {e}"));
+        shared.event(
+            "error",
+            Some(vm),
+            None,
+            None,
+            format!("cannot record the create intent, so no create is sent: {e}"),
+        );
         return;
     }
-    match shared.peers.put(&addr, tubes::CREATE, &env, shared.put_params(1024)).await {
+    match shared
+        .peers
+        .put(&addr, tubes::CREATE, &env, shared.put_params(1024))
+        .await
+    {
         Ok(_) => {
             shared.count("emitted_create");
-            shared.event("emit", Some(vm), Some(&env.id), Some(&origin.commit), format!("create {vm} sent to {to}"));
+            shared.event(
+                "emit",
+                Some(vm),
+                Some(&env.id),
+                Some(&origin.commit),
+                format!("create {vm} sent to {to}"),
+            );
         }
         Err(e) if e.nothing_sent() => {
             // Nothing reached the queue: the intent can go, the next pass tries again.
             let _ = shared.intents.remove(vm);
-            shared.event("error", Some(vm), Some(&env.id), None, format!("cannot send create {vm} to {to}: {e}"));
+            shared.event(
+                "error",
+                Some(vm),
+                Some(&env.id),
+                None,
+                format!("cannot send create {vm} to {to}: {e}"),
+            );
         }
         Err(e) => {
             // It may have reached the queue: the intent stays until its deadline.
@@ -886,9 +962,15 @@ async fn emit_op(shared: &Arc<Shared>, snap: &Snapshot, action: &Action, origin:
         ),
         Action::Create { .. } => return,
     };
-    let Some(addr) = shared.own_addr() else { return };
+    let Some(addr) = shared.own_addr() else {
+        return;
+    };
     let env = Envelope::new(&snap.cluster.id, &me, body);
-    match shared.peers.put(&addr, tubes::OPS, &env, shared.put_params(pri)).await {
+    match shared
+        .peers
+        .put(&addr, tubes::OPS, &env, shared.put_params(pri))
+        .await
+    {
         Ok(_) => {
             shared.ops.lock().unwrap_or_else(|p| p.into_inner()).insert(
                 vm.clone(),
@@ -899,9 +981,21 @@ async fn emit_op(shared: &Arc<Shared>, snap: &Snapshot, action: &Action, origin:
                 },
             );
             shared.count(&format!("emitted_{}", env.body.kind()));
-            shared.event("emit", Some(&vm), Some(&env.id), Some(&origin.commit), format!("{} {vm} queued", env.body.kind()));
+            shared.event(
+                "emit",
+                Some(&vm),
+                Some(&env.id),
+                Some(&origin.commit),
+                format!("{} {vm} queued", env.body.kind()),
+            );
         }
-        Err(e) => shared.event("error", Some(&vm), None, None, format!("cannot queue {} {vm}: {e}", env.body.kind())),
+        Err(e) => shared.event(
+            "error",
+            Some(&vm),
+            None,
+            None,
+            format!("cannot queue {} {vm}: {e}", env.body.kind()),
+        ),
     }
 }
 
@@ -940,22 +1034,47 @@ async fn inbox_loop(shared: Arc<Shared>) {
                 }
             };
             let done = match message::decode(&job.body) {
-                Ok(Envelope { body: Message::Result(r), .. }) => {
+                Ok(Envelope {
+                    body: Message::Result(r),
+                    ..
+                }) => {
                     on_result(&shared, r);
                     client.delete(job.id).await
                 }
-                Ok(Envelope { body: Message::Trigger(t), from, .. }) => {
-                    shared.event("trigger", None, None, None, format!("trigger from {from}: {}", t.reason));
+                Ok(Envelope {
+                    body: Message::Trigger(t),
+                    from,
+                    ..
+                }) => {
+                    shared.event(
+                        "trigger",
+                        None,
+                        None,
+                        None,
+                        format!("trigger from {from}: {}", t.reason),
+                    );
                     shared.wake_fetch.notify_one();
                     shared.wake_reconcile.notify_one();
                     client.delete(job.id).await
                 }
                 Ok(other) => {
-                    shared.event("buried", None, None, None, format!("a `{}` message in the inbox; buried", other.body.kind()));
+                    shared.event(
+                        "buried",
+                        None,
+                        None,
+                        None,
+                        format!("a `{}` message in the inbox; buried", other.body.kind()),
+                    );
                     client.bury(job.id, 1024).await
                 }
                 Err(e) => {
-                    shared.event("buried", None, None, None, format!("unreadable message in the inbox, buried: {e}"));
+                    shared.event(
+                        "buried",
+                        None,
+                        None,
+                        None,
+                        format!("unreadable message in the inbox, buried: {e}"),
+                    );
                     client.bury(job.id, 1024).await
                 }
             };
@@ -975,7 +1094,13 @@ fn on_result(shared: &Arc<Shared>, r: JobResult) {
         Outcome::Refused { reason } => format!("refused: {reason}"),
     };
     shared.count(&format!("results_{}", r.job_kind));
-    shared.event("result", Some(&r.vm), Some(&r.job_id), Some(&r.commit), format!("{} {} on {}: {text}", r.job_kind, r.vm, r.host));
+    shared.event(
+        "result",
+        Some(&r.vm),
+        Some(&r.job_id),
+        Some(&r.commit),
+        format!("{} {} on {}: {text}", r.job_kind, r.vm, r.host),
+    );
     if r.outcome != Outcome::Done {
         let mut local = shared.local.lock().unwrap_or_else(|p| p.into_inner());
         local.failures.push_back(RecentFailure {
@@ -1014,7 +1139,13 @@ fn on_result(shared: &Arc<Shared>, r: JobResult) {
                     None => shared.intents.remove(&r.vm),
                 };
                 if let Err(e) = res {
-                    shared.event("error", Some(&r.vm), Some(&r.job_id), None, format!("cannot update the create intent: {e}"));
+                    shared.event(
+                        "error",
+                        Some(&r.vm),
+                        Some(&r.job_id),
+                        None,
+                        format!("cannot update the create intent: {e}"),
+                    );
                 }
             }
         }
@@ -1048,7 +1179,11 @@ fn inventory(shared: &Shared, snap: &Snapshot, vms: Vec<ActualVm>, listed_at: u6
             vms: Some(h.limits.vms),
         })
         .unwrap_or_default();
-    let reserved = shared.admission.lock().unwrap_or_else(|p| p.into_inner()).reserved;
+    let reserved = shared
+        .admission
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .reserved;
     let local = shared.local.lock().unwrap_or_else(|p| p.into_inner());
     let in_flight = shared
         .intents
@@ -1081,7 +1216,7 @@ fn inventory(shared: &Shared, snap: &Snapshot, vms: Vec<ActualVm>, listed_at: u6
 }
 
 async fn publish_loop(shared: Arc<Shared>) {
-    let min_gap = Duration::from_millis(200);
+    let min_gap = Duration::from_millis(500);
     loop {
         let mut stop = shared.stop.subscribe();
         tokio::select! {

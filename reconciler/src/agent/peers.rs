@@ -91,11 +91,7 @@ impl Peers {
             source,
         };
         if guard.is_none() {
-            *guard = Some(
-                Client::connect_with(addr, options())
-                    .await
-                    .map_err(queue)?,
-            );
+            *guard = Some(Client::connect_with(addr, options()).await.map_err(queue)?);
         }
         let client = guard.as_mut().expect("connected above");
         let result = f(client).await;
@@ -160,7 +156,11 @@ impl Peers {
 
     /// Replaces the inventory published at `addr` with `envelope`: puts the new one,
     /// then deletes every older one, so a reader always finds one.
-    pub async fn publish_inventory(&self, addr: &str, envelope: &Envelope) -> Result<(), PeerError> {
+    pub async fn publish_inventory(
+        &self,
+        addr: &str,
+        envelope: &Envelope,
+    ) -> Result<(), PeerError> {
         let body = message::encode(envelope);
         self.with(addr, move |c| {
             Box::pin(async move {

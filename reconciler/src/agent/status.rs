@@ -151,7 +151,8 @@ pub async fn gather(hosts: &HostsFile) -> (ClusterStatus, Vec<Inventory>) {
         }
         out.hosts.push(h);
     }
-    out.vms.sort_by(|a, b| a.vm.cmp(&b.vm).then(a.host.cmp(&b.host)));
+    out.vms
+        .sort_by(|a, b| a.vm.cmp(&b.vm).then(a.host.cmp(&b.host)));
     (out, invs)
 }
 
@@ -205,7 +206,12 @@ pub fn render_text(s: &ClusterStatus) -> String {
         );
     }
     let managed: Vec<&VmStatus> = s.vms.iter().filter(|v| v.managed).collect();
-    let _ = writeln!(o, "\nVMS ({} managed, {} other)", managed.len(), s.vms.len() - managed.len());
+    let _ = writeln!(
+        o,
+        "\nVMS ({} managed, {} other)",
+        managed.len(),
+        s.vms.len() - managed.len()
+    );
     for v in &managed {
         let _ = writeln!(
             o,

@@ -129,7 +129,13 @@ async fn handle(shared: &Arc<Shared>, client: &mut Client, job: Job) {
             )
         }
         End::Bury(why, r) => {
-            shared.event("buried", None, None, None, format!("job {id} buried: {why}"));
+            shared.event(
+                "buried",
+                None,
+                None,
+                None,
+                format!("job {id} buried: {why}"),
+            );
             shared.count("jobs_buried");
             if let Some((origin, r)) = &r {
                 shared.send_result(origin, r).await;
@@ -168,10 +174,7 @@ async fn touching<T: Send + 'static>(
 
 async fn run(shared: &Arc<Shared>, client: &mut Client, id: u64, env: Envelope) -> End {
     let Some(snap) = shared.snapshot() else {
-        return End::Release(
-            Duration::from_secs(1),
-            "no desired state read yet".into(),
-        );
+        return End::Release(Duration::from_secs(1), "no desired state read yet".into());
     };
     if env.cluster != snap.cluster.id {
         return End::Bury(
@@ -195,18 +198,22 @@ async fn run(shared: &Arc<Shared>, client: &mut Client, id: u64, env: Envelope) 
     let end = match &env.body {
         Message::Create(job) => {
             let job = job.clone();
-            match touching(client, id, every, move || admit_and_build(&shared2, &env2, &job))
-                .await
+            match touching(client, id, every, move || {
+                admit_and_build(&shared2, &env2, &job)
+            })
+            .await
             {
                 Some(Built::Forward(next, to)) => return forward(shared, &env, *next, &to).await,
-                Some(Built::End(end)) => end,
+                Some(Built::End(end)) => *end,
                 None => End::Release(Duration::from_secs(1), "worker thread failed".into()),
             }
         }
         Message::Destroy(_) | Message::Start(_) | Message::Stop(_) | Message::Update(_) => {
             touching(client, id, every, move || op(&shared2, &env2))
                 .await
-                .unwrap_or_else(|| End::Release(Duration::from_secs(1), "worker thread failed".into()))
+                .unwrap_or_else(|| {
+                    End::Release(Duration::from_secs(1), "worker thread failed".into())
+                })
         }
         other => End::Bury(format!("a `{}` message is not a job", other.kind()), None),
     };
@@ -247,7 +254,11 @@ fn origin_of(m: &Message) -> Option<Origin> {
 
 enum Built {
     Forward(Box<CreateJob>, String),
-    End(End),
+    End(Box<End>),
+}
+
+fn ended(end: End) -> Built {
+    Built::End(Box::new(end))
 }
 
 async fn forward(shared: &Arc<Shared>, env: &Envelope, job: CreateJob, to: &str) -> End {
@@ -300,16 +311,18 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
         )))
     };
     if message::now() > job.expires_at {
-        return Built::End(done(Outcome::Refused {
-            reason: "the create expired before any host built it; its owner plans it again"
-                .into(),
+        return ended(done(Outcome::Refused {
+            reason: "the create expired before any host built it; its owner plans it again".into(),
         }));
     }
     let Some(snap) = shared.snapshot() else {
-        return Built::End(End::Release(Duration::from_secs(1), "no desired state".into()));
+        return ended(End::Release(
+            Duration::from_secs(1),
+            "no desired state".into(),
+        ));
     };
     let Some(host) = snap.cluster.hosts.get(me) else {
-        return Built::End(End::Release(
+        return ended(End::Release(
             Duration::from_secs(10),
             format!("this host `{me}` is not in cluster.yaml"),
         ));
@@ -326,23 +339,23 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
     {
         let mut adm = shared.admission.lock().unwrap_or_else(|p| p.into_inner());
         if adm.building.contains(&job.vm) {
-            return Built::End(End::Release(
+            return ended(End::Release(
                 Duration::from_secs(2),
                 format!("{} is being built by another slot", job.vm),
             ));
         }
         let vms = match backend.list() {
             Ok(v) => v,
-            Err(e) => return Built::End(End::Release(Duration::from_secs(2), format!("failed: {e}"))),
+            Err(e) => return ended(End::Release(Duration::from_secs(2), format!("failed: {e}"))),
         };
         if let Some(vm) = vms.iter().find(|v| v.name == job.vm) {
             match &vm.marker {
                 Some(m) if m.cluster == cluster && m.job_id == env.id && m.complete => {
-                    return Built::End(done(Outcome::Done));
+                    return ended(done(Outcome::Done));
                 }
                 Some(m) if m.cluster == cluster && !m.complete => resume = true,
                 Some(m) if m.cluster == cluster => {
-                    return Built::End(done(Outcome::Refused {
+                    return ended(done(Outcome::Refused {
                         reason: format!(
                             "{} already exists on {me}, built by job {}",
                             job.vm, m.job_id
@@ -350,7 +363,7 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
                     }))
                 }
                 _ => {
-                    return Built::End(done(Outcome::Refused {
+                    return ended(done(Outcome::Refused {
                         reason: format!(
                             "an unmanaged VM named {} exists on {me}; it is not touched",
                             job.vm
@@ -389,7 +402,7 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
             Decision::Forward { to, job } => return Built::Forward(job, to),
             Decision::Unplaceable { reason } => {
                 shared.count("unplaceable");
-                return Built::End(done(Outcome::Unplaceable { reason }));
+                return ended(done(Outcome::Unplaceable { reason }));
             }
         }
     }
@@ -406,15 +419,27 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
         adm.reserved = adm.reserved - reserve;
         adm.building.remove(&job.vm);
     }
-    Built::End(match outcome {
+    ended(match outcome {
         Ok(()) => {
             shared.count("jobs_create_done");
-            shared.event("job", Some(&job.vm), Some(&env.id), Some(&job.origin.commit), format!("built {} on {me}", job.vm));
+            shared.event(
+                "job",
+                Some(&job.vm),
+                Some(&env.id),
+                Some(&job.origin.commit),
+                format!("built {} on {me}", job.vm),
+            );
             done(Outcome::Done)
         }
         Err(StepError::Cancelled) => End::Release(Duration::ZERO, "stopped by shutdown".into()),
         Err(e) => {
-            shared.event("error", Some(&job.vm), Some(&env.id), Some(&job.origin.commit), format!("create failed: {e}"));
+            shared.event(
+                "error",
+                Some(&job.vm),
+                Some(&env.id),
+                Some(&job.origin.commit),
+                format!("create failed: {e}"),
+            );
             End::Release(Duration::from_secs(1), format!("failed: {e}"))
         }
     })
@@ -428,7 +453,13 @@ fn build(shared: &Shared, env: &Envelope, job: &CreateJob, resume: bool) -> Resu
     let r = build_steps(shared, env, job);
     if r.is_err() {
         if let Err(e) = remove_half_made(shared, &job.vm) {
-            shared.event("error", Some(&job.vm), Some(&env.id), None, format!("cleaning up the half-made VM failed: {e}; the next try cleans it up"));
+            shared.event(
+                "error",
+                Some(&job.vm),
+                Some(&env.id),
+                None,
+                format!("cleaning up the half-made VM failed: {e}; the next try cleans it up"),
+            );
         }
     }
     r
@@ -436,7 +467,7 @@ fn build(shared: &Shared, env: &Envelope, job: &CreateJob, resume: bool) -> Resu
 
 fn remove_half_made(shared: &Shared, vm: &str) -> Result<(), StepError> {
     let backend = shared.backend.as_ref();
-    let Some(found) = backend.list()?.into_iter().find(|v| v.name == vm) else {
+    let Some(found) = backend.get(vm)? else {
         return Ok(());
     };
     // Only what this cluster half-made is removed; anything else is left alone.
@@ -487,7 +518,7 @@ fn build_steps(shared: &Shared, env: &Envelope, job: &CreateJob) -> Result<(), S
     // host recognises as half-made by this job.
     backend.write_marker(&job.vm, &marker(false))?;
     check(cancel)?;
-    let made: Option<ActualVm> = backend.list()?.into_iter().find(|v| v.name == job.vm);
+    let made: Option<ActualVm> = backend.get(&job.vm)?;
     if let Some(made) = made {
         let changes = config_changes(&made.config, &order.config);
         let set = changes
@@ -525,7 +556,13 @@ fn build_steps(shared: &Shared, env: &Envelope, job: &CreateJob) -> Result<(), S
         shared.cfg.worker.hook_timeout.0,
     )?;
     for (hook, out) in ran {
-        shared.event("hook", Some(&job.vm), Some(&env.id), None, format!("{hook}: {out}"));
+        shared.event(
+            "hook",
+            Some(&job.vm),
+            Some(&env.id),
+            None,
+            format!("{hook}: {out}"),
+        );
     }
     check(cancel)?;
     backend.set_autostart(&job.vm, order.running)?;
@@ -556,8 +593,8 @@ fn op(shared: &Shared, env: &Envelope) -> End {
         });
     }
     let backend = shared.backend.as_ref();
-    let found = match backend.list() {
-        Ok(v) => v.into_iter().find(|v| &v.name == vm),
+    let found = match backend.get(vm) {
+        Ok(v) => v,
         Err(e) => return End::Release(Duration::from_secs(2), format!("failed: {e}")),
     };
     let Some(found) = found else {
@@ -570,7 +607,11 @@ fn op(shared: &Shared, env: &Envelope) -> End {
         };
     };
     // Safety rule 1: only VMs with this cluster's marker are ever changed.
-    let Some(marker) = found.marker.clone().filter(|m| m.cluster == shared.cluster_id()) else {
+    let Some(marker) = found
+        .marker
+        .clone()
+        .filter(|m| m.cluster == shared.cluster_id())
+    else {
         return done(Outcome::Refused {
             reason: format!("{vm} on {me} is not managed by this cluster; it is not touched"),
         });
@@ -602,11 +643,23 @@ fn op(shared: &Shared, env: &Envelope) -> End {
     match r {
         Ok(()) => {
             shared.count(&format!("jobs_{}_done", env.body.kind()));
-            shared.event("job", Some(vm), Some(&env.id), Some(&origin.commit), format!("{} {vm} done", env.body.kind()));
+            shared.event(
+                "job",
+                Some(vm),
+                Some(&env.id),
+                Some(&origin.commit),
+                format!("{} {vm} done", env.body.kind()),
+            );
             done(Outcome::Done)
         }
         Err(e) => {
-            shared.event("error", Some(vm), Some(&env.id), Some(&origin.commit), format!("{} {vm} failed: {e}", env.body.kind()));
+            shared.event(
+                "error",
+                Some(vm),
+                Some(&env.id),
+                Some(&origin.commit),
+                format!("{} {vm} failed: {e}", env.body.kind()),
+            );
             End::Release(Duration::from_secs(1), format!("failed: {e}"))
         }
     }

@@ -202,6 +202,12 @@ pub trait Backend: Send + Sync {
     /// Every VM on the host, managed or not, sorted by name.
     fn list(&self) -> Result<Vec<ActualVm>, BackendError>;
 
+    /// One VM, if it exists (as [`Backend::list`] would show it, without reading the
+    /// others).
+    fn get(&self, name: &str) -> Result<Option<ActualVm>, BackendError> {
+        Ok(self.list()?.into_iter().find(|v| v.name == name))
+    }
+
     /// Creates a VM from a template. Fails if the name exists.
     fn create(&self, spec: &CreateSpec) -> Result<(), BackendError>;
 

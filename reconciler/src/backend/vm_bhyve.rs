@@ -321,18 +321,37 @@ struct Probe {
     dir: PathBuf,
 }
 
+/// How long `vm datastore list` is trusted. Datastores change only when an operator
+/// adds or removes one, while every lookup of a guest's directory needs them: without
+/// the cache a create runs the command a dozen times.
+const DATASTORE_TTL: Duration = Duration::from_secs(10);
+
 /// The vm-bhyve backend.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct VmBhyve {
     cfg: VmBhyveConfig,
     hostname: String,
+    datastores: std::sync::Mutex<Option<(Instant, Vec<Datastore>)>>,
+}
+
+impl Clone for VmBhyve {
+    fn clone(&self) -> VmBhyve {
+        VmBhyve::new(VmBhyveConfig {
+            hostname: Some(self.hostname.clone()),
+            ..self.cfg.clone()
+        })
+    }
 }
 
 impl VmBhyve {
     /// A backend with `cfg`; asks `hostname` when the config does not name the host.
     pub fn new(cfg: VmBhyveConfig) -> VmBhyve {
         let hostname = cfg.hostname.clone().unwrap_or_else(system_hostname);
-        VmBhyve { cfg, hostname }
+        VmBhyve {
+            cfg,
+            hostname,
+            datastores: std::sync::Mutex::new(None),
+        }
     }
 
     /// The configuration in use.
@@ -380,8 +399,16 @@ impl VmBhyve {
 
     /// The datastores, from `vm datastore list`.
     pub fn datastores(&self) -> Result<Vec<Datastore>, BackendError> {
+        let mut cache = self.datastores.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, ds)) = cache.as_ref() {
+            if at.elapsed() < DATASTORE_TTL {
+                return Ok(ds.clone());
+            }
+        }
         let (command, out) = self.vm(&["datastore", "list"])?;
-        parse_datastores(&command, &out)
+        let ds = parse_datastores(&command, &out)?;
+        *cache = Some((Instant::now(), ds.clone()));
+        Ok(ds)
     }
 
     /// `vm list`, parsed.
@@ -629,6 +656,18 @@ fn system_hostname() -> String {
 }
 
 impl Backend for VmBhyve {
+    fn get(&self, name: &str) -> Result<Option<ActualVm>, BackendError> {
+        check_name("VM name", name)?;
+        let Some(row) = self.list_rows()?.into_iter().find(|r| r.name == name) else {
+            return Ok(None);
+        };
+        let stores = self.datastores()?;
+        match stores.iter().find(|d| d.name == row.datastore) {
+            Some(ds) => self.read_vm(&row, ds),
+            None => Ok(None),
+        }
+    }
+
     fn list(&self) -> Result<Vec<ActualVm>, BackendError> {
         let stores = self.datastores()?;
         let (command, out) = self.vm(&["list"])?;

@@ -13,7 +13,11 @@ pub const EX_CONFIG: u8 = 78;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The agent's configuration file.
-    #[arg(long, value_name = "FILE", default_value = "/usr/local/etc/flotilla/agent.yaml")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/usr/local/etc/flotilla/agent.yaml"
+    )]
     pub config: PathBuf,
 }
 
@@ -49,6 +53,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // Backend calls block; a few threads serve them (builds are bounded by the
+        // worker's slots) and keep the agent's memory small.
+        .max_blocking_threads(16)
         .enable_all()
         .build()?;
     rt.block_on(agent::run(shared));

@@ -18,7 +18,11 @@ use super::Output;
 pub struct AgentArgs {
     /// The local agent's configuration file (its state directory tells where the
     /// cluster's hosts are).
-    #[arg(long, value_name = "FILE", default_value = "/usr/local/etc/flotilla/agent.yaml")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/usr/local/etc/flotilla/agent.yaml"
+    )]
     pub config: PathBuf,
 }
 
@@ -36,7 +40,8 @@ impl AgentArgs {
                 path.display()
             )
         })?;
-        serde_json::from_str(&text).with_context(|| format!("{} is not a hosts file", path.display()))
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a hosts file", path.display()))
     }
 }
 
@@ -67,7 +72,12 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Sends a trigger to each address; returns the ones that failed.
-async fn send_triggers(addrs: &[String], cluster: &str, reason: &str, timeout: Duration) -> Vec<String> {
+async fn send_triggers(
+    addrs: &[String],
+    cluster: &str,
+    reason: &str,
+    timeout: Duration,
+) -> Vec<String> {
     let peers = flotilla::agent::peers::Peers::new();
     let from = hostname();
     let mut failed = Vec::new();
@@ -116,7 +126,11 @@ pub struct TriggerArgs {
     #[arg(long, value_name = "ADDR")]
     beanstalkd: Vec<String>,
     /// The local agent's configuration (used when no --beanstalkd is given).
-    #[arg(long, value_name = "FILE", default_value = "/usr/local/etc/flotilla/agent.yaml")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/usr/local/etc/flotilla/agent.yaml"
+    )]
     config: PathBuf,
     /// The cluster id written in the message.
     #[arg(long, default_value = "")]
@@ -137,12 +151,23 @@ fn parse_dur(s: &str) -> Result<Dur, String> {
 
 pub fn trigger(args: TriggerArgs) -> anyhow::Result<ExitCode> {
     let (addrs, cluster) = if args.beanstalkd.is_empty() {
-        let hosts = AgentArgs { config: args.config.clone() }.hosts()?;
-        (hosts.hosts.values().cloned().collect::<Vec<_>>(), hosts.cluster)
+        let hosts = AgentArgs {
+            config: args.config.clone(),
+        }
+        .hosts()?;
+        (
+            hosts.hosts.values().cloned().collect::<Vec<_>>(),
+            hosts.cluster,
+        )
     } else {
         (args.beanstalkd.clone(), args.cluster.clone())
     };
-    let failed = runtime()?.block_on(send_triggers(&addrs, &cluster, &args.reason, args.timeout.0));
+    let failed = runtime()?.block_on(send_triggers(
+        &addrs,
+        &cluster,
+        &args.reason,
+        args.timeout.0,
+    ));
     for f in &failed {
         eprintln!("flotilla: trigger not delivered to {f}");
     }
@@ -166,7 +191,12 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     let hosts = args.agent.hosts()?;
     let rt = runtime()?;
     let addrs: Vec<String> = hosts.hosts.values().cloned().collect();
-    let failed = rt.block_on(send_triggers(&addrs, &hosts.cluster, "flotilla apply", Duration::from_secs(5)));
+    let failed = rt.block_on(send_triggers(
+        &addrs,
+        &hosts.cluster,
+        "flotilla apply",
+        Duration::from_secs(5),
+    ));
     for f in &failed {
         eprintln!("flotilla: trigger not delivered to {f}");
     }
@@ -205,8 +235,17 @@ fn progress_line(st: &status::ClusterStatus, commit: &str) -> String {
         .hosts
         .iter()
         .map(|h| {
-            let mark = if h.applied_commit.as_deref() == Some(commit) { "✓" } else { "…" };
-            format!("{}{} {} VMs", h.host, mark, per.get(&h.host).copied().unwrap_or(0))
+            let mark = if h.applied_commit.as_deref() == Some(commit) {
+                "✓"
+            } else {
+                "…"
+            };
+            format!(
+                "{}{} {} VMs",
+                h.host,
+                mark,
+                per.get(&h.host).copied().unwrap_or(0)
+            )
         })
         .collect();
     format!(
