@@ -12,6 +12,7 @@ pub mod capacity;
 pub mod conf;
 pub mod desired;
 pub mod intents;
+pub mod lab;
 pub mod message;
 pub mod owner;
 pub mod placement;

@@ -119,6 +119,7 @@ fn main() {
             max_creates,
             extra_config: String::new(),
             policies: String::new(),
+            cluster: "e2e".into(),
         },
     );
     // The trigger is the only news of a commit.

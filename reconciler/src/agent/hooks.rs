@@ -235,9 +235,22 @@ pub fn provision(
     log_dir: &Path,
     limit: Duration,
 ) -> Result<Ran, HookError> {
+    let hooks: Vec<PathBuf> = hooks_dir
+        .map(|dir| {
+            ["pre.sh", "local.sh", "post.sh"]
+                .iter()
+                .map(|h| dir.join(h))
+                .filter(|p| executable(p))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut ran = Vec::new();
+    if provision.is_none() && hooks.is_empty() {
+        // Nothing consumes options or secrets on this host.
+        return Ok(ran);
+    }
     let env = environment(input, secrets_dir)?;
     let _ = fs::create_dir_all(log_dir);
-    let mut ran = Vec::new();
     if let Some(cmd) = provision {
         let mut args: Vec<OsString> = vec![
             "-d".into(),
@@ -255,14 +268,6 @@ pub fn provision(
         ran.push(("provision".to_string(), out));
         return Ok(ran);
     }
-    let Some(dir) = hooks_dir else {
-        return Ok(ran);
-    };
-    let hooks: Vec<PathBuf> = ["pre.sh", "local.sh", "post.sh"]
-        .iter()
-        .map(|h| dir.join(h))
-        .filter(|p| executable(p))
-        .collect();
     for phase in ["check", "run"] {
         for hook in &hooks {
             let name = hook.file_name().map(|n| n.to_string_lossy().into_owned());

@@ -604,9 +604,13 @@ async fn reconcile_loop(shared: Arc<Shared>) {
         let pass = Instant::now();
         let wait = match shared.snapshot() {
             Some(snap) => match reconcile_once(&shared, &snap).await {
-                Ok(()) => {
+                Ok(waiting) => {
                     backoff = Duration::from_millis(500);
-                    poll_interval(&shared)
+                    if waiting {
+                        Duration::from_millis(500)
+                    } else {
+                        poll_interval(&shared)
+                    }
                 }
                 Err(e) => {
                     shared.event(
@@ -704,19 +708,27 @@ fn order_of(snap: &Snapshot, spec: &desired::VmSpec) -> VmOrder {
     }
 }
 
-/// One pass: list, read inventories, plan, emit this host's share.
-async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<(), String> {
+/// One pass: list, read inventories, plan, emit this host's share. Returns true when
+/// creates wait for hosts not heard from yet (the next pass should come soon).
+async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bool, String> {
     let started = Instant::now();
     let me = shared.me().to_string();
+    let listed_at = message::now();
     let local = list_local(shared)
         .await
         .map_err(|e| format!("listing this host's VMs: {e}"))?;
     refresh_inventories(shared, snap).await;
-    let inventories = shared
+    let mut inventories = shared
         .inventories
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
+    // This host's own listing counts as its freshest inventory (intents placed here
+    // close on it).
+    inventories.insert(
+        me.clone(),
+        inventory(shared, snap, local.clone(), listed_at),
+    );
     let mut actual = vec![HostActual {
         host: me.clone(),
         vms: local.clone(),
@@ -808,7 +820,7 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<()
     shared.count("reconciles");
     tracing::debug!(took = ?started.elapsed(), "reconciled");
     shared.wake_publish.notify_one();
-    Ok(())
+    Ok(!unseen.is_empty())
 }
 
 async fn emit_create(

@@ -249,3 +249,32 @@ pub fn per_host(s: &ClusterStatus) -> BTreeMap<String, usize> {
     }
     m
 }
+
+/// One line of progress towards `commit`: per host whether it has applied it and how
+/// many managed VMs it holds, creates in flight, failures.
+pub fn progress(st: &ClusterStatus, commit: &str) -> String {
+    let per = per_host(st);
+    let hosts: Vec<String> = st
+        .hosts
+        .iter()
+        .map(|h| {
+            let mark = if h.applied_commit.as_deref() == Some(commit) {
+                "✓"
+            } else {
+                "…"
+            };
+            format!(
+                "{}{} {} VMs",
+                h.host,
+                mark,
+                per.get(&h.host).copied().unwrap_or(0)
+            )
+        })
+        .collect();
+    format!(
+        "{}; {} creates in flight; {} failures",
+        hosts.join(", "),
+        st.in_flight.len(),
+        st.failures.len()
+    )
+}

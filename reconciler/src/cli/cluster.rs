@@ -211,7 +211,7 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         let hosts = args.agent.hosts()?;
         let (st, invs) = rt.block_on(status::gather(&hosts));
         let commit = hosts.commit.clone().unwrap_or_default();
-        let line = progress_line(&st, &commit);
+        let line = status::progress(&st, &commit);
         if line != last_line {
             println!("[{:>5.1}s] {line}", started.elapsed().as_secs_f64());
             last_line = line;
@@ -227,33 +227,6 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-}
-
-fn progress_line(st: &status::ClusterStatus, commit: &str) -> String {
-    let per = status::per_host(st);
-    let hosts: Vec<String> = st
-        .hosts
-        .iter()
-        .map(|h| {
-            let mark = if h.applied_commit.as_deref() == Some(commit) {
-                "✓"
-            } else {
-                "…"
-            };
-            format!(
-                "{}{} {} VMs",
-                h.host,
-                mark,
-                per.get(&h.host).copied().unwrap_or(0)
-            )
-        })
-        .collect();
-    format!(
-        "{}; {} creates in flight; {} failures",
-        hosts.join(", "),
-        st.in_flight.len(),
-        st.failures.len()
-    )
 }
 
 /// Arguments of `events`.

@@ -12,6 +12,7 @@ use flotilla::render::Style;
 
 mod agent;
 mod cluster;
+mod demo;
 mod desired;
 mod plan;
 mod validate;
@@ -52,6 +53,10 @@ enum Command {
     /// Run this host's agent: source, reconciler, worker, inbox, inventory. Exit 0 on
     /// SIGTERM, 78 on a bad configuration.
     Agent(agent::Args),
+    /// A whole cluster on this machine: three hosts with beanstalkd, simulated vm-bhyve
+    /// and agents, the example desired repo committed and changed. Needs beanstalkd and
+    /// git (scripts/install-deps).
+    Demo(demo::Args),
 }
 
 /// How results are printed.
@@ -89,6 +94,7 @@ pub fn main() -> ExitCode {
         Command::Events(args) => cluster::events(args),
         Command::Trigger(args) => cluster::trigger(args),
         Command::Agent(args) => agent::run(args),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(code) => code,

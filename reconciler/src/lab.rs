@@ -1,0 +1,491 @@
+//! A whole flotilla cluster on one machine: `flotilla demo`, the end-to-end tests and
+//! the cluster benchmark all run on it.
+//!
+//! [`Cluster::start`] starts, per host, a real beanstalkd on a free loopback port and a
+//! simulated vm-bhyve directory (the `vm-sim` binary reached as `vm` and `sysrc`), and
+//! makes the desired repo a real git repository whose `cluster.yaml` names those ports.
+//! Agents are real `flotilla agent` processes; tests commit to the repo and watch the
+//! simulated hosts converge. Everything lives in one temporary directory and every
+//! process is stopped on drop.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use beanstalk::testing::{Beanstalkd, Config};
+
+use crate::actual::ActualVm;
+use crate::backend::Backend;
+
+/// The directory holding the `flotilla` and `vm-sim` binaries: beside the running
+/// program (`flotilla demo`), or one level up (a test or example under `target/`). Under
+/// cargo, builds them once if a test runs before they exist.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current exe");
+        let beside = exe.parent().expect("exe dir").to_path_buf();
+        if beside.join("flotilla").exists() && beside.join("vm-sim").exists() {
+            return beside;
+        }
+        // target/<profile>/deps/<test> or target/<profile>/examples/<bench>
+        let dir = beside.parent().expect("target dir").to_path_buf();
+        if std::env::var_os("CARGO").is_some()
+            && (!dir.join("flotilla").exists() || !dir.join("vm-sim").exists())
+        {
+            let release = dir.ends_with("release");
+            let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_default());
+            cmd.args(["build", "-p", "flotilla", "--bins"]);
+            if release {
+                cmd.arg("--release");
+            }
+            let st = cmd.status().expect("cargo build");
+            assert!(st.success(), "building flotilla's binaries failed");
+        }
+        dir
+    })
+}
+
+/// One host's shape in cluster.yaml.
+#[derive(Debug, Clone)]
+pub struct HostSpec {
+    /// Its name.
+    pub name: String,
+    /// The next host on the hop chain.
+    pub next: Option<String>,
+    /// Memory limit, e.g. `16G`.
+    pub memory: String,
+    /// Storage limit.
+    pub storage: String,
+    /// VM count limit.
+    pub vms: u32,
+}
+
+impl HostSpec {
+    /// `name` with roomy limits and `next`.
+    pub fn new(name: &str, next: Option<&str>) -> HostSpec {
+        HostSpec {
+            name: name.into(),
+            next: next.map(str::to_string),
+            memory: "64G".into(),
+            storage: "4T".into(),
+            vms: 500,
+        }
+    }
+
+    /// Sets the limits.
+    pub fn limits(mut self, memory: &str, storage: &str, vms: u32) -> HostSpec {
+        self.memory = memory.into();
+        self.storage = storage.into();
+        self.vms = vms;
+        self
+    }
+}
+
+/// Knobs of the simulated hosts and agents.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `create_delay_ms` and `start_delay_ms` of the simulator.
+    pub sim_delay_ms: u64,
+    /// The agents' fetch interval (they also watch the local repo).
+    pub poll: &'static str,
+    /// `worker.max_creates`.
+    pub max_creates: usize,
+    /// Extra lines for every agent.yaml (indented YAML at top level).
+    pub extra_config: String,
+    /// Extra `policies:` lines.
+    pub policies: String,
+    /// The cluster id.
+    pub cluster: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            sim_delay_ms: 0,
+            poll: "1s",
+            max_creates: 2,
+            extra_config: String::new(),
+            policies: String::new(),
+            cluster: "e2e".into(),
+        }
+    }
+}
+
+/// One host: its beanstalkd, simulated vm-bhyve, agent config and agent.
+pub struct Host {
+    /// Its name.
+    pub name: String,
+    /// Its beanstalkd.
+    pub beanstalkd: Beanstalkd,
+    /// The simulator's vm_dir.
+    pub vm_dir: PathBuf,
+    /// The agent's state directory.
+    pub state_dir: PathBuf,
+    /// The agent's config file.
+    pub config: PathBuf,
+    /// The agent's stderr log.
+    pub log: PathBuf,
+    /// The running agent.
+    pub agent: Option<Child>,
+}
+
+/// A cluster on this machine.
+pub struct Cluster {
+    /// The temporary directory holding everything.
+    pub dir: tempfile::TempDir,
+    /// The desired repo (a git work tree on branch `main`).
+    pub repo: PathBuf,
+    /// The hosts, in the order given.
+    pub hosts: Vec<Host>,
+    /// Their shapes.
+    pub specs: Vec<HostSpec>,
+    /// The options.
+    pub options: Options,
+}
+
+fn git(repo: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args([
+            "-c",
+            "user.name=flotilla-test",
+            "-c",
+            "user.email=test@flotilla.invalid",
+        ])
+        .args(args)
+        .output()
+        .expect("run git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+impl Cluster {
+    /// Starts beanstalkd servers and simulated hosts (no agents yet) and commits
+    /// `cluster.yaml` with no VMs.
+    pub fn start(specs: &[HostSpec], options: Options) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = dir.path().join("bin");
+        fs::create_dir(&bin).unwrap();
+        let sim = bin_dir().join("vm-sim");
+        std::os::unix::fs::symlink(&sim, bin.join("vm")).unwrap();
+        std::os::unix::fs::symlink(&sim, bin.join("sysrc")).unwrap();
+        let mut hosts = Vec::new();
+        for spec in specs {
+            let beanstalkd = Beanstalkd::start_with(Config {
+                binlog: true,
+                max_job_size: Some(2 * 1024 * 1024),
+                program: None,
+            })
+            .expect("start beanstalkd (is it installed? scripts/install-deps)");
+            let root = dir.path().join(&spec.name);
+            let vm_dir = root.join("vm");
+            let state_dir = root.join("state");
+            fs::create_dir_all(&vm_dir).unwrap();
+            fs::create_dir_all(root.join("secrets")).unwrap();
+            let out = Command::new(bin.join("vm"))
+                .arg("init")
+                .env("VM_SIM_DIR", &vm_dir)
+                .env("VM_SIM_HOSTNAME", &spec.name)
+                .output()
+                .expect("vm init");
+            assert!(out.status.success(), "vm init: {out:?}");
+            fs::write(
+                vm_dir.join(".config/sim.conf"),
+                format!(
+                    "stop_resend_ms=20\nshutdown_ms=50\ncreate_delay_ms={d}\nstart_delay_ms={d}\n",
+                    d = options.sim_delay_ms
+                ),
+            )
+            .unwrap();
+            let config = root.join("agent.yaml");
+            let log = root.join("agent.log");
+            hosts.push(Host {
+                name: spec.name.clone(),
+                beanstalkd,
+                vm_dir,
+                state_dir,
+                config,
+                log,
+                agent: None,
+            });
+        }
+        let repo = dir.path().join("desired");
+        fs::create_dir_all(repo.join("vms")).unwrap();
+        git(&repo, &["init", "-q", "-b", "main"]);
+        let cluster = Cluster {
+            dir,
+            repo,
+            hosts,
+            specs: specs.to_vec(),
+            options,
+        };
+        for h in &cluster.hosts {
+            fs::write(&h.config, cluster.agent_config(h)).unwrap();
+        }
+        fs::write(
+            cluster.repo.join("cluster.yaml"),
+            cluster.cluster_yaml(specs),
+        )
+        .unwrap();
+        fs::write(cluster.repo.join("vms/.keep"), "").unwrap();
+        cluster.commit_all("cluster");
+        cluster
+    }
+
+    fn agent_config(&self, h: &Host) -> String {
+        let bin = self.dir.path().join("bin");
+        format!(
+            "host: {name}\n\
+             desired:\n  url: {repo}\n  branch: main\n  poll_interval: {poll}\n\
+             backend:\n  vm_command: {vm}\n  sysrc_command: {sysrc}\n  sim_dir: {vm_dir}\n  poll_interval: 20ms\n  start_timeout: 20s\n\
+             state_dir: {state}\n\
+             secrets_dir: {secrets}\n\
+             worker:\n  max_creates: {mc}\n  retries: 2\n  backoff: 200ms\n  stop_timeout: 2s\n  retry_failed: 3s\n\
+             {extra}",
+            name = h.name,
+            repo = self.repo.display(),
+            poll = self.options.poll,
+            vm = bin.join("vm").display(),
+            sysrc = bin.join("sysrc").display(),
+            vm_dir = h.vm_dir.display(),
+            state = h.state_dir.display(),
+            secrets = h.secrets_dir().display(),
+            mc = self.options.max_creates,
+            extra = self.options.extra_config,
+        )
+    }
+
+    /// cluster.yaml for `specs` with this cluster's beanstalkd ports.
+    pub fn cluster_yaml(&self, specs: &[HostSpec]) -> String {
+        let mut s = format!("cluster: {}\nhosts:\n", self.options.cluster);
+        for spec in specs {
+            let h = self
+                .hosts
+                .iter()
+                .find(|h| h.name == spec.name)
+                .expect("host");
+            s += &format!(
+                "  {}:\n    beanstalkd: {}\n    next: {}\n    limits:\n      memory: {}\n      storage: {}\n      vms: {}\n",
+                spec.name,
+                h.beanstalkd.addr(),
+                spec.next.as_deref().unwrap_or("null"),
+                spec.memory,
+                spec.storage,
+                spec.vms
+            );
+        }
+        s += &format!(
+            "policies:\n  reconcile_interval: 2s\n  prune_guard: 1.0\n  hop_limit: 5\n  ttr: 60s\n{}",
+            self.options.policies
+        );
+        s
+    }
+
+    /// Writes (Some) or deletes (None) files in the repo and commits; returns the commit.
+    pub fn commit(&self, files: &[(&str, Option<&str>)], message: &str) -> String {
+        for (path, content) in files {
+            let p = self.repo.join(path);
+            match content {
+                Some(c) => {
+                    fs::create_dir_all(p.parent().unwrap()).unwrap();
+                    fs::write(&p, c).unwrap();
+                }
+                None => {
+                    let _ = fs::remove_file(&p);
+                }
+            }
+        }
+        self.commit_all(message)
+    }
+
+    fn commit_all(&self, message: &str) -> String {
+        git(&self.repo, &["add", "-A"]);
+        git(
+            &self.repo,
+            &["commit", "-q", "--allow-empty", "-m", message],
+        );
+        git(&self.repo, &["rev-parse", "HEAD"])
+    }
+
+    /// Starts every host's agent.
+    pub fn start_agents(&mut self) {
+        for i in 0..self.hosts.len() {
+            self.start_agent(i);
+        }
+    }
+
+    /// Starts host `i`'s agent (logs appended to its `agent.log`).
+    pub fn start_agent(&mut self, i: usize) {
+        let h = &mut self.hosts[i];
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&h.log)
+            .unwrap();
+        let child = Command::new(bin_dir().join("flotilla"))
+            .args(["agent", "--config"])
+            .arg(&h.config)
+            .env("FLOTILLA_LOG", "info,flotilla=debug")
+            // glibc keeps one malloc arena per thread that allocates; the agent's blocking
+            // threads would each hold freed memory. One arena keeps its memory small.
+            .env("MALLOC_ARENA_MAX", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start flotilla agent");
+        h.agent = Some(child);
+    }
+
+    /// Sends SIGTERM to host `i`'s agent and waits for it; returns its exit code.
+    pub fn stop_agent(&mut self, i: usize) -> Option<i32> {
+        let mut child = self.hosts[i].agent.take()?;
+        // SAFETY-free: kill(2) through the `kill` program keeps the crate free of unsafe.
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return st.code();
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills host `i`'s agent with SIGKILL.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut child) = self.hosts[i].agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The backend of host `i`, for looking at its VMs.
+    pub fn backend(&self, i: usize) -> crate::backend::VmBhyve {
+        let cfg = crate::agent::config::AgentConfig::load(&self.hosts[i].config).unwrap();
+        crate::agent::backend_for(&cfg)
+    }
+
+    /// Every VM on host `i`.
+    pub fn vms(&self, i: usize) -> Vec<ActualVm> {
+        self.backend(i).list().expect("vm list")
+    }
+
+    /// VM names on host `i`, sorted.
+    pub fn names(&self, i: usize) -> Vec<String> {
+        self.vms(i).into_iter().map(|v| v.name).collect()
+    }
+
+    /// Polls `cond` every 100 ms until it holds or `timeout` passes; panics with the
+    /// agents' logs and `what` on timeout.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut cond: impl FnMut(&Cluster) -> bool,
+    ) {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if cond(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "timed out after {timeout:?} waiting for: {what}\n{}",
+            self.logs()
+        );
+    }
+
+    /// The tail of every agent's log and event log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for h in &self.hosts {
+            let log = fs::read_to_string(&h.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            out += &format!(
+                "--- {} agent.log (last 40 lines, newest first)\n{}\n",
+                h.name,
+                tail.join("\n")
+            );
+            let ev = fs::read_to_string(h.state_dir.join("events.jsonl")).unwrap_or_default();
+            let tail: Vec<&str> = ev.lines().rev().take(30).collect();
+            out += &format!(
+                "--- {} events (newest first)\n{}\n",
+                h.name,
+                tail.join("\n")
+            );
+        }
+        out
+    }
+
+    /// Runs `flotilla ARGS` and returns (exit code, stdout, stderr).
+    pub fn flotilla(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(bin_dir().join("flotilla"))
+            .args(args)
+            .output()
+            .expect("run flotilla");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The events of host `i`'s agent.
+    pub fn events(&self, i: usize) -> Vec<crate::agent::events::Event> {
+        crate::agent::events::read(&self.hosts[i].state_dir.join("events.jsonl"))
+            .unwrap_or_default()
+    }
+}
+
+impl Host {
+    /// Where the host's agent finds secret files.
+    pub fn secrets_dir(&self) -> PathBuf {
+        self.vm_dir.parent().unwrap_or(&self.vm_dir).join("secrets")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.hosts.len() {
+            self.kill_agent(i);
+        }
+        // Guests of the simulator are real processes: power them all off.
+        for (i, h) in self.hosts.iter().enumerate() {
+            let Ok(vms) = self.backend(i).list() else {
+                continue;
+            };
+            for vm in vms {
+                if vm.state != crate::actual::RunState::Stopped {
+                    let _ = Command::new(self.dir.path().join("bin/vm"))
+                        .args(["poweroff", "-f", &vm.name])
+                        .env("VM_SIM_DIR", &h.vm_dir)
+                        .env("VM_SIM_HOSTNAME", &h.name)
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            }
+        }
+    }
+}
+
+/// A VM file for the desired repo.
+pub fn vm_yaml(name: &str, profile: &str, extra: &str) -> String {
+    format!("name: {name}\nprofile: {profile}\n{extra}")
+}
