@@ -347,6 +347,11 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let hooks = t.path().join("hooks");
         fs::create_dir_all(&hooks).unwrap();
+        script(
+            &hooks.join("post.sh"),
+            "#!/bin/sh\necho broken >&2\nexit 3\n",
+        );
+        // A secret is resolved only when a hook will run, and must then exist.
         let e = provision(
             Some(&hooks),
             None,
@@ -359,10 +364,6 @@ mod tests {
         assert!(matches!(e, HookError::MissingSecret { .. }), "{e}");
         let mut i = input(t.path());
         i.secrets.clear();
-        script(
-            &hooks.join("post.sh"),
-            "#!/bin/sh\necho broken >&2\nexit 3\n",
-        );
         let e = provision(
             Some(&hooks),
             None,

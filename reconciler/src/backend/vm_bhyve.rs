@@ -462,6 +462,33 @@ impl VmBhyve {
         })
     }
 
+    /// The state line of `vm info NAME` (`running (pid)`, `stopped`, `bootloader (pid)`;
+    /// never `Locked`), parsed, and its text.
+    fn info_state(&self, name: &str) -> Result<(RunState, String), BackendError> {
+        let (command, out) = self.vm(&["info", name])?;
+        let text = out
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix("state: "))
+            .ok_or_else(|| BackendError::Output {
+                command: command.clone(),
+                reason: format!("no `state:` line for {name}"),
+            })?
+            .trim()
+            .to_string();
+        let state = match text.split_whitespace().next() {
+            Some("running") => RunState::Running,
+            Some("bootloader") => RunState::Bootloader,
+            Some("stopped") => RunState::Stopped,
+            _ => {
+                return Err(BackendError::Output {
+                    command,
+                    reason: format!("unknown state `{text}`"),
+                })
+            }
+        };
+        Ok((state, text))
+    }
+
     /// Polls until `done` holds or `within` has passed; returns the last probe and
     /// whether `done` held.
     fn wait(
@@ -800,24 +827,27 @@ impl Backend for VmBhyve {
                         message: msg.to_string(),
                     });
                 }
-                let (p, running) = self.wait(name, self.cfg.start_timeout, |p| {
-                    if p.row.state == RunState::Running {
-                        return Ok(true);
+                // `vm info NAME` looks at this guest only, where `vm list` reads them all:
+                // polled while a guest boots, it keeps a busy host's start cheap.
+                let deadline = Instant::now() + self.cfg.start_timeout;
+                loop {
+                    let (state, text) = self.info_state(name)?;
+                    if state == RunState::Running {
+                        return Ok(());
                     }
-                    match VmBhyve::boot_failure(&log, log_from, name) {
-                        Some(e) => Err(e),
-                        None => Ok(false),
+                    if let Some(e) = VmBhyve::boot_failure(&log, log_from, name) {
+                        return Err(e);
                     }
-                })?;
-                if !running {
-                    return Err(BackendError::Timeout {
-                        name: name.to_string(),
-                        wanted: "Running",
-                        waited: self.cfg.start_timeout,
-                        last: p.row.state_text,
-                    });
+                    if Instant::now() >= deadline {
+                        return Err(BackendError::Timeout {
+                            name: name.to_string(),
+                            wanted: "Running",
+                            waited: self.cfg.start_timeout,
+                            last: text,
+                        });
+                    }
+                    std::thread::sleep(self.cfg.poll_interval);
                 }
-                return Ok(());
             }
             RunState::Locked => return Err(self.locked_error(&p)),
         }
