@@ -518,9 +518,9 @@ fn build_steps(shared: &Shared, env: &Envelope, job: &CreateJob) -> Result<(), S
     // host recognises as half-made by this job.
     backend.write_marker(&job.vm, &marker(false))?;
     check(cancel)?;
-    let made: Option<ActualVm> = backend.get(&job.vm)?;
-    if let Some(made) = made {
-        let changes = config_changes(&made.config, &order.config);
+    {
+        let made = backend.read_config(&job.vm)?;
+        let changes = config_changes(&made, &order.config);
         let set = changes
             .iter()
             .filter_map(|c| c.to.clone().map(|v| (c.key.clone(), v)))

@@ -202,6 +202,15 @@ pub trait Backend: Send + Sync {
     /// Every VM on the host, managed or not, sorted by name.
     fn list(&self) -> Result<Vec<ActualVm>, BackendError>;
 
+    /// The VM's vm-bhyve configuration (`<name>.conf`) as vm-bhyve reads it.
+    fn read_config(&self, name: &str) -> Result<BTreeMap<String, String>, BackendError> {
+        self.get(name)?
+            .map(|v| v.config)
+            .ok_or_else(|| BackendError::NotFound {
+                name: name.to_string(),
+            })
+    }
+
     /// One VM, if it exists (as [`Backend::list`] would show it, without reading the
     /// others).
     fn get(&self, name: &str) -> Result<Option<ActualVm>, BackendError> {

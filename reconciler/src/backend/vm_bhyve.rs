@@ -683,6 +683,14 @@ fn system_hostname() -> String {
 }
 
 impl Backend for VmBhyve {
+    fn read_config(&self, name: &str) -> Result<BTreeMap<String, String>, BackendError> {
+        // Straight from the file: no `vm list` needed for one guest's config.
+        let (_, dir) = self.require(name)?;
+        let path = dir.join(format!("{name}.conf"));
+        let bytes = fs::read(&path).map_err(io_err(&path))?;
+        Ok(Conf::parse_bytes(&bytes).to_map())
+    }
+
     fn get(&self, name: &str) -> Result<Option<ActualVm>, BackendError> {
         check_name("VM name", name)?;
         let Some(row) = self.list_rows()?.into_iter().find(|r| r.name == name) else {
