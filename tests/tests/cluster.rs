@@ -373,3 +373,49 @@ fn a_commit_pushed_while_jobs_are_in_flight_converges_to_the_newer_commit() {
     }
     c.stop_agent(0);
 }
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn metrics_and_health_on_loopback() {
+    let mut c = Cluster::start(&chain(), Options::default());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = std::fs::read_to_string(&c.hosts[0].config).unwrap();
+    std::fs::write(&c.hosts[0].config, format!("{cfg}http: 127.0.0.1:{port}\n")).unwrap();
+    c.start_agents();
+    c.commit(
+        &[("vms/m1.yaml", Some(&vm_yaml("m1", "CS0", "host: host1\n")))],
+        "one VM",
+    );
+    c.wait_until("m1 built and counted", CONVERGE, |_| {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            && http_get(port, "/metrics")
+                .contains("flotilla_jobs_total{kind=\"create\",outcome=\"done\"} 1")
+    });
+    let page = http_get(port, "/metrics");
+    for series in [
+        "# TYPE flotilla_reconciles_total counter",
+        "flotilla_plan_actions{action=\"create\"}",
+        "flotilla_queue_jobs{tube=\"flotilla.create\",state=\"ready\"} 0",
+        "flotilla_inventory_age_seconds{host=\"host2\"}",
+        "flotilla_desired_commit_info{commit=",
+    ] {
+        assert!(page.contains(series), "{series} in\n{page}");
+    }
+    assert!(
+        http_get(port, "/healthz").starts_with("HTTP/1.0 200")
+            || http_get(port, "/healthz").starts_with("HTTP/1.1 200")
+    );
+    assert!(http_get(port, "/nothing").contains(" 404 "));
+}

@@ -21,6 +21,7 @@ pub mod config;
 pub mod decide;
 pub mod events;
 pub mod hooks;
+pub mod metrics;
 pub mod peers;
 pub mod status;
 mod worker;
@@ -137,7 +138,8 @@ pub struct Shared {
     inventories: Mutex<BTreeMap<String, Inventory>>,
     latencies: Mutex<BTreeMap<String, Duration>>,
     local: Mutex<Local>,
-    counters: Mutex<BTreeMap<String, u64>>,
+    counters: Mutex<BTreeMap<String, f64>>,
+    gauges: Mutex<BTreeMap<String, f64>>,
     wake_reconcile: Notify,
     wake_fetch: Notify,
     wake_publish: Notify,
@@ -194,6 +196,7 @@ impl Shared {
             latencies: Mutex::default(),
             local: Mutex::default(),
             counters: Mutex::default(),
+            gauges: Mutex::default(),
             wake_reconcile: Notify::new(),
             wake_fetch: Notify::new(),
             wake_publish: Notify::new(),
@@ -250,13 +253,27 @@ impl Shared {
         }
     }
 
-    fn count(&self, what: &str) {
+    /// Adds one to a counter (a Prometheus series name, labels included).
+    fn count(&self, series: &str) {
+        self.add(series, 1.0);
+    }
+
+    /// Adds `v` to a counter.
+    fn add(&self, series: &str, v: f64) {
         *self
             .counters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(what.to_string())
-            .or_default() += 1;
+            .entry(series.to_string())
+            .or_default() += v;
+    }
+
+    /// Sets a gauge.
+    fn set(&self, series: &str, v: f64) {
+        self.gauges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(series.to_string(), v);
     }
 
     fn event(
@@ -366,6 +383,17 @@ pub async fn run(shared: Arc<Shared>) {
     tasks.spawn(reconcile_loop(shared.clone()));
     tasks.spawn(inbox_loop(shared.clone()));
     tasks.spawn(publish_loop(shared.clone()));
+    if let Some(addr) = shared.cfg.http {
+        if let Err(e) = metrics::serve(shared.clone(), addr) {
+            shared.event(
+                "error",
+                None,
+                None,
+                None,
+                format!("cannot serve /metrics on {addr}: {e}"),
+            );
+        }
+    }
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..shared.cfg.worker.max_creates {
         workers.spawn(worker::slot(shared.clone(), true));
@@ -560,7 +588,7 @@ async fn source_loop(shared: Arc<Shared>) {
             }
             Ok(Fetched::Invalid(commit, why)) => {
                 last = Some(commit.clone());
-                s.count("snapshots_invalid");
+                s.count("flotilla_snapshots_invalid_total");
                 s.event(
                     "error",
                     None,
@@ -817,7 +845,31 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
             .unwrap_or_else(|p| p.into_inner())
             .applied_commit = snap.commit.clone();
     }
-    shared.count("reconciles");
+    shared.count("flotilla_reconciles_total");
+    let took = started.elapsed().as_secs_f64();
+    shared.add("flotilla_reconcile_seconds_sum", took);
+    shared.set("flotilla_reconcile_last_seconds", took);
+    shared.set(
+        "flotilla_last_reconcile_timestamp_seconds",
+        message::now() as f64,
+    );
+    let summary = plan.summary();
+    for (action, n) in [
+        ("create", summary.create),
+        ("update", summary.update),
+        ("grow_disk", summary.grow_disk),
+        ("replace", summary.replace),
+        ("start", summary.start),
+        ("stop", summary.stop),
+        ("destroy", summary.destroy),
+        ("blocked", summary.blocked),
+        ("pending", summary.pending),
+    ] {
+        shared.set(
+            &format!("flotilla_plan_actions{{action=\"{action}\"}}"),
+            n as f64,
+        );
+    }
     tracing::debug!(took = ?started.elapsed(), "reconciled");
     shared.wake_publish.notify_one();
     Ok(!unseen.is_empty())
@@ -888,7 +940,7 @@ async fn emit_create(
         .await
     {
         Ok(_) => {
-            shared.count("emitted_create");
+            shared.count("flotilla_emitted_total{kind=\"create\"}");
             shared.event(
                 "emit",
                 Some(vm),
@@ -992,7 +1044,10 @@ async fn emit_op(shared: &Arc<Shared>, snap: &Snapshot, action: &Action, origin:
                     retry_at: None,
                 },
             );
-            shared.count(&format!("emitted_{}", env.body.kind()));
+            shared.count(&format!(
+                "flotilla_emitted_total{{kind=\"{}\"}}",
+                env.body.kind()
+            ));
             shared.event(
                 "emit",
                 Some(&vm),
@@ -1097,6 +1152,15 @@ async fn inbox_loop(shared: Arc<Shared>) {
     }
 }
 
+fn outcome_name(o: &Outcome) -> &'static str {
+    match o {
+        Outcome::Done => "done",
+        Outcome::Unplaceable { .. } => "unplaceable",
+        Outcome::Failed { .. } => "failed",
+        Outcome::Refused { .. } => "refused",
+    }
+}
+
 fn on_result(shared: &Arc<Shared>, r: JobResult) {
     let now = message::now();
     let text = match &r.outcome {
@@ -1105,7 +1169,11 @@ fn on_result(shared: &Arc<Shared>, r: JobResult) {
         Outcome::Failed { reason, attempts } => format!("failed after {attempts} tries: {reason}"),
         Outcome::Refused { reason } => format!("refused: {reason}"),
     };
-    shared.count(&format!("results_{}", r.job_kind));
+    shared.count(&format!(
+        "flotilla_results_total{{kind=\"{}\",outcome=\"{}\"}}",
+        r.job_kind,
+        outcome_name(&r.outcome)
+    ));
     shared.event(
         "result",
         Some(&r.vm),
@@ -1253,6 +1321,23 @@ async fn publish_loop(shared: Arc<Shared>) {
         let env = Envelope::new(&snap.cluster.id, shared.me(), Message::Inventory(inv));
         if let Err(e) = shared.peers.publish_inventory(&addr, &env).await {
             tracing::warn!(error = %e, "cannot publish the inventory");
+        }
+        if shared.cfg.http.is_some() {
+            for tube in [tubes::CREATE, tubes::OPS, tubes::RESULTS, tubes::CONTROL] {
+                if let Ok(Some(st)) = shared.peers.tube_stats(&addr, tube).await {
+                    for (state, n) in [
+                        ("ready", st.current_jobs_ready),
+                        ("reserved", st.current_jobs_reserved),
+                        ("delayed", st.current_jobs_delayed),
+                        ("buried", st.current_jobs_buried),
+                    ] {
+                        shared.set(
+                            &format!("flotilla_queue_jobs{{tube=\"{tube}\",state=\"{state}\"}}"),
+                            n as f64,
+                        );
+                    }
+                }
+            }
         }
     }
 }

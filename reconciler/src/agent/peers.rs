@@ -154,6 +154,23 @@ impl Peers {
         }
     }
 
+    /// `stats-tube` of `tube` at `addr`; `None` for a tube nobody has used yet.
+    pub async fn tube_stats(
+        &self,
+        addr: &str,
+        tube: &'static str,
+    ) -> Result<Option<beanstalk::TubeStats>, PeerError> {
+        self.with(addr, move |c| {
+            Box::pin(async move {
+                match c.stats_tube(tube).await {
+                    Err(beanstalk::Error::NotFound) => Ok(None),
+                    other => other.map(Some),
+                }
+            })
+        })
+        .await
+    }
+
     /// Replaces the inventory published at `addr` with `envelope`: puts the new one,
     /// then deletes every older one, so a reader always finds one.
     pub async fn publish_inventory(

@@ -136,7 +136,7 @@ async fn handle(shared: &Arc<Shared>, client: &mut Client, job: Job) {
                 None,
                 format!("job {id} buried: {why}"),
             );
-            shared.count("jobs_buried");
+            shared.count("flotilla_jobs_buried_total");
             if let Some((origin, r)) = &r {
                 shared.send_result(origin, r).await;
             }
@@ -228,7 +228,9 @@ async fn run(shared: &Arc<Shared>, client: &mut Client, id: u64, env: Envelope) 
                     reason: why.trim_start_matches("failed: ").to_string(),
                     attempts,
                 };
-                shared.count(&format!("jobs_{kind}_failed"));
+                shared.count(&format!(
+                    "flotilla_jobs_total{{kind=\"{kind}\",outcome=\"failed\"}}"
+                ));
                 let r = origin.map(|o| {
                     let r = result(&env, &vm, &me, &o.commit, outcome);
                     (o, r)
@@ -283,7 +285,7 @@ async fn forward(shared: &Arc<Shared>, env: &Envelope, job: CreateJob, to: &str)
         .await
     {
         Ok(_) => {
-            shared.count("forwards");
+            shared.count("flotilla_forwards_total");
             shared.event(
                 "forward",
                 Some(&vm),
@@ -401,7 +403,7 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
             }
             Decision::Forward { to, job } => return Built::Forward(job, to),
             Decision::Unplaceable { reason } => {
-                shared.count("unplaceable");
+                shared.count("flotilla_jobs_total{kind=\"create\",outcome=\"unplaceable\"}");
                 return ended(done(Outcome::Unplaceable { reason }));
             }
         }
@@ -421,7 +423,7 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
     }
     ended(match outcome {
         Ok(()) => {
-            shared.count("jobs_create_done");
+            shared.count("flotilla_jobs_total{kind=\"create\",outcome=\"done\"}");
             shared.event(
                 "job",
                 Some(&job.vm),
@@ -642,7 +644,10 @@ fn op(shared: &Shared, env: &Envelope) -> End {
     })();
     match r {
         Ok(()) => {
-            shared.count(&format!("jobs_{}_done", env.body.kind()));
+            shared.count(&format!(
+                "flotilla_jobs_total{{kind=\"{}\",outcome=\"done\"}}",
+                env.body.kind()
+            ));
             shared.event(
                 "job",
                 Some(vm),

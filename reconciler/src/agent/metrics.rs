@@ -1,0 +1,170 @@
+//! `/metrics` (Prometheus text format) and `/healthz`, on a loopback address when the
+//! agent's config sets `http`.
+//!
+//! Series: `flotilla_reconciles_total`, `flotilla_reconcile_seconds_sum`,
+//! `flotilla_reconcile_last_seconds`, `flotilla_plan_actions{action}` (the last plan),
+//! `flotilla_jobs_total{kind,outcome}`, `flotilla_forwards_total`,
+//! `flotilla_emitted_total{kind}`, `flotilla_results_total{kind,outcome}`,
+//! `flotilla_queue_jobs{tube,state}`, `flotilla_applied_commit_info{commit}`,
+//! `flotilla_inventory_age_seconds{host}` and the rest of the counters the agent keeps.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::message;
+
+use super::Shared;
+
+/// The series family of `series` (the name before any labels).
+fn family(series: &str) -> &str {
+    series.split('{').next().unwrap_or(series)
+}
+
+fn write_family(out: &mut String, kind: &str, series: &BTreeMap<String, f64>) {
+    let mut last = "";
+    for (name, v) in series {
+        let fam = family(name);
+        if fam != last {
+            let _ = writeln!(out, "# TYPE {fam} {kind}");
+            last = fam;
+        }
+        let _ = writeln!(out, "{name} {v}");
+    }
+}
+
+/// Escapes a label value.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The metrics page.
+pub fn render(shared: &Shared) -> String {
+    let mut out = String::new();
+    let counters = shared
+        .counters
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mut gauges = shared
+        .gauges
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let now = message::now();
+    for (host, inv) in shared
+        .inventories
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        gauges.insert(
+            format!("flotilla_inventory_age_seconds{{host=\"{}\"}}", label(host)),
+            now.saturating_sub(inv.listed_at) as f64,
+        );
+    }
+    if let Some(c) = &shared
+        .local
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .applied_commit
+    {
+        gauges.insert(
+            format!("flotilla_applied_commit_info{{commit=\"{}\"}}", label(c)),
+            1.0,
+        );
+    }
+    if let Some(s) = shared.snapshot() {
+        if let Some(c) = &s.commit {
+            gauges.insert(
+                format!("flotilla_desired_commit_info{{commit=\"{}\"}}", label(c)),
+                1.0,
+            );
+        }
+    }
+    write_family(&mut out, "counter", &counters);
+    write_family(&mut out, "gauge", &gauges);
+    out
+}
+
+/// Healthy when a desired state is loaded and a reconcile pass finished within three
+/// poll intervals; otherwise the reason.
+pub fn health(shared: &Shared) -> Result<(), String> {
+    if shared.snapshot().is_none() {
+        return Err("no desired state read yet".into());
+    }
+    let last = shared
+        .gauges
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get("flotilla_last_reconcile_timestamp_seconds")
+        .copied()
+        .unwrap_or(0.0) as u64;
+    let limit = 3 * super::poll_interval(shared).as_secs().max(10);
+    let age = message::now().saturating_sub(last);
+    if age > limit {
+        return Err(format!("last reconcile {age}s ago (limit {limit}s)"));
+    }
+    Ok(())
+}
+
+/// Serves `/metrics` and `/healthz` on `addr` from a thread of its own.
+pub fn serve(shared: Arc<Shared>, addr: SocketAddr) -> std::io::Result<()> {
+    let server = tiny_http::Server::http(addr).map_err(std::io::Error::other)?;
+    std::thread::Builder::new()
+        .name("flotilla-http".into())
+        .spawn(move || {
+            for req in server.incoming_requests() {
+                let (code, body, ctype) = match (req.method(), req.url()) {
+                    (tiny_http::Method::Get, "/metrics") => {
+                        (200, render(&shared), "text/plain; version=0.0.4")
+                    }
+                    (tiny_http::Method::Get, "/healthz") => match health(&shared) {
+                        Ok(()) => (200, "ok\n".to_string(), "text/plain"),
+                        Err(e) => (503, format!("unhealthy: {e}\n"), "text/plain"),
+                    },
+                    _ => (404, "not found\n".to_string(), "text/plain"),
+                };
+                let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes());
+                let mut resp = tiny_http::Response::from_string(body).with_status_code(code);
+                if let Ok(h) = header {
+                    resp = resp.with_header(h);
+                }
+                let _ = req.respond(resp);
+            }
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_get_one_type_line_and_labels_are_escaped() {
+        let mut m = BTreeMap::new();
+        m.insert(
+            "flotilla_jobs_total{kind=\"create\",outcome=\"done\"}".to_string(),
+            3.0,
+        );
+        m.insert(
+            "flotilla_jobs_total{kind=\"stop\",outcome=\"done\"}".to_string(),
+            1.0,
+        );
+        m.insert("flotilla_reconciles_total".to_string(), 7.0);
+        let mut out = String::new();
+        write_family(&mut out, "counter", &m);
+        assert_eq!(
+            out,
+            "# TYPE flotilla_jobs_total counter\n\
+             flotilla_jobs_total{kind=\"create\",outcome=\"done\"} 3\n\
+             flotilla_jobs_total{kind=\"stop\",outcome=\"done\"} 1\n\
+             # TYPE flotilla_reconciles_total counter\n\
+             flotilla_reconciles_total 7\n"
+        );
+        assert_eq!(label("a\"b\\c"), "a\\\"b\\\\c");
+    }
+}
