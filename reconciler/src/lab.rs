@@ -217,6 +217,21 @@ impl Cluster {
                 agent: None,
             });
         }
+        // One cluster key for every host, as an operator would copy it (mode 0600).
+        let key = dir.path().join("cluster.key");
+        fs::write(
+            &key,
+            format!(
+                "lab-key-{}-{}\n",
+                std::process::id(),
+                "0123456789abcdef0123456789abcdef"
+            ),
+        )
+        .unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+        }
         let repo = dir.path().join("desired");
         fs::create_dir_all(repo.join("vms")).unwrap();
         git(&repo, &["init", "-q", "-b", "main"]);
@@ -247,6 +262,7 @@ impl Cluster {
              desired:\n  url: {repo}\n  branch: main\n  poll_interval: {poll}\n\
              backend:\n  vm_command: {vm}\n  sysrc_command: {sysrc}\n  sim_dir: {vm_dir}\n  poll_interval: 20ms\n  start_timeout: 20s\n\
              state_dir: {state}\n\
+             key_file: {key}\n\
              secrets_dir: {secrets}\n\
              worker:\n  max_creates: {mc}\n  retries: 2\n  backoff: 200ms\n  stop_timeout: 2s\n  retry_failed: 3s\n\
              {extra}",
@@ -257,6 +273,7 @@ impl Cluster {
             sysrc = bin.join("sysrc").display(),
             vm_dir = h.vm_dir.display(),
             state = h.state_dir.display(),
+            key = self.key_file().display(),
             secrets = h.secrets_dir().display(),
             mc = self.options.max_creates,
             extra = self.options.extra_config,
@@ -313,6 +330,16 @@ impl Cluster {
             &["commit", "-q", "--allow-empty", "-m", message],
         );
         git(&self.repo, &["rev-parse", "HEAD"])
+    }
+
+    /// The cluster key file every agent uses.
+    pub fn key_file(&self) -> PathBuf {
+        self.dir.path().join("cluster.key")
+    }
+
+    /// The cluster keys, for tests that sign messages themselves.
+    pub fn keys(&self) -> crate::auth::Keys {
+        crate::auth::Keys::load(&self.key_file()).expect("the lab's key file")
     }
 
     /// Starts every host's agent.

@@ -59,6 +59,10 @@ pub struct Envelope {
     pub sent_at: u64,
     /// The message itself.
     pub body: Message,
+    /// HMAC-SHA256 of the envelope without this field, hex, under the cluster key (see
+    /// [`crate::auth`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
 }
 
 /// What a message says.
@@ -409,6 +413,7 @@ impl Envelope {
             from: from.to_string(),
             sent_at: now(),
             body,
+            sig: None,
         }
     }
 }
@@ -471,6 +476,7 @@ mod tests {
             from: "host1".into(),
             sent_at: 1_790_000_000,
             body: Message::Create(sample_create()),
+            sig: None,
         }
     }
 

@@ -34,14 +34,16 @@ fn trigger(c: &Cluster) {
         .unwrap();
     rt.block_on(async {
         let peers = flotilla::agent::peers::Peers::new();
+        let keys = c.keys();
         for h in &c.hosts {
-            let env = Envelope::new(
+            let mut env = Envelope::new(
                 "e2e",
                 "bench",
                 Message::Trigger(Trigger {
                     reason: "bench".into(),
                 }),
             );
+            keys.seal(&mut env);
             peers
                 .put(
                     &h.beanstalkd.addr(),
@@ -66,7 +68,7 @@ fn total_running(c: &Cluster) -> usize {
     rt.block_on(async {
         let mut n = 0;
         for h in &c.hosts {
-            if let Ok((Some(inv), _)) = peers.inventory(&h.beanstalkd.addr()).await {
+            if let Ok((Some(inv), _)) = peers.inventory(&h.beanstalkd.addr(), None).await {
                 n += inv
                     .vms
                     .iter()

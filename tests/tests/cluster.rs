@@ -419,3 +419,98 @@ fn metrics_and_health_on_loopback() {
     );
     assert!(http_get(port, "/nothing").contains(" 404 "));
 }
+
+/// Safety rule 5: beanstalkd has no authentication, so anyone who reaches port 11300 can
+/// put a job. Unsigned, forged, tampered and replayed jobs are buried and nothing is done.
+#[test]
+fn forged_tampered_and_replayed_jobs_are_buried_and_nothing_is_done() {
+    use flotilla::message::{self, tubes, Envelope, Message, Origin, VmJob};
+    let c = started(&chain());
+    c.commit(
+        &[(
+            "vms/victim.yaml",
+            Some(&vm_yaml("victim", "CS0", "host: host1\n")),
+        )],
+        "a VM",
+    );
+    c.wait_until("victim running", CONVERGE, |c| {
+        c.vms(0)
+            .iter()
+            .any(|v| v.name == "victim" && v.state == RunState::Running)
+    });
+    let destroy = |vm: &str| {
+        Envelope::new(
+            "e2e",
+            "host1",
+            Message::Destroy(VmJob {
+                vm: vm.into(),
+                host: "host1".into(),
+                origin: Origin {
+                    commit: "0".into(),
+                    owner: "host1".into(),
+                    reply_to: c.hosts[0].beanstalkd.addr(),
+                },
+            }),
+        )
+    };
+    let keys = c.keys();
+    let unsigned = destroy("victim");
+    let mut forged = destroy("victim");
+    flotilla::auth::Keys::parse("not-the-cluster-key-0123456789abcdef")
+        .unwrap()
+        .seal(&mut forged);
+    let mut tampered = destroy("someone-else");
+    keys.seal(&mut tampered);
+    if let Message::Destroy(j) = &mut tampered.body {
+        j.vm = "victim".into();
+    }
+    let mut ghost = destroy("ghost");
+    keys.seal(&mut ghost);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stats = rt.block_on(async {
+        let mut client = beanstalk::Client::connect(c.hosts[0].beanstalkd.addr())
+            .await
+            .unwrap();
+        client.use_tube(tubes::OPS).await.unwrap();
+        for env in [&unsigned, &forged, &tampered, &ghost] {
+            client
+                .put(&message::encode(env), Default::default())
+                .await
+                .unwrap();
+        }
+        // The valid one is acted on once; the same bytes again are a replay.
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        client
+            .put(&message::encode(&ghost), Default::default())
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        client.stats_tube(tubes::OPS).await.unwrap()
+    });
+    assert_eq!(
+        stats.current_jobs_buried,
+        4,
+        "four buried: {stats:?}\n{}",
+        c.logs()
+    );
+    let rejected: Vec<String> = c
+        .events(0)
+        .into_iter()
+        .filter(|e| e.kind == "rejected")
+        .map(|e| e.message)
+        .collect();
+    assert_eq!(rejected.len(), 4, "{rejected:#?}");
+    assert!(rejected[0].contains("unsigned"), "{rejected:#?}");
+    assert!(rejected[1].contains("does not verify"), "{rejected:#?}");
+    assert!(rejected[2].contains("does not verify"), "{rejected:#?}");
+    assert!(rejected[3].contains("replayed"), "{rejected:#?}");
+    let victim = c
+        .vms(0)
+        .into_iter()
+        .find(|v| v.name == "victim")
+        .expect("victim still there");
+    assert_eq!(victim.state, RunState::Running);
+}

@@ -84,6 +84,10 @@ fn yes() -> bool {
     true
 }
 
+fn default_window() -> Dur {
+    Dur(Duration::from_secs(3 * 3600))
+}
+
 fn default_branch() -> String {
     "main".into()
 }
@@ -249,9 +253,11 @@ pub struct AgentConfig {
     pub backend: BackendConfig,
     /// Intents, event log, cached desired repo.
     pub state_dir: PathBuf,
-    /// The cluster key (HMAC); `None` runs without signatures (tests only).
-    #[serde(default)]
-    pub key_file: Option<PathBuf>,
+    /// The cluster key file (HMAC-SHA256; see [`crate::auth`]).
+    pub key_file: PathBuf,
+    /// Messages sent longer ago than this (or this far in the future) are refused.
+    #[serde(default = "default_window")]
+    pub message_window: Dur,
     /// `pre.sh`, `local.sh`, `post.sh`.
     #[serde(default)]
     pub hooks_dir: Option<PathBuf>,
@@ -339,7 +345,7 @@ mod tests {
     fn a_minimal_config_gets_the_defaults() {
         let cfg = AgentConfig::parse(
             Path::new("agent.yaml"),
-            "host: host1\ndesired: {url: /srv/desired}\nstate_dir: /var/db/flotilla\n",
+            "host: host1\ndesired: {url: /srv/desired}\nstate_dir: /var/db/flotilla\nkey_file: /k\n",
         )
         .unwrap();
         assert_eq!(cfg.desired.branch, "main");
@@ -349,28 +355,36 @@ mod tests {
         assert!(cfg.http.is_none());
     }
 
+    /// Guards the shipped sample against drifting from the parser.
+    #[test]
+    fn the_shipped_sample_parses() {
+        let text = include_str!("../../../host/agent.yaml.sample");
+        let cfg = AgentConfig::parse(Path::new("host/agent.yaml.sample"), text).unwrap();
+        assert_eq!(cfg.host, "host1");
+    }
+
     #[test]
     fn unknown_keys_and_bad_values_name_the_place() {
         let e = AgentConfig::parse(
             Path::new("agent.yaml"),
-            "host: host1\ndesired: {url: x}\nstate_dir: /s\nworkr: {}\n",
+            "host: host1\ndesired: {url: x}\nstate_dir: /s\nkey_file: /k\nworkr: {}\n",
         )
         .unwrap_err()
         .to_string();
         assert!(
-            e.starts_with("agent.yaml:4:1: unknown field `workr`"),
+            e.starts_with("agent.yaml:5:1: unknown field `workr`"),
             "{e}"
         );
         let e = AgentConfig::parse(
             Path::new("agent.yaml"),
-            "host: h\ndesired: {url: x, poll_interval: soon}\nstate_dir: /s\n",
+            "host: h\ndesired: {url: x, poll_interval: soon}\nstate_dir: /s\nkey_file: /k\n",
         )
         .unwrap_err()
         .to_string();
         assert!(e.contains("`soon` is not a duration"), "{e}");
         let e = AgentConfig::parse(
             Path::new("agent.yaml"),
-            "host: h\ndesired: {url: x}\nstate_dir: /s\nhttp: 0.0.0.0:9108\n",
+            "host: h\ndesired: {url: x}\nstate_dir: /s\nkey_file: /k\nhttp: 0.0.0.0:9108\n",
         )
         .unwrap_err()
         .to_string();

@@ -89,6 +89,20 @@ fn write_hosts_file(state_dir: &std::path::Path, me: &str, snap: &Snapshot) -> s
     std::fs::rename(tmp, state_dir.join(HostsFile::NAME))
 }
 
+/// Ids of acted-on messages, one `id sent_at` per line, in the state directory.
+const ACTED_FILE: &str = "acted";
+
+fn load_acted(state_dir: &std::path::Path) -> BTreeMap<String, u64> {
+    std::fs::read_to_string(state_dir.join(ACTED_FILE))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (id, t) = l.split_once(' ')?;
+            Some((id.to_string(), t.trim().parse().ok()?))
+        })
+        .collect()
+}
+
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -146,6 +160,10 @@ pub struct Shared {
     stop: watch::Sender<bool>,
     /// Set on shutdown; builds check it between steps and clean up.
     cancel: AtomicBool,
+    /// The cluster keys: every message is sealed and checked with them.
+    keys: crate::auth::Keys,
+    /// Ids of messages acted on, with their `sent_at`, to refuse replays.
+    acted: Mutex<BTreeMap<String, u64>>,
 }
 
 /// The backend the config describes: vm-bhyve's `vm`, or the simulator when `sim_dir` is
@@ -175,7 +193,11 @@ pub fn backend_for(cfg: &AgentConfig) -> VmBhyve {
 
 impl Shared {
     /// Shared state for an agent with `cfg`, acting through `backend`.
-    pub fn new(cfg: AgentConfig, backend: Arc<dyn Backend>) -> Result<Arc<Shared>, StartError> {
+    pub fn new(
+        cfg: AgentConfig,
+        keys: crate::auth::Keys,
+        backend: Arc<dyn Backend>,
+    ) -> Result<Arc<Shared>, StartError> {
         let state = |reason: String| StartError::State {
             path: cfg.state_dir.clone(),
             reason,
@@ -183,6 +205,7 @@ impl Shared {
         std::fs::create_dir_all(&cfg.state_dir).map_err(|e| state(e.to_string()))?;
         let intents =
             IntentStore::open(cfg.state_dir.join("intents")).map_err(|e| state(e.to_string()))?;
+        let cfg_state_dir = cfg.state_dir.clone();
         Ok(Arc::new(Shared {
             events: EventLog::new(&cfg.state_dir),
             cfg,
@@ -202,11 +225,78 @@ impl Shared {
             wake_publish: Notify::new(),
             stop: watch::channel(false).0,
             cancel: AtomicBool::new(false),
+            acted: Mutex::new(load_acted(&cfg_state_dir)),
+            keys,
         }))
     }
 
     fn me(&self) -> &str {
         &self.cfg.host
+    }
+
+    /// `env`, signed with the cluster key.
+    fn sealed(&self, mut env: Envelope) -> Envelope {
+        self.keys.seal(&mut env);
+        env
+    }
+
+    /// Refuses a message that is unsigned, forged, tampered, too old or replayed; counts
+    /// and logs the refusal.
+    fn check(&self, env: &Envelope) -> Result<(), crate::auth::Rejection> {
+        let window = self.cfg.message_window.0.as_secs();
+        let mut r = self.keys.verify(env, message::now(), window);
+        if r.is_ok()
+            && self
+                .acted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&env.id)
+        {
+            r = Err(crate::auth::Rejection::Replayed(env.id.clone()));
+        }
+        if let Err(e) = &r {
+            self.count(&format!(
+                "flotilla_rejected_total{{reason=\"{}\"}}",
+                e.label()
+            ));
+            self.event(
+                "rejected",
+                env.body.vm(),
+                Some(&env.id),
+                None,
+                format!(
+                    "a `{}` message claiming to be from {} refused: {e}",
+                    env.body.kind(),
+                    env.from
+                ),
+            );
+        }
+        r
+    }
+
+    /// Records that message `env` was acted on, so a replay of it is refused.
+    fn acted(&self, env: &Envelope) {
+        let window = self.cfg.message_window.0.as_secs();
+        let now = message::now();
+        let mut acted = self.acted.lock().unwrap_or_else(|p| p.into_inner());
+        acted.insert(env.id.clone(), env.sent_at);
+        acted.retain(|_, t| now.saturating_sub(*t) <= window.saturating_mul(2));
+        let path = self.cfg.state_dir.join(ACTED_FILE);
+        let line = format!("{} {}\n", env.id, env.sent_at);
+        let res = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "cannot record an acted message id");
+        }
+        // Keep the file from growing without bound: rewrite it from the pruned set now
+        // and then.
+        if acted.len() % 1024 == 0 {
+            let text: String = acted.iter().map(|(id, t)| format!("{id} {t}\n")).collect();
+            let _ = std::fs::write(&path, text);
+        }
     }
 
     fn snapshot(&self) -> Option<Arc<Snapshot>> {
@@ -309,7 +399,11 @@ impl Shared {
     }
 
     async fn send_result(&self, origin: &Origin, r: &JobResult) {
-        let env = Envelope::new(&self.cluster_id(), self.me(), Message::Result(r.clone()));
+        let env = self.sealed(Envelope::new(
+            &self.cluster_id(),
+            self.me(),
+            Message::Result(r.clone()),
+        ));
         if let Err(e) = self
             .peers
             .put(&origin.reply_to, tubes::RESULTS, &env, self.put_params(512))
@@ -687,7 +781,12 @@ async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) {
         let addr = host.beanstalkd.clone();
         let name = name.clone();
         reads.push(tokio::spawn(async move {
-            let r = tokio::time::timeout(Duration::from_secs(3), s.peers.inventory(&addr)).await;
+            let window = s.cfg.message_window.0.as_secs();
+            let r = tokio::time::timeout(
+                Duration::from_secs(3),
+                s.peers.inventory(&addr, Some((&s.keys, window))),
+            )
+            .await;
             (name, r)
         }));
     }
@@ -912,7 +1011,11 @@ async fn emit_create(
         visited: Vec::new(),
         expires_at: deadline,
     };
-    let env = Envelope::new(&snap.cluster.id, shared.me(), Message::Create(job));
+    let env = shared.sealed(Envelope::new(
+        &snap.cluster.id,
+        shared.me(),
+        Message::Create(job),
+    ));
     // Safety rule 2: the intent is on disk before the job is on the queue.
     let intent = Intent {
         vm: vm.clone(),
@@ -1029,7 +1132,7 @@ async fn emit_op(shared: &Arc<Shared>, snap: &Snapshot, action: &Action, origin:
     let Some(addr) = shared.own_addr() else {
         return;
     };
-    let env = Envelope::new(&snap.cluster.id, &me, body);
+    let env = shared.sealed(Envelope::new(&snap.cluster.id, &me, body));
     match shared
         .peers
         .put(&addr, tubes::OPS, &env, shared.put_params(pri))
@@ -1100,7 +1203,17 @@ async fn inbox_loop(shared: Arc<Shared>) {
                     break;
                 }
             };
-            let done = match message::decode(&job.body) {
+            let decoded = message::decode(&job.body);
+            if let Ok(env) = &decoded {
+                if shared.check(env).is_err() {
+                    if let Err(e) = client.bury(job.id, 1024).await {
+                        tracing::warn!(error = %e, "inbox cannot bury a refused message");
+                    }
+                    continue;
+                }
+                shared.acted(env);
+            }
+            let done = match decoded {
                 Ok(Envelope {
                     body: Message::Result(r),
                     ..
@@ -1318,7 +1431,11 @@ async fn publish_loop(shared: Arc<Shared>) {
             }
         };
         let inv = inventory(&shared, &snap, vms, listed_at);
-        let env = Envelope::new(&snap.cluster.id, shared.me(), Message::Inventory(inv));
+        let env = shared.sealed(Envelope::new(
+            &snap.cluster.id,
+            shared.me(),
+            Message::Inventory(inv),
+        ));
         if let Err(e) = shared.peers.publish_inventory(&addr, &env).await {
             tracing::warn!(error = %e, "cannot publish the inventory");
         }

@@ -121,9 +121,12 @@ impl Peers {
 
     /// Reads the inventory published at `addr` (the oldest ready one if several are
     /// there for a moment), and how long the server took to answer.
+    /// With `verify`, an inventory whose signature does not verify under the keys, or
+    /// that is older than the window (seconds), is an error.
     pub async fn inventory(
         &self,
         addr: &str,
+        verify: Option<(&crate::auth::Keys, u64)>,
     ) -> Result<(Option<message::Inventory>, Duration), PeerError> {
         let started = Instant::now();
         let job = self
@@ -138,7 +141,16 @@ impl Peers {
         let Some(job) = job else {
             return Ok((None, took));
         };
-        match message::decode(&job.body) {
+        let decoded = message::decode(&job.body);
+        if let (Ok(env), Some((keys, window))) = (&decoded, verify) {
+            if let Err(e) = keys.verify(env, message::now(), window) {
+                return Err(PeerError::BadInventory {
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                });
+            }
+        }
+        match decoded {
             Ok(Envelope {
                 body: Message::Inventory(inv),
                 ..

@@ -104,7 +104,7 @@ pub async fn gather(hosts: &HostsFile) -> (ClusterStatus, Vec<Inventory>) {
     };
     let mut invs = Vec::new();
     for (name, addr) in &hosts.hosts {
-        let r = tokio::time::timeout(Duration::from_secs(3), peers.inventory(addr)).await;
+        let r = tokio::time::timeout(Duration::from_secs(3), peers.inventory(addr, None)).await;
         let mut h = HostStatus {
             host: name.clone(),
             beanstalkd: addr.clone(),

@@ -108,10 +108,25 @@ async fn connect(addr: &str, creates: bool) -> Result<Client, beanstalk::Error> 
 /// Decodes, runs and ends one job.
 async fn handle(shared: &Arc<Shared>, client: &mut Client, job: Job) {
     let id = job.id;
+    let mut acted = None;
     let end = match message::decode(&job.body) {
-        Err(e) => End::Bury(format!("cannot decode: {e}"), None),
-        Ok(env) => run(shared, client, id, env).await,
+        Err(e) => {
+            shared.count("flotilla_rejected_total{reason=\"undecodable\"}");
+            End::Bury(format!("cannot decode: {e}"), None)
+        }
+        // Safety rule 5: nothing is done for a message that does not verify.
+        Ok(env) => match shared.check(&env) {
+            Err(e) => End::Bury(format!("refused: {e}"), None),
+            Ok(()) => {
+                let end = run(shared, client, id, env.clone()).await;
+                acted = Some(env);
+                end
+            }
+        },
     };
+    if let (End::Delete(_), Some(env)) = (&end, &acted) {
+        shared.acted(env);
+    }
     let (verb, res) = match end {
         End::Delete(r) => {
             if let Some((origin, r)) = &r {
@@ -279,6 +294,7 @@ async fn forward(shared: &Arc<Shared>, env: &Envelope, job: CreateJob, to: &str)
     let mut next = Envelope::new(&env.cluster, shared.me(), Message::Create(job));
     // The job keeps its id along the chain: markers and results refer to it.
     next.id = env.id.clone();
+    let next = shared.sealed(next);
     match shared
         .peers
         .put(&addr, tubes::CREATE, &next, shared.put_params(1024))

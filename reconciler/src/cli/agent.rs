@@ -43,8 +43,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     };
     init_logging(cfg.log_format);
+    let keys = match flotilla::auth::Keys::load(&cfg.key_file) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("flotilla: error: {e}");
+            return Ok(ExitCode::from(EX_CONFIG));
+        }
+    };
     let backend = Arc::new(agent::backend_for(&cfg));
-    let shared = match Shared::new(cfg, backend) {
+    let shared = match Shared::new(cfg, keys, backend) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("flotilla: error: {e}");

@@ -77,18 +77,20 @@ async fn send_triggers(
     cluster: &str,
     reason: &str,
     timeout: Duration,
+    keys: &flotilla::auth::Keys,
 ) -> Vec<String> {
     let peers = flotilla::agent::peers::Peers::new();
     let from = hostname();
     let mut failed = Vec::new();
     for addr in addrs {
-        let env = Envelope::new(
+        let mut env = Envelope::new(
             cluster,
             &from,
             Message::Trigger(Trigger {
                 reason: reason.to_string(),
             }),
         );
+        keys.seal(&mut env);
         let put = peers.put(
             addr,
             tubes::CONTROL,
@@ -135,6 +137,9 @@ pub struct TriggerArgs {
     /// The cluster id written in the message.
     #[arg(long, default_value = "")]
     cluster: String,
+    /// The cluster key file (mode 0600) to sign with. Default: the one --config names.
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
     /// Why, for the event log.
     #[arg(long, default_value = "flotilla trigger")]
     reason: String,
@@ -162,11 +167,17 @@ pub fn trigger(args: TriggerArgs) -> anyhow::Result<ExitCode> {
     } else {
         (args.beanstalkd.clone(), args.cluster.clone())
     };
+    let key_file = match &args.key_file {
+        Some(k) => k.clone(),
+        None => AgentConfig::load(&args.config)?.key_file,
+    };
+    let keys = flotilla::auth::Keys::load(&key_file)?;
     let failed = runtime()?.block_on(send_triggers(
         &addrs,
         &cluster,
         &args.reason,
         args.timeout.0,
+        &keys,
     ));
     for f in &failed {
         eprintln!("flotilla: trigger not delivered to {f}");
@@ -191,11 +202,13 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     let hosts = args.agent.hosts()?;
     let rt = runtime()?;
     let addrs: Vec<String> = hosts.hosts.values().cloned().collect();
+    let keys = flotilla::auth::Keys::load(&AgentConfig::load(&args.agent.config)?.key_file)?;
     let failed = rt.block_on(send_triggers(
         &addrs,
         &hosts.cluster,
         "flotilla apply",
         Duration::from_secs(5),
+        &keys,
     ));
     for f in &failed {
         eprintln!("flotilla: trigger not delivered to {f}");
