@@ -99,6 +99,8 @@ pub struct Options {
     pub policies: String,
     /// The cluster id.
     pub cluster: String,
+    /// beanstalkd's time-to-run of a job (`policies.ttr`).
+    pub ttr: &'static str,
 }
 
 impl Default for Options {
@@ -110,6 +112,7 @@ impl Default for Options {
             extra_config: String::new(),
             policies: String::new(),
             cluster: "e2e".into(),
+            ttr: "60s",
         }
     }
 }
@@ -300,8 +303,8 @@ impl Cluster {
             );
         }
         s += &format!(
-            "policies:\n  reconcile_interval: 2s\n  prune_guard: 1.0\n  hop_limit: 5\n  ttr: 60s\n{}",
-            self.options.policies
+            "policies:\n  reconcile_interval: 2s\n  prune_guard: 1.0\n  hop_limit: 5\n  ttr: {}\n{}",
+            self.options.ttr, self.options.policies
         );
         s
     }

@@ -121,6 +121,7 @@ fn main() {
             max_creates,
             extra_config: String::new(),
             policies: String::new(),
+            ttr: "60s",
             cluster: "e2e".into(),
         },
     );

@@ -372,6 +372,9 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
                     return ended(done(Outcome::Done));
                 }
                 Some(m) if m.cluster == cluster && !m.complete => resume = true,
+                // No marker yet, but this host's journal says it began building it: a
+                // crash between `vm create` and the marker. Ours, half-made.
+                None if journaled(shared, &job.vm).is_some() => resume = true,
                 Some(m) if m.cluster == cluster => {
                     return ended(done(Outcome::Refused {
                         reason: format!(
@@ -431,7 +434,28 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
         Some(&job.origin.commit),
         format!("building {} (hops left {})", job.vm, job.hops_left),
     );
+    if let Err(e) = journal(shared, &job.vm, Some(&env.id)) {
+        let mut adm = shared.admission.lock().unwrap_or_else(|p| p.into_inner());
+        adm.reserved = adm.reserved - reserve;
+        adm.building.remove(&job.vm);
+        return ended(End::Release(
+            Duration::from_secs(2),
+            format!("failed: cannot write the build journal: {e}"),
+        ));
+    }
     let outcome = build(shared, env, job, resume);
+    // Built, or cleaned up: the journal entry has served. A failed cleanup keeps it, so
+    // the next try still knows the leftover is ours.
+    let leftover = outcome.is_err()
+        && shared
+            .backend
+            .get(&job.vm)
+            .ok()
+            .flatten()
+            .is_some_and(|v| v.marker.is_none());
+    if !leftover {
+        let _ = journal(shared, &job.vm, None);
+    }
     {
         let mut adm = shared.admission.lock().unwrap_or_else(|p| p.into_inner());
         adm.reserved = adm.reserved - reserve;
@@ -483,6 +507,35 @@ fn build(shared: &Shared, env: &Envelope, job: &CreateJob, resume: bool) -> Resu
     r
 }
 
+/// The build journal: `<state_dir>/building/<vm>` holds the id of the job building it,
+/// written (and synced) before `vm create`. It is how a VM that a crash left without a
+/// marker is still known as this host's own half-made VM.
+fn journal_path(shared: &Shared, vm: &str) -> std::path::PathBuf {
+    shared.cfg.state_dir.join("building").join(vm)
+}
+
+fn journaled(shared: &Shared, vm: &str) -> Option<String> {
+    std::fs::read_to_string(journal_path(shared, vm)).ok()
+}
+
+fn journal(shared: &Shared, vm: &str, job: Option<&str>) -> std::io::Result<()> {
+    let path = journal_path(shared, vm);
+    match job {
+        Some(id) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let mut f = std::fs::File::create(&path)?;
+            std::io::Write::write_all(&mut f, id.as_bytes())?;
+            f.sync_all()
+        }
+        None => match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+    }
+}
+
 fn remove_half_made(shared: &Shared, vm: &str) -> Result<(), StepError> {
     let backend = shared.backend.as_ref();
     let Some(found) = backend.get(vm)? else {
@@ -491,6 +544,7 @@ fn remove_half_made(shared: &Shared, vm: &str) -> Result<(), StepError> {
     // Only what this cluster half-made is removed; anything else is left alone.
     match &found.marker {
         Some(m) if m.cluster == shared.cluster_id() && !m.complete => {}
+        None if journaled(shared, vm).is_some() => {}
         _ => return Ok(()),
     }
     if found.state != RunState::Stopped {

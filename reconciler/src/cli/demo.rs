@@ -214,6 +214,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             max_creates: 2,
             extra_config: String::new(),
             policies: String::new(),
+            ttr: "60s",
             cluster: example.cluster.id.clone(),
         },
     );

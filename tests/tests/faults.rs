@@ -1,0 +1,241 @@
+//! Fault injection on the three-host lab (issue 7): agents killed in the middle of a
+//! create, beanstalkd restarted or down, the git remote gone, a guest slower than the
+//! job's time-to-run. After each fault the cluster converges with every VM exactly once.
+
+use std::time::Duration;
+
+use flotilla::actual::RunState;
+use flotilla_e2e::{vm_yaml, Cluster, HostSpec, Options};
+
+const CONVERGE: Duration = Duration::from_secs(90);
+
+fn chain() -> Vec<HostSpec> {
+    vec![
+        HostSpec::new("host1", Some("host2")),
+        HostSpec::new("host2", Some("host3")),
+        HostSpec::new("host3", None),
+    ]
+}
+
+/// Every host that has `vm`.
+fn holders(c: &Cluster, vm: &str) -> Vec<usize> {
+    (0..c.hosts.len())
+        .filter(|i| c.names(*i).iter().any(|n| n == vm))
+        .collect()
+}
+
+fn running_complete(c: &Cluster, i: usize, vm: &str) -> bool {
+    c.vms(i).iter().any(|v| {
+        v.name == vm
+            && v.state == RunState::Running
+            && v.marker.as_ref().is_some_and(|m| m.complete)
+    })
+}
+
+#[test]
+fn kill_9_in_the_middle_of_a_create_leaves_exactly_one_vm_after_restart() {
+    let mut c = Cluster::start(
+        &chain(),
+        Options {
+            sim_delay_ms: 1500,
+            ..Options::default()
+        },
+    );
+    c.start_agents();
+    c.commit(
+        &[(
+            "vms/crash1.yaml",
+            Some(&vm_yaml("crash1", "CS0", "host: host1\n")),
+        )],
+        "one VM",
+    );
+    c.wait_until("the build under way", CONVERGE, |c| {
+        c.events(0)
+            .iter()
+            .any(|e| e.kind == "job" && e.message.contains("building crash1"))
+    });
+    c.kill_agent(0);
+    std::thread::sleep(Duration::from_secs(2));
+    c.start_agent(0);
+    c.wait_until("crash1 built after the restart", CONVERGE, |c| {
+        running_complete(c, 0, "crash1")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(holders(&c, "crash1"), vec![0], "exactly one crash1");
+    assert_eq!(c.names(0), vec!["crash1".to_string()], "no leftovers");
+    assert!(
+        !c.hosts[0].state_dir.join("building/crash1").exists(),
+        "journal cleared"
+    );
+}
+
+#[test]
+fn a_beanstalkd_restarted_with_its_binlog_loses_no_waiting_job() {
+    let specs = vec![
+        HostSpec::new("host1", Some("host2")).limits("1G", "100G", 10),
+        HostSpec::new("host2", Some("host3")),
+        HostSpec::new("host3", None),
+    ];
+    let mut c = Cluster::start(&specs, Options::default());
+    // host2's agent is down: what host1 forwards waits in host2's queue.
+    c.start_agent(0);
+    c.start_agent(2);
+    c.start_agent(1);
+    let config = c.hosts[0].config.display().to_string();
+    c.wait_until("host2's inventory published", CONVERGE, |c| {
+        let (_, out, _) = c.flotilla(&["status", "--config", &config, "--output", "json"]);
+        serde_json::from_str::<serde_json::Value>(&out)
+            .ok()
+            .and_then(|v| v["hosts"][1]["inventory_age"].as_u64())
+            .is_some()
+    });
+    c.stop_agent(1);
+    c.commit(
+        &[
+            ("vms/w1.yaml", Some(&vm_yaml("w1", "CS2", "host: host1\n"))),
+            ("vms/w2.yaml", Some(&vm_yaml("w2", "CS2", "host: host1\n"))),
+            ("vms/w3.yaml", Some(&vm_yaml("w3", "CS2", "host: host1\n"))),
+        ],
+        "three 1G VMs for a 1G host",
+    );
+    c.wait_until("two creates forwarded to host2", CONVERGE, |c| {
+        c.events(0).iter().filter(|e| e.kind == "forward").count() >= 2
+    });
+    c.hosts[1]
+        .beanstalkd
+        .restart()
+        .expect("restart host2's beanstalkd");
+    c.start_agent(1);
+    c.wait_until("all three running", CONVERGE, |c| {
+        ["w1", "w2", "w3"]
+            .iter()
+            .all(|v| holders(c, v).len() == 1 && (0..3).any(|i| running_complete(c, i, v)))
+    });
+    assert_eq!(
+        holders(&c, "w1").len() + holders(&c, "w2").len() + holders(&c, "w3").len(),
+        3
+    );
+}
+
+#[test]
+fn one_beanstalkd_down_stalls_only_its_own_creates_and_nothing_is_duplicated() {
+    let mut c = Cluster::start(&chain(), Options::default());
+    c.start_agents();
+    c.commit(
+        &[(
+            "vms/seed.yaml",
+            Some(&vm_yaml("seed", "CS0", "host: host1\n")),
+        )],
+        "seed",
+    );
+    c.wait_until("seed running", CONVERGE, |c| running_complete(c, 0, "seed"));
+    c.hosts[2].beanstalkd.stop();
+    c.commit(
+        &[
+            (
+                "vms/live1.yaml",
+                Some(&vm_yaml("live1", "CS0", "host: host1\n")),
+            ),
+            (
+                "vms/live2.yaml",
+                Some(&vm_yaml("live2", "CS0", "host: host2\n")),
+            ),
+            (
+                "vms/dead3.yaml",
+                Some(&vm_yaml("dead3", "CS0", "host: host3\n")),
+            ),
+        ],
+        "one VM per host",
+    );
+    c.wait_until("the live hosts converge", CONVERGE, |c| {
+        running_complete(c, 0, "live1") && running_complete(c, 1, "live2")
+    });
+    assert!(
+        holders(&c, "dead3").is_empty(),
+        "host3's create waits for its beanstalkd"
+    );
+    c.hosts[2]
+        .beanstalkd
+        .restart()
+        .expect("start host3's beanstalkd again");
+    c.wait_until("dead3 built once host3 is back", CONVERGE, |c| {
+        running_complete(c, 2, "dead3")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    for vm in ["seed", "live1", "live2", "dead3"] {
+        assert_eq!(holders(&c, vm).len(), 1, "{vm} exactly once");
+    }
+}
+
+#[test]
+fn the_git_remote_gone_keeps_the_last_good_snapshot_and_reports_it() {
+    let mut c = Cluster::start(&chain(), Options::default());
+    c.start_agents();
+    c.commit(
+        &[(
+            "vms/kept.yaml",
+            Some(&vm_yaml("kept", "CS0", "host: host2\n")),
+        )],
+        "one VM",
+    );
+    c.wait_until("kept running", CONVERGE, |c| running_complete(c, 1, "kept"));
+    let moved = c.repo.with_extension("moved");
+    std::fs::rename(&c.repo, &moved).unwrap();
+    c.wait_until("the fetch error reported", CONVERGE, |c| {
+        c.events(1)
+            .iter()
+            .any(|e| e.kind == "error" && e.message.contains("cannot fetch the desired repo"))
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        running_complete(&c, 1, "kept"),
+        "nothing destroyed while the remote is gone"
+    );
+    std::fs::rename(&moved, &c.repo).unwrap();
+    c.commit(
+        &[(
+            "vms/after.yaml",
+            Some(&vm_yaml("after", "CS0", "host: host2\n")),
+        )],
+        "back",
+    );
+    c.wait_until(
+        "a new commit applies once the remote is back",
+        CONVERGE,
+        |c| running_complete(c, 1, "after"),
+    );
+    let _ = &mut c;
+}
+
+#[test]
+fn a_guest_slower_than_the_ttr_is_touched_not_handed_out_twice() {
+    let mut c = Cluster::start(
+        &chain(),
+        Options {
+            sim_delay_ms: 3000,
+            ttr: "2s",
+            ..Options::default()
+        },
+    );
+    c.start_agents();
+    c.commit(
+        &[(
+            "vms/slow.yaml",
+            Some(&vm_yaml("slow", "CS0", "host: host3\n")),
+        )],
+        "a slow VM",
+    );
+    c.wait_until("slow running", CONVERGE, |c| running_complete(c, 2, "slow"));
+    let builds = c
+        .events(2)
+        .into_iter()
+        .filter(|e| e.kind == "job" && e.message.contains("building slow"))
+        .count();
+    assert_eq!(
+        builds,
+        1,
+        "built by one reservation, kept alive by touch\n{}",
+        c.logs()
+    );
+    assert_eq!(holders(&c, "slow"), vec![2]);
+}
