@@ -462,6 +462,32 @@ impl VmBhyve {
         })
     }
 
+    /// The guest's row and directory like [`VmBhyve::probe_required`], from `vm info NAME`
+    /// when no `run.lock` exists (then the guest cannot be `Locked`, the one state `info`
+    /// does not show), else from `vm list`: one guest's look instead of all of them.
+    fn quick_probe(&self, name: &str) -> Result<Probe, BackendError> {
+        let Some((ds, dir)) = self.locate(name)? else {
+            return Err(BackendError::NotFound {
+                name: name.to_string(),
+            });
+        };
+        if dir.join("run.lock").exists() {
+            return self.probe_required(name);
+        }
+        let (state, state_text) = self.info_state(name)?;
+        Ok(Probe {
+            row: ListRow {
+                name: name.to_string(),
+                datastore: ds.name.clone(),
+                autostart: None,
+                state,
+                state_text,
+                lock_host: None,
+            },
+            dir,
+        })
+    }
+
     /// The state line of `vm info NAME` (`running (pid)`, `stopped`, `bootloader (pid)`;
     /// never `Locked`), parsed, and its text.
     fn info_state(&self, name: &str) -> Result<(RunState, String), BackendError> {
@@ -820,7 +846,7 @@ impl Backend for VmBhyve {
 
     fn start(&self, name: &str) -> Result<(), BackendError> {
         check_name("VM name", name)?;
-        let p = self.settle_lock(self.probe_required(name)?)?;
+        let p = self.settle_lock(self.quick_probe(name)?)?;
         match p.row.state {
             RunState::Running => return Ok(()),
             RunState::Bootloader => {}
