@@ -129,6 +129,17 @@ fn one_beanstalkd_down_stalls_only_its_own_creates_and_nothing_is_duplicated() {
         "seed",
     );
     c.wait_until("seed running", CONVERGE, |c| running_complete(c, 0, "seed"));
+    // Every agent has seen every host's inventory (that is what `applied` means).
+    let config = c.hosts[0].config.display().to_string();
+    c.wait_until("every host applied the seed commit", CONVERGE, |c| {
+        let (_, out, _) = c.flotilla(&["status", "--config", &config, "--output", "json"]);
+        serde_json::from_str::<serde_json::Value>(&out).is_ok_and(|v| {
+            let want = v["desired_commit"].clone();
+            v["hosts"]
+                .as_array()
+                .is_some_and(|hs| hs.iter().all(|h| h["applied_commit"] == want))
+        })
+    });
     c.hosts[2].beanstalkd.stop();
     c.commit(
         &[

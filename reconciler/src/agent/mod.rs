@@ -925,7 +925,10 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
         owner: me.clone(),
         reply_to: shared.own_addr().unwrap_or_default(),
     };
-    let nothing_to_do = emits.is_empty() && in_flight.is_empty() && waiting_creates == 0;
+    // Applied means this host saw every other host too: an unseen host could still
+    // need something from it.
+    let nothing_to_do =
+        emits.is_empty() && in_flight.is_empty() && waiting_creates == 0 && unseen.is_empty();
     for emit in emits {
         match emit {
             Emit::Create(action) => emit_create(shared, snap, action, &origin, &inventories).await,
