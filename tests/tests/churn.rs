@@ -183,10 +183,7 @@ fn churn_converges_to_the_last_commit() {
     println!("{commits} commits; desired at the end: {desired:?}");
 
     let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let Some(why) = mismatch(&c, &desired) else {
-            break;
-        };
+    while let Some(why) = mismatch(&c, &desired) {
         if Instant::now() > deadline {
             panic!("not converged: {why}\n{}", c.logs());
         }
