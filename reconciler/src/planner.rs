@@ -414,6 +414,10 @@ fn network_key(key: &str) -> Option<(u32, &str)> {
     indexed(key, "network")
 }
 
+/// How much the guest builder adds to `disk0` beyond the spec's size (GPT and boot
+/// partition); an image up to this much larger than desired matches.
+pub const BUILDER_PAD: Size = Size::mib(8);
+
 /// Keys whose change needs a new VM: another loader, or another disk layout.
 fn needs_rebuild(key: &str) -> bool {
     key == "loader" || matches!(disk_key(key), Some((_, "type" | "dev" | "name")))
@@ -762,7 +766,9 @@ fn plan_existing(
         .collect();
     let disk0 = vm.disks.first();
     if let Some(d) = disk0 {
-        if d.size > spec.disk {
+        // The FreeBSD guest builder (host/provision/provision.sh) grows the image by
+        // BUILDER_PAD for the partition table and boot partition: that is not drift.
+        if d.size.bytes() > spec.disk.bytes().saturating_add(BUILDER_PAD.bytes()) {
             reasons.push(format!(
                 "disk0 would shrink from {} to {}",
                 d.size, spec.disk

@@ -745,3 +745,27 @@ proptest! {
         prop_assert_eq!(p1, p2);
     }
 }
+
+/// Guards the replace loop the guest builder's 8 MiB pad would cause: a built image
+/// slightly larger than the spec is not a shrink (with `replace: allow` it would be
+/// destroyed and built again, forever).
+#[test]
+fn the_guest_builders_pad_is_not_drift_but_more_is() {
+    let snap = snapshot(
+        &s(&["name: ci1\nprofile: CS2\nhost: host1\nreplace: allow\n"]),
+        0.5,
+    );
+    let mut ci = built(&snap.vms["ci1"]);
+    ci.disks[0].size = Size(Size::gib(40).bytes() + crate::planner::BUILDER_PAD.bytes());
+    let actual = |vm| {
+        vec![HostActual {
+            host: "host1".into(),
+            vms: vec![vm],
+        }]
+    };
+    let p = plan(&snap, &actual(ci.clone()), &[], &PlanOptions::default());
+    assert_eq!(all(&p), []);
+    ci.disks[0].size = Size(Size::gib(40).bytes() + crate::planner::BUILDER_PAD.bytes() + 1);
+    let p = plan(&snap, &actual(ci), &[], &PlanOptions::default());
+    assert_eq!(all(&p), [("host1".into(), "ci1".into(), Kind::Replace)]);
+}
