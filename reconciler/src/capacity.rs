@@ -69,6 +69,17 @@ impl std::ops::Sub for Usage {
     }
 }
 
+impl From<&crate::desired::HostLimits> for Limits {
+    /// A host's limits as cluster.yaml states them (all set).
+    fn from(l: &crate::desired::HostLimits) -> Limits {
+        Limits {
+            memory: Some(l.memory),
+            storage: Some(l.storage),
+            vms: Some(l.vms),
+        }
+    }
+}
+
 /// A host's limits; `None` means unlimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Limits {

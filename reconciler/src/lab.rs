@@ -335,6 +335,20 @@ impl Cluster {
         git(&self.repo, &["rev-parse", "HEAD"])
     }
 
+    /// `stats-tube` of `tube` on host `i`'s beanstalkd; `None` for a tube never used.
+    pub fn tube_stats(&self, i: usize, tube: &str) -> Option<beanstalk::TubeStats> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        rt.block_on(async {
+            let mut client = beanstalk::Client::connect(self.hosts[i].beanstalkd.addr())
+                .await
+                .ok()?;
+            client.stats_tube(tube).await.ok()
+        })
+    }
+
     /// The cluster key file every agent uses.
     pub fn key_file(&self) -> PathBuf {
         self.dir.path().join("cluster.key")

@@ -201,33 +201,22 @@ fn churn_converges_to_the_last_commit() {
     assert!(by.marker.is_none());
 
     // Every job accounted for: nothing waiting, held or buried on any host.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     c.wait_until("every queue drained", Duration::from_secs(30), |c| {
-        rt.block_on(async {
-            for h in &c.hosts {
-                let mut client = beanstalk::Client::connect(h.beanstalkd.addr())
-                    .await
-                    .unwrap();
-                for tube in [
-                    flotilla::message::tubes::CREATE,
-                    flotilla::message::tubes::OPS,
-                ] {
-                    if let Ok(s) = client.stats_tube(tube).await {
-                        if s.current_jobs_ready
-                            + s.current_jobs_reserved
-                            + s.current_jobs_delayed
-                            + s.current_jobs_buried
-                            > 0
-                        {
-                            return false;
-                        }
-                    }
-                }
-            }
-            true
+        (0..c.hosts.len()).all(|i| {
+            [
+                flotilla::message::tubes::CREATE,
+                flotilla::message::tubes::OPS,
+            ]
+            .iter()
+            .all(|tube| {
+                c.tube_stats(i, tube).is_none_or(|s| {
+                    s.current_jobs_ready
+                        + s.current_jobs_reserved
+                        + s.current_jobs_delayed
+                        + s.current_jobs_buried
+                        == 0
+                })
+            })
         })
     });
 }

@@ -154,19 +154,9 @@ fn supervisorctl_stop_during_a_create_releases_the_job_and_a_restart_finishes_it
         "the agent ended cleanly, not killed"
     );
     // The job is back on the queue, and nothing half-made is left.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let stats = rt.block_on(async {
-        let mut client = beanstalk::Client::connect(c.hosts[0].beanstalkd.addr())
-            .await
-            .unwrap();
-        client
-            .stats_tube(flotilla::message::tubes::CREATE)
-            .await
-            .unwrap()
-    });
+    let stats = c
+        .tube_stats(0, flotilla::message::tubes::CREATE)
+        .expect("the create tube exists");
     assert_eq!(stats.current_jobs_reserved, 0, "{stats:?}");
     assert_eq!(
         stats.current_jobs_ready + stats.current_jobs_delayed,

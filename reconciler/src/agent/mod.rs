@@ -1369,11 +1369,7 @@ fn inventory(shared: &Shared, snap: &Snapshot, vms: Vec<ActualVm>, listed_at: u6
         .cluster
         .hosts
         .get(shared.me())
-        .map(|h| Limits {
-            memory: Some(h.limits.memory),
-            storage: Some(h.limits.storage),
-            vms: Some(h.limits.vms),
-        })
+        .map(|h| Limits::from(&h.limits))
         .unwrap_or_default();
     let reserved = shared
         .admission

@@ -345,11 +345,7 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
             format!("this host `{me}` is not in cluster.yaml"),
         ));
     };
-    let limits = crate::capacity::Limits {
-        memory: Some(host.limits.memory),
-        storage: Some(host.limits.storage),
-        vms: Some(host.limits.vms),
-    };
+    let limits = crate::capacity::Limits::from(&host.limits);
     let cluster = snap.cluster.id.clone();
     let backend = shared.backend.clone();
     let reserve;
