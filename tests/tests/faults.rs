@@ -250,3 +250,93 @@ fn a_guest_slower_than_the_ttr_is_touched_not_handed_out_twice() {
     );
     assert_eq!(holders(&c, "slow"), vec![2]);
 }
+
+/// A create whose body is just under the message limit is taken; one just over it is
+/// buried with the reason, and nothing is built for it.
+#[test]
+fn a_job_body_at_the_size_limit_is_taken_and_one_over_it_is_buried() {
+    use flotilla::message::{
+        self, tubes, CreateJob, Envelope, Message, Origin, VmOrder, MAX_MESSAGE,
+    };
+    let mut c = Cluster::start(&chain(), Options::default());
+    c.start_agents();
+    let template =
+        std::fs::read_to_string(c.hosts[0].vm_dir.join(".templates/default.conf")).unwrap();
+    let keys = c.keys();
+    let sized = |name: &str, size: usize| {
+        let mut job = CreateJob {
+            vm: name.into(),
+            order: VmOrder {
+                template: "default".into(),
+                template_conf: template.clone(),
+                cpu: 1,
+                memory: "256M".parse().unwrap(),
+                disk: "1G".parse().unwrap(),
+                swap: flotilla::size::Size(0),
+                config: Default::default(),
+                running: false,
+                protect: false,
+                options: Default::default(),
+                secrets: vec![],
+            },
+            spec_hash: "h".into(),
+            origin: Origin {
+                commit: "0".into(),
+                owner: "host1".into(),
+                reply_to: c.hosts[0].beanstalkd.addr(),
+            },
+            hops_left: 1,
+            visited: vec![],
+            expires_at: message::now() + 3600,
+        };
+        // Pad with a hook option until the sealed message is exactly `size` bytes.
+        let mut pad = 0;
+        loop {
+            job.order.options.insert("motd".into(), "x".repeat(pad));
+            let mut env = Envelope::new("e2e", "host1", Message::Create(job.clone()));
+            keys.seal(&mut env);
+            let len = message::encode(&env).len();
+            if len >= size {
+                return env;
+            }
+            pad += size - len;
+        }
+    };
+    let at_limit = sized("limit1", MAX_MESSAGE);
+    let over = sized("over1", MAX_MESSAGE + 1);
+    assert_eq!(message::encode(&at_limit).len(), MAX_MESSAGE);
+    assert_eq!(message::encode(&over).len(), MAX_MESSAGE + 1);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut client = beanstalk::Client::connect(c.hosts[0].beanstalkd.addr())
+            .await
+            .unwrap();
+        client.use_tube(tubes::CREATE).await.unwrap();
+        for env in [&at_limit, &over] {
+            client
+                .put(&message::encode(env), Default::default())
+                .await
+                .unwrap();
+        }
+    });
+    c.wait_until(
+        "the one at the limit built, the one over it buried",
+        CONVERGE,
+        |c| {
+            let ev = c.events(0);
+            ev.iter()
+                .any(|e| e.kind == "job" && e.message == "built limit1 on host1")
+                && ev.iter().any(|e| {
+                    e.kind == "buried" && e.message.contains("larger than the 61440-byte limit")
+                })
+        },
+    );
+    assert!(
+        holders(&c, "over1").is_empty(),
+        "nothing built for the oversized job"
+    );
+    let _ = &mut c;
+}
