@@ -443,6 +443,7 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
     // Built, or cleaned up: the journal entry has served. A failed cleanup keeps it, so
     // the next try still knows the leftover is ours.
     let leftover = outcome.is_err()
+        && !name_taken(&outcome)
         && shared
             .backend
             .get(&job.vm)
@@ -489,7 +490,9 @@ fn build(shared: &Shared, env: &Envelope, job: &CreateJob, resume: bool) -> Resu
         remove_half_made(shared, &job.vm)?;
     }
     let r = build_steps(shared, env, job);
-    if r.is_err() {
+    // A VM that took the name between admission and `vm create` is not ours: nothing is
+    // cleaned up (safety rule 1), whatever the build journal says.
+    if r.is_err() && !name_taken(&r) {
         if let Err(e) = remove_half_made(shared, &job.vm) {
             shared.event(
                 "error",
@@ -501,6 +504,14 @@ fn build(shared: &Shared, env: &Envelope, job: &CreateJob, resume: bool) -> Resu
         }
     }
     r
+}
+
+/// True when `vm create` refused because the name exists.
+fn name_taken(r: &Result<(), StepError>) -> bool {
+    matches!(
+        r,
+        Err(StepError::Backend(BackendError::AlreadyExists { .. }))
+    )
 }
 
 /// The build journal: `<state_dir>/building/<vm>` holds the id of the job building it,
