@@ -33,8 +33,11 @@ use super::Shared;
 pub(super) enum End {
     /// Done with: delete it, and send the result if any.
     Delete(Option<(Origin, JobResult)>),
-    /// Try again after `delay`.
+    /// Try again after `delay`; not a failure (waiting for room, a peer, a lock).
     Release(Duration, String),
+    /// The action failed: retried with backoff a bounded number of times, then buried
+    /// with a `failed` result (see [`run`]).
+    Failed(String),
     /// Never again: bury it with the reason, and send the result if any.
     Bury(String, Option<(Origin, JobResult)>),
 }
@@ -143,6 +146,14 @@ async fn handle(shared: &Arc<Shared>, client: &mut Client, job: Job) {
                     .await,
             )
         }
+        // `run` turns every failure into a release or a bury; this only keeps the
+        // match whole.
+        End::Failed(why) => (
+            "release",
+            client.release(id, 1024, 1).await.map(|()| {
+                tracing::warn!(job = id, %why, "released after a failure");
+            }),
+        ),
         End::Bury(why, r) => {
             shared.event(
                 "buried",
@@ -234,13 +245,13 @@ async fn run(shared: &Arc<Shared>, client: &mut Client, id: u64, env: Envelope) 
     };
     // Failures are retried with backoff a bounded number of times, then buried.
     match end {
-        End::Release(delay, why) if why.starts_with("failed:") => {
+        End::Failed(why) => {
             let retries = shared.cfg.worker.retries.max(1);
             if attempts >= retries {
                 let origin = origin_of(&env.body);
                 let vm = env.body.vm().unwrap_or_default().to_string();
                 let outcome = Outcome::Failed {
-                    reason: why.trim_start_matches("failed: ").to_string(),
+                    reason: why.clone(),
                     attempts,
                 };
                 shared.count(&format!(
@@ -250,10 +261,10 @@ async fn run(shared: &Arc<Shared>, client: &mut Client, id: u64, env: Envelope) 
                     let r = result(&env, &vm, &me, &o.commit, outcome);
                     (o, r)
                 });
-                End::Bury(format!("{why} (after {attempts} tries)"), r)
+                End::Bury(format!("failed: {why} (after {attempts} tries)"), r)
             } else {
                 let backoff = shared.cfg.worker.backoff.0 * 2u32.saturating_pow(attempts - 1);
-                End::Release(backoff.max(delay), why)
+                End::Release(backoff, format!("failed: {why}"))
             }
         }
         other => other,
@@ -360,7 +371,7 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
         }
         let vms = match backend.list() {
             Ok(v) => v,
-            Err(e) => return ended(End::Release(Duration::from_secs(2), format!("failed: {e}"))),
+            Err(e) => return ended(End::Failed(e.to_string())),
         };
         if let Some(vm) = vms.iter().find(|v| v.name == job.vm) {
             match &vm.marker {
@@ -434,10 +445,7 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
         let mut adm = shared.admission.lock().unwrap_or_else(|p| p.into_inner());
         adm.reserved = adm.reserved - reserve;
         adm.building.remove(&job.vm);
-        return ended(End::Release(
-            Duration::from_secs(2),
-            format!("failed: cannot write the build journal: {e}"),
-        ));
+        return ended(End::Failed(format!("cannot write the build journal: {e}")));
     }
     let outcome = build(shared, env, job, resume);
     // Built, or cleaned up: the journal entry has served. A failed cleanup keeps it, so
@@ -479,7 +487,7 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
                 Some(&job.origin.commit),
                 format!("create failed: {e}"),
             );
-            End::Release(Duration::from_secs(1), format!("failed: {e}"))
+            End::Failed(e.to_string())
         }
     })
 }
@@ -674,7 +682,7 @@ fn op(shared: &Shared, env: &Envelope) -> End {
     let backend = shared.backend.as_ref();
     let found = match backend.get(vm) {
         Ok(v) => v,
-        Err(e) => return End::Release(Duration::from_secs(2), format!("failed: {e}")),
+        Err(e) => return End::Failed(e.to_string()),
     };
     let Some(found) = found else {
         // Gone already: a destroy is done; anything else has nothing to act on.
@@ -742,7 +750,7 @@ fn op(shared: &Shared, env: &Envelope) -> End {
                 Some(&origin.commit),
                 format!("{} {vm} failed: {e}", env.body.kind()),
             );
-            End::Release(Duration::from_secs(1), format!("failed: {e}"))
+            End::Failed(e.to_string())
         }
     }
 }
