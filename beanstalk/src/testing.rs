@@ -1,11 +1,12 @@
-//! A real beanstalkd for tests (feature `testing`): started on a free loopback port,
-//! stopped when dropped.
+//! A real beanstalkd for tests (feature `testing`): started on a free port (of the
+//! loopback address unless [`Config::listen`] says otherwise), stopped when dropped.
 //!
 //! ```no_run
 //! let server = beanstalk::testing::Beanstalkd::start().expect("beanstalkd installed");
 //! println!("listening on {}", server.addr());
 //! ```
 
+use std::ffi::OsString;
 use std::io;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -21,9 +22,17 @@ pub struct Config {
     pub max_job_size: Option<u64>,
     /// The program to run; `beanstalkd` from `PATH` when unset.
     pub program: Option<PathBuf>,
+    /// `-l`: the address to listen on; 127.0.0.1 when unset. It must be reachable from
+    /// this process: readiness is checked by connecting to it.
+    pub listen: Option<Ipv4Addr>,
+    /// A command the server is started through, with the program and its arguments
+    /// appended: `["ip", "netns", "exec", "NAME"]` starts it in a network namespace.
+    /// The wrapper must exec the program in its own process (as `ip netns exec` does):
+    /// the server is recognised, and killed, by that process's id.
+    pub wrapper: Vec<OsString>,
 }
 
-/// A running beanstalkd on 127.0.0.1, killed on drop.
+/// A running beanstalkd (on 127.0.0.1 unless configured otherwise), killed on drop.
 #[derive(Debug)]
 pub struct Beanstalkd {
     child: Option<Child>,
@@ -32,10 +41,17 @@ pub struct Beanstalkd {
     binlog_dir: Option<tempfile::TempDir>,
 }
 
-fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
+/// A port free on `ip`, or on the loopback address when `ip` is not this network
+/// namespace's (a server started in another namespace has that namespace's ports to
+/// itself, so any port will do, and the bind in `spawn` is checked anyway).
+fn free_port(ip: Ipv4Addr) -> io::Result<u16> {
+    let listener = match TcpListener::bind((ip, 0)) {
+        Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => {
+            TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        }
+        other => other,
+    }?;
+    Ok(listener.local_addr()?.port())
 }
 
 impl Beanstalkd {
@@ -65,7 +81,7 @@ impl Beanstalkd {
         // beanstalkd exits at once and the next free port is tried.
         let mut last = None;
         for _ in 0..20 {
-            server.port = free_port()?;
+            server.port = free_port(server.ip())?;
             match server.spawn() {
                 Ok(()) => return Ok(server),
                 Err(e) => last = Some(e),
@@ -80,8 +96,17 @@ impl Beanstalkd {
             .program
             .clone()
             .unwrap_or_else(|| PathBuf::from("beanstalkd"));
-        let mut cmd = Command::new(&program);
-        cmd.args(["-l", "127.0.0.1", "-p", &self.port.to_string()]);
+        let mut cmd = match self.config.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut cmd = Command::new(first);
+                cmd.args(rest).arg(&program);
+                cmd
+            }
+            None => Command::new(&program),
+        };
+        cmd.arg("-l")
+            .arg(self.ip().to_string())
+            .args(["-p", &self.port.to_string()]);
         if let Some(dir) = &self.binlog_dir {
             cmd.arg("-b").arg(dir.path());
         }
@@ -95,7 +120,12 @@ impl Beanstalkd {
             io::Error::new(
                 e.kind(),
                 format!(
-                    "cannot run {} (install the `beanstalkd` package): {e}",
+                    "cannot run {}{} (install the `beanstalkd` package): {e}",
+                    self.config
+                        .wrapper
+                        .iter()
+                        .map(|w| format!("{} ", w.to_string_lossy()))
+                        .collect::<String>(),
                     program.display()
                 ),
             )
@@ -108,7 +138,7 @@ impl Beanstalkd {
                     self.port
                 )));
             }
-            if let Ok(sock) = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)) {
+            if let Ok(sock) = TcpStream::connect((self.ip(), self.port)) {
                 // Another test's server may hold the port (it took it between our probe
                 // and our bind, and ours is about to exit): only our own pid will do.
                 if server_pid(sock) == Some(child.id()) {
@@ -134,9 +164,14 @@ impl Beanstalkd {
         }
     }
 
-    /// `127.0.0.1:PORT`.
+    /// `IP:PORT`: `127.0.0.1:PORT` unless [`Config::listen`] names another address.
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.ip(), self.port)
+    }
+
+    /// The address it listens on.
+    pub fn ip(&self) -> Ipv4Addr {
+        self.config.listen.unwrap_or(Ipv4Addr::LOCALHOST)
     }
 
     /// The port.

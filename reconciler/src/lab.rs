@@ -7,6 +7,16 @@
 //! Agents are real `flotilla agent` processes; tests commit to the repo and watch the
 //! simulated hosts converge. Everything lives in one temporary directory and every
 //! process is stopped on drop.
+//!
+//! With [`Options::isolate`], one host (its beanstalkd, its agent and the simulated
+//! `vm` commands the agent runs) lives in its own network namespace behind a veth pair
+//! ([`Netns`]), so a test can [`Cluster::cut`] it off the network and
+//! [`Cluster::heal`] it. Needs root; [`netns_available`] says whether this machine
+//! allows it.
+
+mod netns;
+
+pub use netns::{netns_available, netns_check, Netns};
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -101,6 +111,13 @@ pub struct Options {
     pub cluster: String,
     /// beanstalkd's time-to-run of a job (`policies.ttr`).
     pub ttr: &'static str,
+    /// The host to run in its own network namespace (see [`Cluster::cut`]). Every
+    /// beanstalkd then listens on an address of the veth pair instead of the loopback
+    /// address, which the namespace cannot reach: this host's on the namespace's end,
+    /// the others' on this namespace's end (reachable from both sides, and from this
+    /// machine only). [`Cluster::start`] panics when namespaces are not available
+    /// ([`netns_check`] says why).
+    pub isolate: Option<String>,
 }
 
 impl Default for Options {
@@ -113,6 +130,7 @@ impl Default for Options {
             policies: String::new(),
             cluster: "e2e".into(),
             ttr: "60s",
+            isolate: None,
         }
     }
 }
@@ -147,6 +165,9 @@ pub struct Cluster {
     pub specs: Vec<HostSpec>,
     /// The options.
     pub options: Options,
+    /// The namespace of the host named by [`Options::isolate`]. Declared last so that
+    /// it is removed after the hosts' processes are stopped.
+    pub netns: Option<Netns>,
 }
 
 fn git(repo: &Path, args: &[&str]) -> String {
@@ -180,12 +201,32 @@ impl Cluster {
         let sim = bin_dir().join("vm-sim");
         std::os::unix::fs::symlink(&sim, bin.join("vm")).unwrap();
         std::os::unix::fs::symlink(&sim, bin.join("sysrc")).unwrap();
+        if let Some(name) = &options.isolate {
+            assert!(
+                specs.iter().any(|s| &s.name == name),
+                "Options::isolate names {name}, which is not a host"
+            );
+        }
+        let netns = options.isolate.as_ref().map(|_| {
+            Netns::create().unwrap_or_else(|e| {
+                panic!("cannot make a network namespace (check netns_available() first): {e}")
+            })
+        });
         let mut hosts = Vec::new();
         for spec in specs {
+            let (listen, wrapper) = match &netns {
+                Some(ns) if options.isolate.as_ref() == Some(&spec.name) => {
+                    (Some(ns.addr()), ns.exec_prefix())
+                }
+                Some(ns) => (Some(ns.root_addr()), Vec::new()),
+                None => (None, Vec::new()),
+            };
             let beanstalkd = Beanstalkd::start_with(Config {
                 binlog: true,
                 max_job_size: Some(2 * 1024 * 1024),
                 program: None,
+                listen,
+                wrapper,
             })
             .expect("start beanstalkd (is it installed? scripts/install-deps)");
             let root = dir.path().join(&spec.name);
@@ -244,6 +285,7 @@ impl Cluster {
             hosts,
             specs: specs.to_vec(),
             options,
+            netns,
         };
         for h in &cluster.hosts {
             fs::write(&h.config, cluster.agent_config(h)).unwrap();
@@ -368,13 +410,19 @@ impl Cluster {
 
     /// Starts host `i`'s agent (logs appended to its `agent.log`).
     pub fn start_agent(&mut self, i: usize) {
-        let h = &mut self.hosts[i];
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&h.log)
+            .open(&self.hosts[i].log)
             .unwrap();
-        let child = Command::new(bin_dir().join("flotilla"))
+        let flotilla = bin_dir().join("flotilla");
+        // The simulated `vm` commands the agent runs inherit its namespace.
+        let mut cmd = match self.netns_of(i) {
+            Some(ns) => ns.command(&flotilla),
+            None => Command::new(&flotilla),
+        };
+        let h = &mut self.hosts[i];
+        let child = cmd
             .args(["agent", "--config"])
             .arg(&h.config)
             .env("FLOTILLA_LOG", "info,flotilla=debug")
@@ -387,6 +435,35 @@ impl Cluster {
             .spawn()
             .expect("start flotilla agent");
         h.agent = Some(child);
+    }
+
+    /// The namespace host `i` runs in, if it is the isolated one.
+    fn netns_of(&self, i: usize) -> Option<&Netns> {
+        let isolated = self.options.isolate.as_deref()?;
+        (self.hosts[i].name == isolated)
+            .then_some(self.netns.as_ref())
+            .flatten()
+    }
+
+    /// Cuts host `i` off the network: nothing outside its namespace reaches its
+    /// beanstalkd, and its agent reaches no other host's, while all its processes keep
+    /// running. Panics unless `i` is the host named by [`Options::isolate`].
+    pub fn cut(&self, i: usize) {
+        self.isolated(i).cut().expect("cut the host off");
+    }
+
+    /// Joins host `i` to the network again after [`Cluster::cut`].
+    pub fn heal(&self, i: usize) {
+        self.isolated(i).heal().expect("join the host again");
+    }
+
+    fn isolated(&self, i: usize) -> &Netns {
+        self.netns_of(i).unwrap_or_else(|| {
+            panic!(
+                "host {} is not in a network namespace (Options::isolate)",
+                self.hosts[i].name
+            )
+        })
     }
 
     /// Sends SIGTERM to host `i`'s agent and waits for it; returns its exit code.
@@ -479,10 +556,22 @@ impl Cluster {
 
     /// Runs `flotilla ARGS` and returns (exit code, stdout, stderr).
     pub fn flotilla(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(bin_dir().join("flotilla"))
-            .args(args)
-            .output()
-            .expect("run flotilla");
+        Cluster::output(Command::new(bin_dir().join("flotilla")).args(args))
+    }
+
+    /// [`Cluster::flotilla`] where host `i` runs: inside its network namespace if it
+    /// has one, so `status` shows the cluster as that host sees it.
+    pub fn flotilla_on(&self, i: usize, args: &[&str]) -> (i32, String, String) {
+        let flotilla = bin_dir().join("flotilla");
+        let mut cmd = match self.netns_of(i) {
+            Some(ns) => ns.command(&flotilla),
+            None => Command::new(&flotilla),
+        };
+        Cluster::output(cmd.args(args))
+    }
+
+    fn output(cmd: &mut Command) -> (i32, String, String) {
+        let out = cmd.output().expect("run flotilla");
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),

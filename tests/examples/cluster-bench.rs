@@ -123,6 +123,7 @@ fn main() {
             policies: String::new(),
             ttr: "60s",
             cluster: "e2e".into(),
+            isolate: None,
         },
     );
     // The trigger is the only news of a commit.

@@ -216,6 +216,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             policies: String::new(),
             ttr: "60s",
             cluster: example.cluster.id.clone(),
+            isolate: None,
         },
     );
     for h in &lab.hosts {
