@@ -115,3 +115,27 @@ pub struct HostActual {
     /// Every guest, sorted by name.
     pub vms: Vec<ActualVm>,
 }
+
+/// A guest for tests: `memory` and disk sizes as in the desired files ("512M").
+#[cfg(test)]
+pub(crate) fn sample_vm(name: &str, memory: &str, disks: &[&str], state: RunState) -> ActualVm {
+    ActualVm {
+        name: name.into(),
+        datastore: "default".into(),
+        config: BTreeMap::new(),
+        cpu: 1,
+        memory: memory.parse().unwrap(),
+        disks: disks
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Disk {
+                name: format!("disk{i}.img"),
+                dev: "file".into(),
+                size: s.parse().unwrap(),
+            })
+            .collect(),
+        state,
+        autostart: None,
+        marker: None,
+    }
+}

@@ -177,29 +177,10 @@ pub fn fits(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::actual::{Disk, RunState};
-    use std::collections::BTreeMap;
+    use crate::actual::RunState;
 
     fn vm(name: &str, memory: &str, disks: &[&str], state: RunState) -> ActualVm {
-        ActualVm {
-            name: name.into(),
-            datastore: "default".into(),
-            config: BTreeMap::new(),
-            cpu: 1,
-            memory: memory.parse().unwrap(),
-            disks: disks
-                .iter()
-                .enumerate()
-                .map(|(i, s)| Disk {
-                    name: format!("disk{i}.img"),
-                    dev: "file".into(),
-                    size: s.parse().unwrap(),
-                })
-                .collect(),
-            state,
-            autostart: None,
-            marker: None,
-        }
+        crate::actual::sample_vm(name, memory, disks, state)
     }
 
     #[test]

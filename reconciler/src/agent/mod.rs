@@ -24,6 +24,7 @@ pub mod hooks;
 pub mod metrics;
 pub mod peers;
 pub mod status;
+pub mod usage;
 mod worker;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -35,8 +36,8 @@ use std::time::{Duration, Instant};
 use beanstalk::{Client, PutParams};
 use tokio::sync::{watch, Notify};
 
-use crate::actual::{ActualVm, HostActual, RunState};
-use crate::backend::{Backend, VmBhyve, VmBhyveConfig};
+use crate::actual::{ActualVm, HostActual};
+use crate::backend::{Backend, BackendError, VmBhyve, VmBhyveConfig};
 use crate::capacity::{Limits, Usage};
 use crate::desired::{self, Snapshot};
 use crate::intents::{Intent, IntentStatus, IntentStore};
@@ -121,6 +122,8 @@ pub enum StartError {
 struct Admission {
     reserved: Usage,
     building: BTreeSet<String>,
+    /// What the guests claim, between listings.
+    usage: usage::UsageView,
 }
 
 /// An op this host sent to its own ops tube and awaits the result of.
@@ -155,6 +158,8 @@ pub struct Shared {
     counters: Mutex<BTreeMap<String, f64>>,
     gauges: Mutex<BTreeMap<String, f64>>,
     wake_reconcile: Notify,
+    /// Results came in: a pass is due, but not at once (see the reconcile loop).
+    results_in: Notify,
     wake_fetch: Notify,
     wake_publish: Notify,
     stop: watch::Sender<bool>,
@@ -221,6 +226,7 @@ impl Shared {
             counters: Mutex::default(),
             gauges: Mutex::default(),
             wake_reconcile: Notify::new(),
+            results_in: Notify::new(),
             wake_fetch: Notify::new(),
             wake_publish: Notify::new(),
             stop: watch::channel(false).0,
@@ -415,7 +421,19 @@ impl Shared {
     }
 
     /// The overload threshold this host crosses now, if any.
-    fn overload(&self, vms: &[ActualVm], limits: &Limits) -> Option<String> {
+    /// Lists this host's VMs and tells admission what they claim.
+    fn list_local(&self) -> Result<Vec<ActualVm>, BackendError> {
+        let listing = self.admission().usage.begin(Instant::now());
+        let vms = self.backend.list()?;
+        self.admission().usage.listed(listing, &vms);
+        Ok(vms)
+    }
+
+    fn admission(&self) -> std::sync::MutexGuard<'_, Admission> {
+        self.admission.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn overload(&self, running_memory: crate::size::Size, limits: &Limits) -> Option<String> {
         let o = &self.cfg.overload;
         let probe = o
             .probe_file
@@ -430,15 +448,10 @@ impl Shared {
         };
         if let Some(max) = o.memory_in_use {
             let in_use = probed("memory_in_use").or_else(|| {
-                let running: u64 = vms
-                    .iter()
-                    .filter(|v| v.state == RunState::Running)
-                    .map(|v| v.memory.bytes())
-                    .sum();
                 limits
                     .memory
                     .filter(|m| m.bytes() > 0)
-                    .map(|m| running as f64 / m.bytes() as f64)
+                    .map(|m| running_memory.bytes() as f64 / m.bytes() as f64)
             });
             if let Some(u) = in_use.filter(|u| *u >= max) {
                 return Some(format!(
@@ -720,8 +733,11 @@ async fn source_loop(shared: Arc<Shared>) {
 
 async fn reconcile_loop(shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(500);
-    // A burst of results wakes the reconciler many times; one pass per gap serves them.
+    // A burst of wakes becomes one pass per gap. Results come in bursts while builds run,
+    // and all a pass does for most of them is close an intent; each pass lists the host
+    // and reads every inventory, so they wait longer, unless news comes meanwhile.
     let min_gap = Duration::from_millis(250);
+    let results_gap = Duration::from_secs(1);
     loop {
         let pass = Instant::now();
         let wait = match shared.snapshot() {
@@ -755,6 +771,14 @@ async fn reconcile_loop(shared: Arc<Shared>) {
             _ = shared.wake_reconcile.notified() => {
                 tokio::time::sleep(min_gap.saturating_sub(pass.elapsed())).await;
             }
+            _ = shared.results_in.notified() => {
+                tokio::select! {
+                    _ = tokio::time::sleep(results_gap.saturating_sub(pass.elapsed())) => {}
+                    _ = shared.wake_reconcile.notified() => {
+                        tokio::time::sleep(min_gap.saturating_sub(pass.elapsed())).await;
+                    }
+                }
+            }
             _ = stopped(&mut stop) => return,
         }
     }
@@ -762,8 +786,8 @@ async fn reconcile_loop(shared: Arc<Shared>) {
 
 /// Lists this host's VMs on a blocking thread.
 async fn list_local(shared: &Arc<Shared>) -> Result<Vec<ActualVm>, String> {
-    let b = shared.backend.clone();
-    tokio::task::spawn_blocking(move || b.list())
+    let s = shared.clone();
+    tokio::task::spawn_blocking(move || s.list_local())
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())
@@ -1360,7 +1384,7 @@ fn on_result(shared: &Arc<Shared>, r: JobResult) {
             }
         }
     }
-    shared.wake_reconcile.notify_one();
+    shared.results_in.notify_one();
 }
 
 /// This host's inventory, now.
@@ -1399,7 +1423,7 @@ fn inventory(shared: &Shared, snap: &Snapshot, vms: Vec<ActualVm>, listed_at: u6
         listed_at,
         used: Usage::of(&vms),
         reserved,
-        overload: shared.overload(&vms, &limits),
+        overload: shared.overload(usage::Claims::of(&vms).running_memory, &limits),
         limits,
         vms,
         in_flight,
@@ -1409,6 +1433,7 @@ fn inventory(shared: &Shared, snap: &Snapshot, vms: Vec<ActualVm>, listed_at: u6
 
 async fn publish_loop(shared: Arc<Shared>) {
     let min_gap = Duration::from_millis(500);
+    let mut last = Instant::now();
     loop {
         let mut stop = shared.stop.subscribe();
         tokio::select! {
@@ -1416,8 +1441,10 @@ async fn publish_loop(shared: Arc<Shared>) {
             _ = shared.wake_publish.notified() => {}
             _ = stopped(&mut stop) => return,
         }
-        // Bursts of job ends become one publication.
-        tokio::time::sleep(min_gap).await;
+        // At most one publication per gap: a burst of job ends becomes a few, and the
+        // first change after a quiet spell goes out at once.
+        tokio::time::sleep(min_gap.saturating_sub(last.elapsed())).await;
+        last = Instant::now();
         let (Some(snap), Some(addr)) = (shared.snapshot(), shared.own_addr()) else {
             continue;
         };

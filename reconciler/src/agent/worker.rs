@@ -12,7 +12,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use beanstalk::{Client, Job, PutParams};
 
@@ -24,8 +24,10 @@ use crate::message::{
 };
 use crate::placement::{self, Decision, HostView};
 use crate::planner::config_changes;
+use crate::size::Size;
 
 use super::hooks::{self, HookInput};
+use super::usage::Claims;
 use super::Shared;
 
 /// How a job ends on this host.
@@ -362,19 +364,26 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
     let reserve;
     let mut resume = false;
     {
-        let mut adm = shared.admission.lock().unwrap_or_else(|p| p.into_inner());
+        let mut adm = shared.admission();
         if adm.building.contains(&job.vm) {
             return ended(End::Release(
                 Duration::from_secs(2),
                 format!("{} is being built by another slot", job.vm),
             ));
         }
-        let vms = match backend.list() {
-            Ok(v) => v,
+        // The name check reads the guest's own files: exact, whatever the usage view says.
+        let existing = match backend.read_marker(&job.vm) {
+            Err(BackendError::NotFound { .. }) => None,
+            Ok(marker) => Some(marker),
+            // Unreadable, as a listing counts it: unmanaged, the safe reading.
+            Err(BackendError::Marker { path, source }) => {
+                tracing::warn!(vm = %job.vm, path = %path.display(), error = %source, "ignoring an unreadable marker");
+                Some(None)
+            }
             Err(e) => return ended(End::Failed(e.to_string())),
         };
-        if let Some(vm) = vms.iter().find(|v| v.name == job.vm) {
-            match &vm.marker {
+        if let Some(marker) = existing {
+            match &marker {
                 Some(m) if m.cluster == cluster && m.job_id == env.id && m.complete => {
                     return ended(done(Outcome::Done));
                 }
@@ -400,10 +409,24 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
                 }
             }
         }
-        let overload = shared.overload(&vms, &limits);
+        let claims = match adm.usage.claims(Instant::now()) {
+            Some(c) => c,
+            None => {
+                // Listed under the lock, so no other slot admits against the same room.
+                let listing = adm.usage.begin(Instant::now());
+                match backend.list() {
+                    Ok(vms) => {
+                        adm.usage.listed(listing, &vms);
+                        Claims::of(&vms)
+                    }
+                    Err(e) => return ended(End::Failed(e.to_string())),
+                }
+            }
+        };
+        let overload = shared.overload(claims.running_memory, &limits);
         // A half-made VM of this VM's earlier create is rebuilt in place: its room is
         // already counted in `used`.
-        let used = Usage::of(&vms);
+        let used = claims.used;
         let decision = if resume {
             Decision::Admit {
                 reserve: Usage::default(),
@@ -442,7 +465,7 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
         format!("building {} (hops left {})", job.vm, job.hops_left),
     );
     if let Err(e) = journal(shared, &job.vm, Some(&env.id)) {
-        let mut adm = shared.admission.lock().unwrap_or_else(|p| p.into_inner());
+        let mut adm = shared.admission();
         adm.reserved = adm.reserved - reserve;
         adm.building.remove(&job.vm);
         return ended(End::Failed(format!("cannot write the build journal: {e}")));
@@ -462,9 +485,25 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
         let _ = journal(shared, &job.vm, None);
     }
     {
-        let mut adm = shared.admission.lock().unwrap_or_else(|p| p.into_inner());
+        let mut adm = shared.admission();
         adm.reserved = adm.reserved - reserve;
         adm.building.remove(&job.vm);
+        match &outcome {
+            // What it claims now that it is built: known, so no listing is needed.
+            Ok(()) => adm.usage.built(
+                &job.vm,
+                Claims {
+                    used: job.order.usage(),
+                    running_memory: if job.order.running {
+                        job.order.memory
+                    } else {
+                        Size(0)
+                    },
+                },
+            ),
+            // Half-made, cleaned up or not: the next admission lists.
+            Err(_) => adm.usage.changed(),
+        }
     }
     ended(match outcome {
         Ok(()) => {
@@ -727,6 +766,8 @@ fn op(shared: &Shared, env: &Envelope) -> End {
         Message::Update(u) => update(backend, &found, marker.clone(), u, stop_timeout),
         _ => Ok(()),
     })();
+    // Room freed or claimed, done or half done: admission lists before it trusts its view.
+    shared.admission().usage.changed();
     match r {
         Ok(()) => {
             shared.count(&format!(

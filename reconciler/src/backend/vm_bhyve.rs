@@ -462,30 +462,54 @@ impl VmBhyve {
         })
     }
 
-    /// The guest's row and directory like [`VmBhyve::probe_required`], from `vm info NAME`
-    /// when no `run.lock` exists (then the guest cannot be `Locked`, the one state `info`
-    /// does not show), else from `vm list`: one guest's look instead of all of them.
-    fn quick_probe(&self, name: &str) -> Result<Probe, BackendError> {
-        let Some((ds, dir)) = self.locate(name)? else {
-            return Err(BackendError::NotFound {
-                name: name.to_string(),
-            });
-        };
-        if dir.join("run.lock").exists() {
-            return self.probe_required(name);
+    /// Polls `vm info NAME` (this guest only, where `vm list` reads them all) until the
+    /// guest runs. After a `vm start` of ours (`log_from`: the log's length before it),
+    /// the first look waits one interval, pauses double up to four intervals, a
+    /// `fatal;` in the log ends the wait, and while the log does not yet say `starting
+    /// bhyve` the guest is in its loader, so most looks are skipped.
+    fn await_running(
+        &self,
+        name: &str,
+        dir: &Path,
+        log_from: Option<u64>,
+    ) -> Result<(), BackendError> {
+        let log = dir.join("vm-bhyve.log");
+        let deadline = Instant::now() + self.cfg.start_timeout;
+        let mut pause = self.cfg.poll_interval;
+        let mut first = log_from.is_none();
+        let mut skipped = 0;
+        loop {
+            if !first {
+                std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+                pause = (pause * 2).min(self.cfg.poll_interval * 4);
+            }
+            first = false;
+            let timed_out = Instant::now() >= deadline;
+            if let Some(from) = log_from {
+                let since = Self::log_since(&log, from);
+                if let Some(e) = Self::boot_failure(&since, name) {
+                    return Err(e);
+                }
+                // vm-bhyve logs this line just before it runs bhyve.
+                if !since.contains("starting bhyve") && skipped < 3 && !timed_out {
+                    skipped += 1;
+                    continue;
+                }
+            }
+            skipped = 0;
+            let (state, text) = self.info_state(name)?;
+            if state == RunState::Running {
+                return Ok(());
+            }
+            if timed_out {
+                return Err(BackendError::Timeout {
+                    name: name.to_string(),
+                    wanted: "Running",
+                    waited: self.cfg.start_timeout,
+                    last: text,
+                });
+            }
         }
-        let (state, state_text) = self.info_state(name)?;
-        Ok(Probe {
-            row: ListRow {
-                name: name.to_string(),
-                datastore: ds.name.clone(),
-                autostart: None,
-                state,
-                state_text,
-                lock_host: None,
-            },
-            dir,
-        })
     }
 
     /// The state line of `vm info NAME` (`running (pid)`, `stopped`, `bootloader (pid)`;
@@ -670,10 +694,14 @@ impl VmBhyve {
         }
     }
 
-    fn boot_failure(log: &Path, from: u64, name: &str) -> Option<BackendError> {
-        let bytes = fs::read(log).ok()?;
+    /// What the guest's log gained after its first `from` bytes.
+    fn log_since(log: &Path, from: u64) -> String {
+        let bytes = fs::read(log).unwrap_or_default();
         let start = usize::try_from(from).unwrap_or(0).min(bytes.len());
-        let text = String::from_utf8_lossy(&bytes[start..]);
+        String::from_utf8_lossy(&bytes[start..]).into_owned()
+    }
+
+    fn boot_failure(text: &str, name: &str) -> Option<BackendError> {
         let fatal: Vec<&str> = text.lines().filter(|l| l.contains("fatal;")).collect();
         (!fatal.is_empty()).then(|| BackendError::BootFailed {
             name: name.to_string(),
@@ -846,57 +874,30 @@ impl Backend for VmBhyve {
 
     fn start(&self, name: &str) -> Result<(), BackendError> {
         check_name("VM name", name)?;
-        let p = self.settle_lock(self.quick_probe(name)?)?;
-        match p.row.state {
-            RunState::Running => return Ok(()),
-            RunState::Bootloader => {}
-            RunState::Stopped => {
-                let log = p.dir.join("vm-bhyve.log");
-                let log_from = fs::metadata(&log).map_or(0, |m| m.len());
-                let (command, out) = self.vm(&["start", name])?;
-                if let Some(msg) = out.lines().find_map(|l| l.strip_prefix("  ! ")) {
-                    return Err(BackendError::StartRefused {
-                        name: name.to_string(),
-                        command,
-                        message: msg.to_string(),
-                    });
-                }
-                // `vm info NAME` looks at this guest only, where `vm list` reads them all:
-                // polled while a guest boots, it keeps a busy host's start cheap.
-                let deadline = Instant::now() + self.cfg.start_timeout;
-                loop {
-                    let (state, text) = self.info_state(name)?;
-                    if state == RunState::Running {
-                        return Ok(());
-                    }
-                    if let Some(e) = VmBhyve::boot_failure(&log, log_from, name) {
-                        return Err(e);
-                    }
-                    if Instant::now() >= deadline {
-                        return Err(BackendError::Timeout {
-                            name: name.to_string(),
-                            wanted: "Running",
-                            waited: self.cfg.start_timeout,
-                            last: text,
-                        });
-                    }
-                    std::thread::sleep(self.cfg.poll_interval);
-                }
+        let (_, dir) = self.require(name)?;
+        // A guest at work holds `run.lock`; without one it cannot be `Locked`, and
+        // `vm start` itself tells a guest that runs already: no look is needed first.
+        if dir.join("run.lock").exists() {
+            let p = self.settle_lock(self.probe_required(name)?)?;
+            match p.row.state {
+                RunState::Running => return Ok(()),
+                RunState::Locked => return Err(self.locked_error(&p)),
+                RunState::Bootloader => return self.await_running(name, &dir, None),
+                RunState::Stopped => {}
             }
-            RunState::Locked => return Err(self.locked_error(&p)),
         }
-        let (p, running) = self.wait(name, self.cfg.start_timeout, |p| {
-            Ok(p.row.state == RunState::Running)
-        })?;
-        if running {
-            Ok(())
-        } else {
-            Err(BackendError::Timeout {
+        let log = dir.join("vm-bhyve.log");
+        let log_from = fs::metadata(&log).map_or(0, |m| m.len());
+        let (command, out) = self.vm(&["start", name])?;
+        match out.lines().find_map(|l| l.strip_prefix("  ! ")) {
+            // vmm exists: it runs, or is in its loader.
+            Some("guest appears to be running already") => self.await_running(name, &dir, None),
+            Some(msg) => Err(BackendError::StartRefused {
                 name: name.to_string(),
-                wanted: "Running",
-                waited: self.cfg.start_timeout,
-                last: p.row.state_text,
-            })
+                command,
+                message: msg.to_string(),
+            }),
+            None => self.await_running(name, &dir, Some(log_from)),
         }
     }
 
