@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::desired::Snapshot;
 use crate::intents::{Intent, IntentStatus};
 use crate::message::Inventory;
 use crate::planner::{Action, InFlight, Kind, Plan};
@@ -155,6 +156,19 @@ pub fn first_hop(
     pick.unwrap_or_else(|| default.to_string())
 }
 
+/// The address other hosts send this host's results to: its beanstalkd as cluster.yaml
+/// names it, which every host can reach. The agent's own `beanstalkd:` setting is how
+/// this host reaches its server (often `127.0.0.1`), which would send a result to the
+/// builder's own loopback; it serves only when cluster.yaml does not list this host.
+pub fn reply_to(snap: &Snapshot, me: &str, local: Option<&str>) -> String {
+    snap.cluster
+        .hosts
+        .get(me)
+        .map(|h| h.beanstalkd.clone())
+        .or_else(|| local.map(str::to_string))
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,6 +297,27 @@ mod tests {
         assert_eq!(
             first_hop(FirstHop::LeastLoaded, "host1", true, &invs, &lat),
             "host1"
+        );
+    }
+
+    /// Regression: results were addressed to the agent's own `beanstalkd:` setting
+    /// (`127.0.0.1:11300` in the sample config), so a host that built a forwarded create
+    /// put the result on its own loopback and the owner never heard of it.
+    #[test]
+    fn results_come_back_to_the_address_other_hosts_reach() {
+        let mut files = crate::desired::FileSet::new();
+        files.insert(
+            "cluster.yaml",
+            "cluster: lab\nhosts:\n  host1:\n    beanstalkd: 10.0.0.1:11300\n    limits: { memory: 8G, storage: 100G, vms: 10 }\n",
+        );
+        let snap = crate::desired::load(&files, None).unwrap_or_else(|e| panic!("{}", e.render()));
+        assert_eq!(
+            reply_to(&snap, "host1", Some("127.0.0.1:11300")),
+            "10.0.0.1:11300"
+        );
+        assert_eq!(
+            reply_to(&snap, "host9", Some("127.0.0.1:11300")),
+            "127.0.0.1:11300"
         );
     }
 }

@@ -947,7 +947,7 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
     let origin = Origin {
         commit: commit.clone(),
         owner: me.clone(),
-        reply_to: shared.own_addr().unwrap_or_default(),
+        reply_to: decide::reply_to(snap, &me, shared.own_addr().as_deref()),
     };
     // Applied means this host saw every other host too: an unseen host could still
     // need something from it.
