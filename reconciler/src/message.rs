@@ -327,6 +327,12 @@ pub struct Inventory {
     /// The desired commit this host last reconciled.
     #[serde(default)]
     pub applied_commit: Option<String>,
+    /// The desired commit of this host's last finished reconcile pass: it sends no create
+    /// of a VM it does not own under that commit, and `in_flight` shows every create it
+    /// sent before. Another host sends creates only while every host it hears from is
+    /// on its own commit (ownership can move between commits).
+    #[serde(default)]
+    pub commit: Option<String>,
     /// When this host last listed its VMs (seconds since the Unix epoch).
     pub listed_at: u64,
     /// What all its VMs claim.
@@ -516,6 +522,7 @@ mod tests {
             Message::Inventory(Inventory {
                 host: "host1".into(),
                 applied_commit: None,
+                commit: None,
                 listed_at: 1_790_000_000,
                 used: Usage::default(),
                 reserved: Usage::default(),

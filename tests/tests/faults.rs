@@ -70,6 +70,66 @@ fn kill_9_in_the_middle_of_a_create_leaves_exactly_one_vm_after_restart() {
     );
 }
 
+/// Safety rule 2, no VM is created twice. A commit that adds a host moves the ownership
+/// of some VMs to it (rendezvous hashing over cluster.yaml's hosts). Regression: the new
+/// owner sent a create of its own while the old owner's was still being built, so the
+/// VM could be built on two hosts; now it holds back while another host's inventory
+/// shows the create in flight.
+#[test]
+fn a_host_added_while_a_create_is_in_flight_does_not_build_it_twice() {
+    let specs = chain();
+    let mut c = Cluster::start(
+        &specs,
+        Options {
+            sim_delay_ms: 2000,
+            ..Options::default()
+        },
+    );
+    // A VM that host3 will own once it joins, and host1 or host2 owns before.
+    let vm = (0..)
+        .map(|i| format!("moved{i}"))
+        .find(|n| flotilla::owner::rendezvous(n, ["host1", "host2", "host3"]) == Some("host3"))
+        .unwrap();
+    let old_owner = flotilla::owner::rendezvous(&vm, ["host1", "host2"]).unwrap();
+    let old = if old_owner == "host1" { 0 } else { 1 };
+    let two = [
+        HostSpec::new("host1", Some("host2")),
+        HostSpec::new("host2", None),
+    ];
+    c.commit(
+        &[("cluster.yaml", Some(&c.cluster_yaml(&two)))],
+        "two hosts",
+    );
+    c.start_agents();
+    c.commit(
+        &[(&format!("vms/{vm}.yaml"), Some(&vm_yaml(&vm, "CS0", "")))],
+        "one VM",
+    );
+    c.wait_until("the old owner's create under way", CONVERGE, |c| {
+        (0..2).any(|i| {
+            c.events(i)
+                .iter()
+                .any(|e| e.kind == "job" && e.message.contains(&format!("building {vm}")))
+        })
+    });
+    c.commit(
+        &[("cluster.yaml", Some(&c.cluster_yaml(&specs)))],
+        "host3 joins",
+    );
+    c.wait_until("the VM built", CONVERGE, |c| {
+        (0..3).any(|i| running_complete(c, i, &vm))
+    });
+    c.wait_until("every host applied the last commit", CONVERGE, all_applied);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        holders(&c, &vm).len(),
+        1,
+        "{vm} exactly once (old owner host{})\n{}",
+        old + 1,
+        c.logs()
+    );
+}
+
 #[test]
 fn a_beanstalkd_restarted_with_its_binlog_loses_no_waiting_job() {
     let specs = vec![

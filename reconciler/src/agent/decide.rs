@@ -88,6 +88,69 @@ pub fn in_flight(intent: &Intent) -> InFlight {
     }
 }
 
+/// The creates other hosts' inventories show in flight, as in-flight entries for this
+/// host's planner. Ownership follows cluster.yaml's host set and pins, so a commit can
+/// make this host the owner of a VM whose create the old owner still has in flight;
+/// until that create ends, this host must not send one of its own. An entry older than
+/// a create's deadline (`deadline_secs`, the cluster's setting) plus grace is over
+/// whatever its host, down perhaps, last said: no worker builds a create past its
+/// deadline.
+pub fn others_in_flight(
+    inventories: &BTreeMap<String, Inventory>,
+    me: &str,
+    now: u64,
+    deadline_secs: u64,
+) -> Vec<InFlight> {
+    inventories
+        .iter()
+        .filter(|(host, _)| host.as_str() != me)
+        .flat_map(|(host, inv)| {
+            inv.in_flight
+                .iter()
+                .filter(move |c| {
+                    now <= c
+                        .sent_at
+                        .saturating_add(deadline_secs)
+                        .saturating_add(DEADLINE_GRACE)
+                })
+                .map(move |c| InFlight {
+                    vm: c.vm.clone(),
+                    kind: Kind::Create,
+                    host: Some(host.clone()),
+                })
+        })
+        .collect()
+}
+
+/// How old (seconds) an inventory may be and still tell of a live agent: agents publish
+/// at least every 10 s.
+pub const LIVE_INVENTORY: u64 = 30;
+
+/// The hosts that answered this pass (`answered`) with a live inventory that comes from
+/// a reconcile pass on another commit than `commit`. Creates wait for them: under an
+/// older commit such a host may own, and be about to send, a create that this host owns
+/// under its own, and its inventory cannot show a create it has not sent yet. A host
+/// that did not answer, or whose agent stopped publishing, is not waited for (it would
+/// stall the cluster); its last inventory's creates in flight still hold their VMs back
+/// ([`others_in_flight`]).
+pub fn on_other_commits(
+    inventories: &BTreeMap<String, Inventory>,
+    answered: &std::collections::BTreeSet<String>,
+    commit: Option<&str>,
+    now: u64,
+) -> Vec<String> {
+    answered
+        .iter()
+        .filter(|h| {
+            inventories.get(*h).is_some_and(|inv| {
+                inv.commit.as_deref() != commit
+                    && now.saturating_sub(inv.listed_at) <= LIVE_INVENTORY
+            })
+        })
+        .cloned()
+        .collect()
+}
+
 /// One thing this host sends.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Emit<'a> {
@@ -193,6 +256,7 @@ mod tests {
         Inventory {
             host: host.into(),
             applied_commit: None,
+            commit: None,
             listed_at,
             used: Usage::default(),
             reserved: Usage::default(),
@@ -319,5 +383,61 @@ mod tests {
             reply_to(&snap, "host9", Some("127.0.0.1:11300")),
             "127.0.0.1:11300"
         );
+    }
+
+    /// Regression guard for safety rule 2: a commit that adds a host moves the
+    /// ownership of some VMs. The new owner must hold back while the old owner's create
+    /// is still in flight, or the VM is built twice, on two hosts.
+    #[test]
+    fn another_hosts_open_create_holds_the_vm_back_until_its_deadline() {
+        use crate::message::InFlightCreate;
+        let mut old_owner = inventory("host1", 100, &[], 8);
+        old_owner.in_flight.push(InFlightCreate {
+            vm: "web1".into(),
+            job_id: "j1".into(),
+            status: "sent to host1".into(),
+            sent_at: 100,
+        });
+        let mut own = inventory("host4", 100, &[], 8);
+        own.in_flight.push(InFlightCreate {
+            vm: "mine".into(),
+            job_id: "j2".into(),
+            status: "sent to host4".into(),
+            sent_at: 100,
+        });
+        let invs: BTreeMap<String, Inventory> =
+            [("host1".to_string(), old_owner), ("host4".to_string(), own)].into();
+        let held = others_in_flight(&invs, "host4", 150, 600);
+        assert_eq!(held.len(), 1, "{held:?}");
+        assert_eq!((held[0].vm.as_str(), held[0].kind), ("web1", Kind::Create));
+        // Past the deadline and grace no worker builds it: the VM is free to plan.
+        assert!(others_in_flight(&invs, "host4", 100 + 600 + DEADLINE_GRACE, 600).len() == 1);
+        assert!(others_in_flight(&invs, "host4", 101 + 600 + DEADLINE_GRACE, 600).is_empty());
+    }
+
+    /// Regression guard for safety rule 2: host3 joined and owned `web1` under the new
+    /// commit while host1, still on the old one, was about to send its create; host3 sent
+    /// one too and the VM was built on two hosts.
+    #[test]
+    fn creates_wait_for_live_hosts_on_another_commit_only() {
+        let mut on_old = inventory("host1", 1000, &[], 8);
+        on_old.commit = Some("old".into());
+        let mut on_new = inventory("host2", 1000, &[], 8);
+        on_new.commit = Some("new".into());
+        let mut dead = inventory("host4", 1000 - LIVE_INVENTORY - 1, &[], 8);
+        dead.commit = Some("old".into());
+        let invs: BTreeMap<String, Inventory> = [
+            ("host1".to_string(), on_old),
+            ("host2".to_string(), on_new),
+            ("host4".to_string(), dead),
+        ]
+        .into();
+        let all = invs.keys().cloned().collect();
+        assert_eq!(
+            on_other_commits(&invs, &all, Some("new"), 1000),
+            vec!["host1".to_string()]
+        );
+        let not_host1 = ["host2".to_string(), "host4".to_string()].into();
+        assert!(on_other_commits(&invs, &not_host1, Some("new"), 1000).is_empty());
     }
 }

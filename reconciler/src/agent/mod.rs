@@ -139,6 +139,8 @@ struct OpInFlight {
 #[derive(Debug, Default)]
 struct Local {
     applied_commit: Option<String>,
+    /// The commit of the last finished reconcile pass.
+    reconciled_commit: Option<String>,
     failures: VecDeque<RecentFailure>,
 }
 
@@ -745,7 +747,7 @@ async fn reconcile_loop(shared: Arc<Shared>) {
                 Ok(waiting) => {
                     backoff = Duration::from_millis(500);
                     if waiting {
-                        Duration::from_millis(500)
+                        Duration::from_millis(200)
                     } else {
                         poll_interval(&shared)
                     }
@@ -795,7 +797,8 @@ async fn list_local(shared: &Arc<Shared>) -> Result<Vec<ActualVm>, String> {
 
 /// Reads every other host's inventory; keeps the last one read of a host that does not
 /// answer.
-async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) {
+async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) -> BTreeSet<String> {
+    let mut answered = BTreeSet::new();
     let mut reads = Vec::new();
     for (name, host) in &snap.cluster.hosts {
         if name == shared.me() {
@@ -818,6 +821,7 @@ async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) {
         let Ok((name, r)) = r.await else { continue };
         match r {
             Ok(Ok((Some(inv), took))) if inv.host == name => {
+                answered.insert(name.clone());
                 shared
                     .latencies
                     .lock()
@@ -837,6 +841,7 @@ async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) {
             Err(_) => tracing::debug!(host = %name, "inventory read timed out"),
         }
     }
+    answered
 }
 
 fn order_of(snap: &Snapshot, spec: &desired::VmSpec) -> VmOrder {
@@ -868,7 +873,7 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
     let local = list_local(shared)
         .await
         .map_err(|e| format!("listing this host's VMs: {e}"))?;
-    refresh_inventories(shared, snap).await;
+    let answered = refresh_inventories(shared, snap).await;
     let mut inventories = shared
         .inventories
         .lock()
@@ -934,14 +939,27 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
             });
         }
     }
-    let plan = planner::plan(snap, &actual, &in_flight, &PlanOptions::default());
-    let emits = decide::select(&plan, &me, unseen.is_empty());
+    // Another host's open create (it owned the VM under an earlier host set or pin) holds
+    // the VM back here too: a second create now could build it twice.
+    let mut planned_in_flight = in_flight.clone();
+    planned_in_flight.extend(decide::others_in_flight(
+        &inventories,
+        &me,
+        now,
+        shared.cfg.worker.create_deadline.0.as_secs(),
+    ));
+    let plan = planner::plan(snap, &actual, &planned_in_flight, &PlanOptions::default());
+    let behind = decide::on_other_commits(&inventories, &answered, snap.commit.as_deref(), now);
+    let emits = decide::select(&plan, &me, unseen.is_empty() && behind.is_empty());
     let waiting_creates = plan
         .actions()
         .filter(|a| matches!(a, Action::Create { owner, .. } if owner == &me))
         .count();
     if !unseen.is_empty() && waiting_creates > 0 {
         tracing::info!(hosts = ?unseen, creates = waiting_creates, "creates wait until every host's inventory is known");
+    }
+    if !behind.is_empty() && waiting_creates > 0 {
+        tracing::debug!(hosts = ?behind, creates = waiting_creates, "creates wait until these hosts reconcile this commit");
     }
     let commit = snap.commit.clone().unwrap_or_default();
     let origin = Origin {
@@ -996,9 +1014,14 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
             n as f64,
         );
     }
+    shared
+        .local
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .reconciled_commit = snap.commit.clone();
     tracing::debug!(took = ?started.elapsed(), "reconciled");
     shared.wake_publish.notify_one();
-    Ok(!unseen.is_empty())
+    Ok(!unseen.is_empty() || (!behind.is_empty() && waiting_creates > 0))
 }
 
 async fn emit_create(
@@ -1420,6 +1443,9 @@ fn inventory(shared: &Shared, snap: &Snapshot, vms: Vec<ActualVm>, listed_at: u6
     Inventory {
         host: shared.me().to_string(),
         applied_commit: local.applied_commit.clone(),
+        // Read before the intents below: every pass under an older commit has ended, so
+        // every create it sent is among them.
+        commit: local.reconciled_commit.clone(),
         listed_at,
         used: Usage::of(&vms),
         reserved,
