@@ -52,7 +52,17 @@ impl Supervisord {
 }
 
 impl Drop for Supervisord {
+    /// Regression: a SIGKILL alone left the agent running, orphaned, after the test.
+    /// `shutdown` stops the program first, as on a host.
     fn drop(&mut self) {
+        self.ctl(&["shutdown"]);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -629,6 +629,8 @@ async fn source_loop(shared: Arc<Shared>) {
         w.watch(&path, notify::RecursiveMode::Recursive).ok()?;
         Some(w)
     });
+    // Whether this fetch was asked for (a trigger or a file-system event).
+    let mut woken = false;
     loop {
         let s = shared.clone();
         let branch = shared.cfg.desired.branch.clone();
@@ -658,6 +660,10 @@ async fn source_loop(shared: Arc<Shared>) {
             Ok(Fetched::Unchanged) => {
                 last_error = None;
                 backoff = Duration::from_millis(500);
+                if woken {
+                    // A trigger asks for a pass even when the commit did not change.
+                    s.wake_reconcile.notify_one();
+                }
             }
             Ok(Fetched::Good(snap)) => {
                 last_error = None;
@@ -722,11 +728,13 @@ async fn source_loop(shared: Arc<Shared>) {
             }
         }
         let mut stop = s.stop.subscribe();
+        woken = false;
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = s.wake_fetch.notified() => {
                 // Coalesce a burst of file-system events into one fetch.
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                woken = true;
             }
             _ = stopped(&mut stop) => return,
         }
@@ -1283,8 +1291,9 @@ async fn inbox_loop(shared: Arc<Shared>) {
                         None,
                         format!("trigger from {from}: {}", t.reason),
                     );
+                    // The fetch wakes the reconciler when it is done: a pass now would
+                    // still plan the old commit and hold the next one back by a gap.
                     shared.wake_fetch.notify_one();
-                    shared.wake_reconcile.notify_one();
                     client.delete(job.id).await
                 }
                 Ok(other) => {
