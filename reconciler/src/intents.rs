@@ -12,7 +12,6 @@
 //! rename, fsync the directory).
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -126,15 +125,8 @@ impl IntentStore {
     /// Records `intent`, durably, replacing any earlier one for the same VM.
     pub fn record(&self, intent: &Intent) -> Result<(), IntentError> {
         let path = self.path(&intent.vm)?;
-        let tmp = self.dir.join(format!(".{}.tmp", intent.vm));
         let bytes = serde_json::to_vec_pretty(intent).unwrap_or_default();
-        let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io(&path))?;
-        fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&self.dir))
+        crate::atomic::write(&path, &bytes).map_err(io(&path))
     }
 
     /// The open intent for `vm`, if any.

@@ -7,6 +7,7 @@
 
 pub mod actual;
 pub mod agent;
+pub mod atomic;
 pub mod auth;
 pub mod backend;
 pub mod capacity;

@@ -188,6 +188,16 @@ fn main() {
         overhead.as_secs_f64() * 1000.0 / 300.0
     );
 
+    // Errors and retries cost time too: say how many there were, and the first few.
+    let errors: Vec<String> = (0..3)
+        .flat_map(|i| c.events(i))
+        .filter(|e| e.kind == "error")
+        .map(|e| format!("{}: {}", e.host, e.message))
+        .collect();
+    println!("  errors during the run:                {}", errors.len());
+    for e in errors.iter().take(5) {
+        println!("    {e}");
+    }
     if std::env::var_os("BENCH_TIMELINE").is_some() {
         for i in 0..3 {
             let ev = c.events(i);

@@ -85,9 +85,10 @@ fn write_hosts_file(state_dir: &std::path::Path, me: &str, snap: &Snapshot) -> s
             .map(|(n, h)| (n.clone(), h.beanstalkd.clone()))
             .collect(),
     };
-    let tmp = state_dir.join(".hosts.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&file).unwrap_or_default())?;
-    std::fs::rename(tmp, state_dir.join(HostsFile::NAME))
+    crate::atomic::write(
+        &state_dir.join(HostsFile::NAME),
+        &serde_json::to_vec_pretty(&file).unwrap_or_default(),
+    )
 }
 
 /// Ids of acted-on messages, one `id sent_at` per line, in the state directory.
@@ -755,7 +756,7 @@ async fn reconcile_loop(shared: Arc<Shared>) {
                 Ok(waiting) => {
                     backoff = Duration::from_millis(500);
                     if waiting {
-                        Duration::from_millis(200)
+                        Duration::from_millis(100)
                     } else {
                         poll_interval(&shared)
                     }

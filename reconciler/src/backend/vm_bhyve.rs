@@ -22,7 +22,6 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -296,22 +295,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BackendError + '_ {
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename,
 /// so a reader never sees half a file.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BackendError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let file = path
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{file}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(io_err(path))
+    crate::atomic::write(path, bytes).map_err(io_err(path))
 }
 
 /// What the backend knows about one guest at one moment.
@@ -464,9 +448,9 @@ impl VmBhyve {
 
     /// Polls `vm info NAME` (this guest only, where `vm list` reads them all) until the
     /// guest runs. After a `vm start` of ours (`log_from`: the log's length before it),
-    /// the first look waits one interval, pauses double up to four intervals, a
-    /// `fatal;` in the log ends the wait, and while the log does not yet say `starting
-    /// bhyve` the guest is in its loader, so most looks are skipped.
+    /// the guest's log is read instead while it is in its loader: a `fatal;` ends the
+    /// wait, and `vm info` is asked once the log says `starting bhyve` (or every fourth
+    /// interval, should the log say nothing), so a boot costs a look or two.
     fn await_running(
         &self,
         name: &str,
@@ -475,13 +459,15 @@ impl VmBhyve {
     ) -> Result<(), BackendError> {
         let log = dir.join("vm-bhyve.log");
         let deadline = Instant::now() + self.cfg.start_timeout;
-        let mut pause = self.cfg.poll_interval;
         let mut first = log_from.is_none();
         let mut skipped = 0;
         loop {
             if !first {
-                std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
-                pause = (pause * 2).min(self.cfg.poll_interval * 4);
+                std::thread::sleep(
+                    self.cfg
+                        .poll_interval
+                        .min(deadline.saturating_duration_since(Instant::now())),
+                );
             }
             first = false;
             let timed_out = Instant::now() >= deadline;
