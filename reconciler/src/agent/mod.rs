@@ -1477,9 +1477,12 @@ async fn publish_loop(shared: Arc<Shared>) {
             _ = shared.wake_publish.notified() => {}
             _ = stopped(&mut stop) => return,
         }
-        // At most one publication per gap: a burst of job ends becomes a few, and the
-        // first change after a quiet spell goes out at once.
-        tokio::time::sleep(min_gap.saturating_sub(last.elapsed())).await;
+        // At most one publication per gap while builds run: a burst of job ends becomes
+        // a few. The first change after a quiet spell, and the end of the last build in
+        // hand, go out at once: that is when the others wait for news.
+        if !shared.admission().building.is_empty() {
+            tokio::time::sleep(min_gap.saturating_sub(last.elapsed())).await;
+        }
         last = Instant::now();
         let (Some(snap), Some(addr)) = (shared.snapshot(), shared.own_addr()) else {
             continue;
