@@ -522,6 +522,58 @@ fn forged_tampered_and_replayed_jobs_are_buried_and_nothing_is_done() {
         .find(|v| v.name == "victim")
         .expect("victim still there");
     assert_eq!(victim.state, RunState::Running);
+    status_checks_the_inventories_signatures(&c);
+}
+
+/// `status` checks each inventory under the cluster key: with the right key it shows
+/// them; under another key none verifies and none is shown; without a readable key it
+/// shows them and says they are not verified.
+fn status_checks_the_inventories_signatures(c: &Cluster) {
+    let config = c.hosts[0].config.display().to_string();
+    let (code, out, err) = c.flotilla(&["status", "--config", &config]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        !out.contains("NOT verified") && out.contains("victim"),
+        "{out}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let other_key = dir.path().join("other.key");
+    std::fs::write(&other_key, "someone-elses-key-0123456789abcdef0123\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&other_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let cfg = std::fs::read_to_string(&c.hosts[0].config).unwrap();
+    let with_key = |key: &std::path::Path, name: &str| {
+        let path = dir.path().join(name);
+        let text = cfg
+            .lines()
+            .map(|l| {
+                if l.starts_with("key_file:") {
+                    format!("key_file: {}", key.display())
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&path, text + "\n").unwrap();
+        path.display().to_string()
+    };
+    let forged_view = with_key(&other_key, "other.yaml");
+    let (_, out, err) = c.flotilla(&["status", "--config", &forged_view]);
+    assert!(out.contains("does not verify"), "{out}{err}");
+    assert!(
+        !out.contains("victim"),
+        "nothing from an unverified inventory: {out}"
+    );
+
+    let unreadable = with_key(&dir.path().join("missing.key"), "missing.yaml");
+    let (code, out, err) = c.flotilla(&["status", "--config", &unreadable]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("inventories NOT verified"), "{out}");
+    assert!(out.contains("victim"), "{out}");
 }
 
 /// Issue 7: secrets travel by reference only. A planted secret must not appear in the

@@ -84,7 +84,8 @@ fn yes() -> bool {
     true
 }
 
-fn default_window() -> Dur {
+/// The default message window: three hours.
+pub fn default_window() -> Dur {
     Dur(Duration::from_secs(3 * 3600))
 }
 

@@ -74,6 +74,19 @@ pub struct ClusterStatus {
     pub in_flight: Vec<(String, InFlightCreate)>,
     /// Recent failures, by the owner that heard of them.
     pub failures: Vec<(String, RecentFailure)>,
+    /// Why the inventories' signatures were not checked (the cluster key was not
+    /// readable, say); `None` when every inventory shown verified.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unverified: Option<String>,
+}
+
+/// How `gather` treats the inventories' signatures.
+pub enum Verify<'a> {
+    /// Check each under the cluster keys and the message window (seconds); one that
+    /// does not verify is shown as an error, and its contents are not.
+    With(&'a crate::auth::Keys, u64),
+    /// Show them unchecked, saying why.
+    Without(String),
 }
 
 impl ClusterStatus {
@@ -90,8 +103,12 @@ impl ClusterStatus {
 }
 
 /// Reads every host's inventory.
-pub async fn gather(hosts: &HostsFile) -> (ClusterStatus, Vec<Inventory>) {
+pub async fn gather(hosts: &HostsFile, verify: Verify<'_>) -> (ClusterStatus, Vec<Inventory>) {
     let peers = Peers::new();
+    let (keys, unverified) = match verify {
+        Verify::With(k, window) => (Some((k, window)), None),
+        Verify::Without(why) => (None, Some(why)),
+    };
     let now = message::now();
     let mut out = ClusterStatus {
         format_version: 1,
@@ -101,10 +118,11 @@ pub async fn gather(hosts: &HostsFile) -> (ClusterStatus, Vec<Inventory>) {
         vms: Vec::new(),
         in_flight: Vec::new(),
         failures: Vec::new(),
+        unverified,
     };
     let mut invs = Vec::new();
     for (name, addr) in &hosts.hosts {
-        let r = tokio::time::timeout(Duration::from_secs(3), peers.inventory(addr, None)).await;
+        let r = tokio::time::timeout(Duration::from_secs(3), peers.inventory(addr, keys)).await;
         let mut h = HostStatus {
             host: name.clone(),
             beanstalkd: addr.clone(),
@@ -184,6 +202,9 @@ pub fn render_text(s: &ClusterStatus) -> String {
         s.cluster,
         short(s.desired_commit.as_deref())
     );
+    if let Some(why) = &s.unverified {
+        let _ = writeln!(o, "inventories NOT verified: {why}");
+    }
     let _ = writeln!(o, "\nHOSTS");
     for h in &s.hosts {
         let state = match (&h.error, h.inventory_age) {

@@ -45,6 +45,22 @@ impl AgentArgs {
     }
 }
 
+/// The cluster keys and message window that inventories are checked with, or why they
+/// cannot be had: `status` may run as a user who cannot read the key, and then shows
+/// the inventories unverified, saying so.
+fn status_keys(agent: &AgentArgs) -> Result<(flotilla::auth::Keys, u64), String> {
+    let cfg = AgentConfig::load(&agent.config).map_err(|e| format!("{e:#}"))?;
+    let keys = flotilla::auth::Keys::load(&cfg.key_file).map_err(|e| format!("{e:#}"))?;
+    Ok((keys, cfg.message_window.0.as_secs()))
+}
+
+fn verify(keys: &Result<(flotilla::auth::Keys, u64), String>) -> status::Verify<'_> {
+    match keys {
+        Ok((k, window)) => status::Verify::With(k, *window),
+        Err(why) => status::Verify::Without(why.clone()),
+    }
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -63,7 +79,8 @@ pub struct StatusArgs {
 
 pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let hosts = args.agent.hosts()?;
-    let (st, _) = runtime()?.block_on(status::gather(&hosts));
+    let keys = status_keys(&args.agent);
+    let (st, _) = runtime()?.block_on(status::gather(&hosts, verify(&keys)));
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&st)?),
         Output::Text => print!("{}", status::render_text(&st)),
@@ -202,7 +219,9 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     let hosts = args.agent.hosts()?;
     let rt = runtime()?;
     let addrs: Vec<String> = hosts.hosts.values().cloned().collect();
-    let keys = flotilla::auth::Keys::load(&AgentConfig::load(&args.agent.config)?.key_file)?;
+    let cfg = AgentConfig::load(&args.agent.config)?;
+    let keys = flotilla::auth::Keys::load(&cfg.key_file)?;
+    let checked = Ok((keys.clone(), cfg.message_window.0.as_secs()));
     let failed = rt.block_on(send_triggers(
         &addrs,
         &hosts.cluster,
@@ -222,7 +241,7 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     loop {
         // The agent may have read a newer commit since the trigger.
         let hosts = args.agent.hosts()?;
-        let (st, invs) = rt.block_on(status::gather(&hosts));
+        let (st, invs) = rt.block_on(status::gather(&hosts, verify(&checked)));
         let commit = hosts.commit.clone().unwrap_or_default();
         let line = status::progress(&st, &commit);
         if line != last_line {

@@ -106,13 +106,20 @@ fn converge(
     let started = Instant::now();
     let since = flotilla::message::now();
     let mut last = String::new();
+    let keys = lab.keys();
     loop {
         if stop.load(Ordering::SeqCst) {
             bail!("interrupted");
         }
         if let Ok(hosts) = hosts_file(lab) {
             if hosts.commit.as_deref() == Some(commit) {
-                let (st, invs) = rt.block_on(status::gather(&hosts));
+                let (st, invs) = rt.block_on(status::gather(
+                    &hosts,
+                    status::Verify::With(
+                        &keys,
+                        flotilla::agent::config::default_window().0.as_secs(),
+                    ),
+                ));
                 let line = status::progress(&st, commit);
                 if line != last {
                     println!("  [{:>5.1}s] {line}", started.elapsed().as_secs_f64());
