@@ -299,6 +299,10 @@ pub struct InFlightCreate {
     pub status: String,
     /// When it was sent (seconds since the Unix epoch).
     pub sent_at: u64,
+    /// Set when it failed (unplaceable, say) and waits to be sent again at this time:
+    /// nothing is under way for it meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<u64>,
 }
 
 /// A job that failed recently, as shown in the owner's inventory.

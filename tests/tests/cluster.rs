@@ -139,6 +139,13 @@ fn an_exhausted_chain_reports_unplaceable_and_creates_nothing() {
         let (code, out, _) = c.flotilla(&["status", "--config", &config]);
         code == 0 && out.contains("unplaceable") && out.contains("no next host")
     });
+    // Regression: `apply --wait` counted a create waiting to retry as in flight and
+    // waited until its timeout; it converges and says what waits, with exit code 2.
+    let (code, out, err) =
+        c.flotilla(&["apply", "--config", &config, "--wait", "--timeout", "60s"]);
+    assert_eq!(code, 2, "{out}{err}{}", c.logs());
+    assert!(out.contains("converged at"), "{out}");
+    assert!(out.contains("huge (owner host"), "{out}");
 }
 
 #[test]

@@ -397,6 +397,7 @@ mod tests {
             job_id: "j1".into(),
             status: "sent to host1".into(),
             sent_at: 100,
+            retry_at: None,
         });
         let mut own = inventory("host4", 100, &[], 8);
         own.in_flight.push(InFlightCreate {
@@ -404,6 +405,7 @@ mod tests {
             job_id: "j2".into(),
             status: "sent to host4".into(),
             sent_at: 100,
+            retry_at: None,
         });
         let invs: BTreeMap<String, Inventory> =
             [("host1".to_string(), old_owner), ("host4".to_string(), own)].into();

@@ -917,11 +917,18 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
     // Intents: close the ones that are done with, keep the rest in flight.
     let now = message::now();
     let mut in_flight: Vec<InFlight> = Vec::new();
+    // Failed creates waiting for their retry time: nothing is under way for them.
+    let mut retrying = 0;
     let intents = shared.intents.all().map_err(|e| e.to_string())?;
     for intent in &intents {
         let hash = snap.vms.get(&intent.vm).map(|v| v.spec_hash.as_str());
         match decide::intent_fate(intent, hash, &inventories, now) {
-            IntentFate::Open => in_flight.push(decide::in_flight(intent)),
+            IntentFate::Open => {
+                if matches!(intent.status, IntentStatus::Failed { .. }) {
+                    retrying += 1;
+                }
+                in_flight.push(decide::in_flight(intent));
+            }
             IntentFate::Close(why) => {
                 shared
                     .intents
@@ -976,10 +983,13 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
         owner: me.clone(),
         reply_to: decide::reply_to(snap, &me, shared.own_addr().as_deref()),
     };
-    // Applied means this host saw every other host too: an unseen host could still
-    // need something from it.
-    let nothing_to_do =
-        emits.is_empty() && in_flight.is_empty() && waiting_creates == 0 && unseen.is_empty();
+    // Applied means this host saw every other host too (an unseen host could still need
+    // something from it), and nothing is under way but failed creates waiting to retry:
+    // those are shown as such in the inventory, and `apply --wait` reports them.
+    let nothing_to_do = emits.is_empty()
+        && in_flight.len() == retrying
+        && waiting_creates == 0
+        && unseen.is_empty();
     for emit in emits {
         match emit {
             Emit::Create(action) => emit_create(shared, snap, action, &origin, &inventories).await,
@@ -1444,6 +1454,10 @@ fn inventory(shared: &Shared, snap: &Snapshot, vms: Vec<ActualVm>, listed_at: u6
                 IntentStatus::Sent => format!("sent to {}", i.first_hop),
                 IntentStatus::Placed { host, .. } => format!("built on {host}"),
                 IntentStatus::Failed { reason, .. } => reason.clone(),
+            },
+            retry_at: match &i.status {
+                IntentStatus::Failed { retry_at, .. } => Some(*retry_at),
+                _ => None,
             },
             vm: i.vm,
             job_id: i.job_id,

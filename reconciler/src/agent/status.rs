@@ -91,14 +91,23 @@ pub enum Verify<'a> {
 
 impl ClusterStatus {
     /// True when every host answered, has applied `commit`, listed its VMs after
-    /// `since`, and no create is in flight.
+    /// `since`, and no create is under way (failed ones waiting to retry are reported by
+    /// [`ClusterStatus::retrying`], not waited for).
     pub fn converged(&self, commit: &str, since: u64, inventories: &[Inventory]) -> bool {
         self.hosts.iter().all(|h| h.reachable)
             && inventories.len() == self.hosts.len()
             && inventories
                 .iter()
                 .all(|i| i.applied_commit.as_deref() == Some(commit) && i.listed_at >= since)
-            && self.in_flight.is_empty()
+            && self.in_flight.iter().all(|(_, f)| f.retry_at.is_some())
+    }
+
+    /// Creates that failed (unplaceable, say) and wait to be sent again, by owner.
+    pub fn retrying(&self) -> Vec<&(String, InFlightCreate)> {
+        self.in_flight
+            .iter()
+            .filter(|(_, f)| f.retry_at.is_some())
+            .collect()
     }
 }
 

@@ -250,7 +250,16 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         }
         if st.converged(&commit, since, &invs) {
             println!("converged at {}", &commit[..commit.len().min(10)]);
-            return Ok(ExitCode::SUCCESS);
+            let retrying = st.retrying();
+            if retrying.is_empty() {
+                return Ok(ExitCode::SUCCESS);
+            }
+            // Everything that can be done is done; these wait for room or a fix.
+            println!("{} creates failed and wait to retry:", retrying.len());
+            for (owner, f) in retrying {
+                println!("  {} (owner {owner}): {}", f.vm, f.status);
+            }
+            return Ok(ExitCode::from(2));
         }
         if started.elapsed() > args.timeout.0 {
             eprintln!("flotilla: not converged within {:?}", args.timeout.0);
