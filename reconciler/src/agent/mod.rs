@@ -990,11 +990,24 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
         && in_flight.len() == retrying
         && waiting_creates == 0
         && unseen.is_empty();
+    let mut unsent = Unsent::default();
     for emit in emits {
         match emit {
-            Emit::Create(action) => emit_create(shared, snap, action, &origin, &inventories).await,
+            Emit::Create(action) => {
+                emit_create(shared, snap, action, &origin, &inventories, &mut unsent).await
+            }
             Emit::Op(action) => emit_op(shared, snap, action, &origin).await,
         }
+    }
+    // One line per unreachable first hop, not one per create.
+    for (to, (n, e)) in unsent.0 {
+        shared.event(
+            "error",
+            None,
+            None,
+            Some(&origin.commit),
+            format!("cannot send {n} creates to {to}: {e}; they wait for the next pass"),
+        );
     }
     for b in plan.blocked() {
         if b.host == me {
@@ -1043,12 +1056,18 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
     Ok(!unseen.is_empty() || (!behind.is_empty() && waiting_creates > 0))
 }
 
+/// First hops that could not be reached in this pass: how many creates were not sent
+/// to each, and the first error.
+#[derive(Default)]
+struct Unsent(BTreeMap<String, (usize, String)>);
+
 async fn emit_create(
     shared: &Arc<Shared>,
     snap: &Snapshot,
     action: &Action,
     origin: &Origin,
     inventories: &BTreeMap<String, Inventory>,
+    unsent: &mut Unsent,
 ) {
     let Action::Create {
         host,
@@ -1069,6 +1088,11 @@ async fn emit_create(
     let Some(addr) = shared.addr_of(&to) else {
         return;
     };
+    if let Some((n, _)) = unsent.0.get_mut(&to) {
+        // Unreachable a moment ago in this pass: no intent, no attempt.
+        *n += 1;
+        return;
+    }
     let now = message::now();
     let deadline = now + shared.cfg.worker.create_deadline.0.as_secs();
     let job = CreateJob {
@@ -1124,13 +1148,8 @@ async fn emit_create(
         Err(e) if e.nothing_sent() => {
             // Nothing reached the queue: the intent can go, the next pass tries again.
             let _ = shared.intents.remove(vm);
-            shared.event(
-                "error",
-                Some(vm),
-                Some(&env.id),
-                None,
-                format!("cannot send create {vm} to {to}: {e}"),
-            );
+            tracing::debug!(%vm, %to, error = %e, "create not sent");
+            unsent.0.insert(to.clone(), (1, e.to_string()));
         }
         Err(e) => {
             // It may have reached the queue: the intent stays until its deadline.
