@@ -501,6 +501,24 @@ impl Cluster {
         crate::agent::backend_for(&cfg)
     }
 
+    /// Makes and starts a VM on host `i` as an operator would, with vm-bhyve by hand
+    /// (so without a marker: flotilla must never touch it). Returns its `.conf` path.
+    pub fn make_by_hand(&self, i: usize, name: &str) -> PathBuf {
+        use crate::backend::{Backend, CreateSpec};
+        let b = self.backend(i);
+        b.create(&CreateSpec {
+            name: name.into(),
+            datastore: None,
+            template: "default".into(),
+            disk_size: None,
+            cpu: None,
+            memory: None,
+        })
+        .expect("vm create");
+        b.start(name).expect("vm start");
+        self.hosts[i].vm_dir.join(name).join(format!("{name}.conf"))
+    }
+
     /// Every VM on host `i`.
     pub fn vms(&self, i: usize) -> Vec<ActualVm> {
         self.backend(i).list().expect("vm list")

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use flotilla::actual::RunState;
-use flotilla::backend::{Backend, CreateSpec};
 use flotilla_e2e::{Cluster, HostSpec, Options};
 
 /// splitmix64: small, seedable, good enough to pick test steps.
@@ -115,18 +114,7 @@ fn churn_converges_to_the_last_commit() {
         Options::default(),
     );
     // An operator's own VM: it must come out of the churn untouched.
-    let b = c.backend(1);
-    b.create(&CreateSpec {
-        name: "bystander".into(),
-        datastore: None,
-        template: "default".into(),
-        disk_size: None,
-        cpu: None,
-        memory: None,
-    })
-    .unwrap();
-    b.start("bystander").unwrap();
-    let bystander_conf = c.hosts[1].vm_dir.join("bystander/bystander.conf");
+    let bystander_conf = c.make_by_hand(1, "bystander");
     let before = std::fs::read_to_string(&bystander_conf).unwrap();
     c.start_agents();
 

@@ -221,19 +221,7 @@ fn removing_resizing_and_stopping_through_git() {
 fn an_unmanaged_vm_is_never_touched() {
     let c = Cluster::start(&chain(), Options::default());
     // An operator's own VM on host1, made with vm-bhyve by hand: no marker.
-    let b = c.backend(0);
-    use flotilla::backend::{Backend, CreateSpec};
-    b.create(&CreateSpec {
-        name: "handmade".into(),
-        datastore: None,
-        template: "default".into(),
-        disk_size: None,
-        cpu: None,
-        memory: None,
-    })
-    .expect("vm create");
-    b.start("handmade").expect("vm start");
-    let before = std::fs::read_to_string(c.hosts[0].vm_dir.join("handmade/handmade.conf")).unwrap();
+    let before = std::fs::read_to_string(c.make_by_hand(0, "handmade")).unwrap();
     let mut c = c;
     c.start_agents();
     // A desired VM of the same name, and a destroy-everything-else situation.

@@ -240,21 +240,7 @@ fn host3_separated_during_a_commit(how: Separation) {
         },
     );
     // An operator's own VM on the host that will be separated (no marker).
-    let b = c.backend(2);
-    {
-        use flotilla::backend::{Backend, CreateSpec};
-        b.create(&CreateSpec {
-            name: "handmade".into(),
-            datastore: None,
-            template: "default".into(),
-            disk_size: None,
-            cpu: None,
-            memory: None,
-        })
-        .expect("vm create");
-        b.start("handmade").expect("vm start");
-    }
-    let handmade_conf = c.hosts[2].vm_dir.join("handmade/handmade.conf");
+    let handmade_conf = c.make_by_hand(2, "handmade");
     let handmade_before = std::fs::read_to_string(&handmade_conf).unwrap();
     c.start_agents();
     let pinned = |vm: &str, profile: &str, host: &str| {
