@@ -162,7 +162,11 @@ fn child(host: &Host, role: &str, name: &str) -> std::io::Result<i32> {
         .spawn()?;
     let pid_file = host.pid_file(name, role);
     let _ = fs::create_dir_all(host.vm_dir.join(SIM_DIR));
-    let _ = fs::write(&pid_file, format!("{}\n", c.id()));
+    // bhyve records itself once it handles SIGTERM (see `bhyve`): a stop sent the moment
+    // `vm list` shows it running must reach its handler, as on a host, not kill it.
+    if role != "bhyve" {
+        let _ = fs::write(&pid_file, format!("{}\n", c.id()));
+    }
     let status = c.wait();
     let _ = fs::remove_file(&pid_file);
     let status = status?;
@@ -218,6 +222,12 @@ pub fn bhyve(host: &Host, name: &str) -> i32 {
         ) else {
             return 4;
         };
+        // Running from now on, in `vm list`'s eyes. Regression: `_run` wrote this before the
+        // handlers existed, and a `vm stop` in that moment killed a guest that ignores ACPI.
+        let _ = std::fs::write(
+            host.pid_file(&guest.name, "bhyve"),
+            format!("{}\n", std::process::id()),
+        );
         let dir = guest.dir();
         let mut power_off_at: Option<tokio::time::Instant> = None;
         let mut watch = tokio::time::interval(WATCH);
