@@ -42,12 +42,13 @@ pub fn bin_dir() -> &'static Path {
         }
         // target/<profile>/deps/<test> or target/<profile>/examples/<bench>
         let dir = beside.parent().expect("target dir").to_path_buf();
-        if std::env::var_os("CARGO").is_some()
-            && (!dir.join("flotilla").exists() || !dir.join("vm-sim").exists())
-        {
+        // `cargo test --test NAME` builds no binaries, so what is there may be stale:
+        // under cargo, always bring them up to date (instant when they are). The
+        // features are those of `scripts/test`, so the two never rebuild each other.
+        if std::env::var_os("CARGO").is_some() {
             let release = dir.ends_with("release");
             let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_default());
-            cmd.args(["build", "-p", "flotilla", "--bins"]);
+            cmd.args(["build", "--workspace", "--all-features", "--bins"]);
             if release {
                 cmd.arg("--release");
             }

@@ -543,3 +543,69 @@ fn a_job_body_at_the_size_limit_is_taken_and_one_over_it_is_buried() {
     );
     let _ = &mut c;
 }
+
+/// Guards issue 11, hole 7: host2's beanstalkd was killed (`kill -9`) while host2 built
+/// two VMs it owns and restarted with its binlog. The VMs were built, but their results
+/// and the deletes of their jobs were lost with the server; the redelivered jobs were
+/// refused as replays and buried, and the intents stayed `sent` until their 2 h
+/// deadline. Now the intents close on the inventory (the marker names the job) and a
+/// redelivered create whose VM is built reports its result again.
+#[test]
+fn a_result_lost_with_its_beanstalkd_still_closes_the_intent() {
+    let specs = vec![
+        HostSpec::new("host1", Some("host2")),
+        HostSpec::new("host2", None),
+    ];
+    let mut c = Cluster::start(
+        &specs,
+        Options {
+            sim_delay_ms: 3000,
+            ..Options::default()
+        },
+    );
+    c.start_agents();
+    c.commit(
+        &[
+            ("vms/r1.yaml", Some(&vm_yaml("r1", "CS0", "host: host2\n"))),
+            ("vms/r2.yaml", Some(&vm_yaml("r2", "CS0", "host: host2\n"))),
+        ],
+        "two VMs built by their owner",
+    );
+    c.wait_until("host2 building both", CONVERGE, |c| {
+        c.events(1)
+            .iter()
+            .filter(|e| e.kind == "job" && e.message.starts_with("building"))
+            .count()
+            >= 2
+    });
+    c.hosts[1].beanstalkd.stop();
+    c.wait_until("both built while beanstalkd is down", CONVERGE, |c| {
+        running_complete(c, 1, "r1") && running_complete(c, 1, "r2")
+    });
+    c.hosts[1]
+        .beanstalkd
+        .restart()
+        .expect("restart host2's beanstalkd from its binlog");
+    c.wait_until("both intents closed", CONVERGE, |c| {
+        let closed = c
+            .events(1)
+            .iter()
+            .filter(|e| e.kind == "intent" && e.message.starts_with("create intent closed"))
+            .filter_map(|e| e.vm.clone())
+            .collect::<std::collections::BTreeSet<_>>();
+        closed.contains("r1") && closed.contains("r2")
+    });
+    c.wait_until(
+        "the redelivered creates answered, not buried",
+        CONVERGE,
+        |c| {
+            c.tube_stats(1, "flotilla.create").is_some_and(|s| {
+                s.current_jobs_ready + s.current_jobs_reserved + s.current_jobs_delayed == 0
+            })
+        },
+    );
+    let st = c.tube_stats(1, "flotilla.create").expect("create tube");
+    assert_eq!(st.current_jobs_buried, 0, "a redelivered create was buried");
+    assert_eq!(holders(&c, "r1"), vec![1]);
+    assert_eq!(holders(&c, "r2"), vec![1]);
+}

@@ -39,6 +39,14 @@ pub fn intent_fate(
     inventories: &BTreeMap<String, Inventory>,
     now: u64,
 ) -> IntentFate {
+    // The VM built by this very job is the proof, whatever became of its result (lost
+    // with a beanstalkd, say): the marker carries the job id.
+    if let Some(host) = built_by_job(intent, inventories) {
+        return IntentFate::Close(format!(
+            "built on {host} by job {}, seen in its inventory",
+            intent.job_id
+        ));
+    }
     match &intent.status {
         IntentStatus::Sent => {
             if now > intent.deadline.saturating_add(DEADLINE_GRACE) {
@@ -77,6 +85,24 @@ pub fn intent_fate(
             }
         }
     }
+}
+
+/// The host whose inventory shows `intent`'s VM complete, built by the intent's own job.
+fn built_by_job<'a>(
+    intent: &Intent,
+    inventories: &'a BTreeMap<String, Inventory>,
+) -> Option<&'a str> {
+    inventories.iter().find_map(|(host, inv)| {
+        inv.vms
+            .iter()
+            .any(|v| {
+                v.name == intent.vm
+                    && v.marker
+                        .as_ref()
+                        .is_some_and(|m| m.complete && m.job_id == intent.job_id)
+            })
+            .then_some(host.as_str())
+    })
 }
 
 /// The intent as the planner's in-flight entry.
@@ -316,6 +342,39 @@ mod tests {
         assert!(matches!(
             intent_fate(&i, Some("h1"), &invs, 600),
             IntentFate::Close(_)
+        ));
+    }
+
+    /// Guards issue 11, hole 7: host3's beanstalkd was killed during builds, the VMs were
+    /// built but their results were lost, and the owner's intents stayed `sent` until
+    /// their deadline (hours). The marker's job id in any inventory closes the intent.
+    #[test]
+    fn an_intent_closes_as_soon_as_an_inventory_shows_the_vm_built_by_its_job() {
+        let i = intent(IntentStatus::Sent);
+        let mut host3 = inventory("host3", 200, &["web1"], 8);
+        let marker = |job: &str, complete| crate::actual::Marker {
+            format_version: 1,
+            cluster: "lab".into(),
+            job_id: job.into(),
+            spec_hash: "h1".into(),
+            commit: "c1".into(),
+            owner: "host1".into(),
+            protect: false,
+            complete,
+        };
+        // Half-made by the job: still building, the intent holds.
+        host3.vms[0].marker = Some(marker("j1", false));
+        let mut invs = BTreeMap::from([("host3".to_string(), host3.clone())]);
+        assert_eq!(intent_fate(&i, Some("h1"), &invs, 300), IntentFate::Open);
+        // Another job's VM of that name proves nothing about this job.
+        host3.vms[0].marker = Some(marker("other", true));
+        invs.insert("host3".into(), host3.clone());
+        assert_eq!(intent_fate(&i, Some("h1"), &invs, 300), IntentFate::Open);
+        host3.vms[0].marker = Some(marker("j1", true));
+        invs.insert("host3".into(), host3);
+        assert!(matches!(
+            intent_fate(&i, Some("h1"), &invs, 300),
+            IntentFate::Close(why) if why.contains("host3")
         ));
     }
 

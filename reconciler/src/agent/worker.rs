@@ -119,6 +119,18 @@ async fn handle(shared: &Arc<Shared>, client: &mut Client, job: Job) {
             shared.count("flotilla_rejected_total{reason=\"undecodable\"}");
             End::Bury(format!("cannot decode: {e}"), None)
         }
+        // The job came back after this host built its VM (its delete and its result were
+        // lost with beanstalkd): answer it again, or the owner waits for its deadline.
+        Ok(env) if built_here(shared, &env) => {
+            shared.event(
+                "job",
+                env.body.vm(),
+                Some(&env.id),
+                None,
+                "create delivered again after its VM was built; its result is sent again".into(),
+            );
+            End::Delete(again_done(shared, &env))
+        }
         // Safety rule 5: nothing is done for a message that does not verify.
         Ok(env) => match shared.check(&env) {
             Err(e) => End::Bury(format!("refused: {e}"), None),
@@ -175,6 +187,33 @@ async fn handle(shared: &Arc<Shared>, client: &mut Client, job: Job) {
         tracing::warn!(job = id, error = %e, "cannot {verb} the job; beanstalkd will hand it out again after its TTR");
     }
     shared.wake_publish.notify_one();
+}
+
+/// True when `env` is a create that verifies and whose VM this host holds complete,
+/// built by this very job (the marker records the job id).
+fn built_here(shared: &Shared, env: &Envelope) -> bool {
+    let Message::Create(job) = &env.body else {
+        return false;
+    };
+    let window = shared.cfg.message_window.0.as_secs();
+    if shared.keys.verify(env, message::now(), window).is_err()
+        || env.cluster != shared.cluster_id()
+    {
+        return false;
+    }
+    matches!(
+        shared.backend.read_marker(&job.vm),
+        Ok(Some(m)) if m.cluster == env.cluster && m.job_id == env.id && m.complete
+    )
+}
+
+/// The `done` result of a create [`built_here`], for its owner.
+fn again_done(shared: &Shared, env: &Envelope) -> Option<(Origin, JobResult)> {
+    let Message::Create(job) = &env.body else {
+        return None;
+    };
+    let r = result(env, &job.vm, shared.me(), &job.origin.commit, Outcome::Done);
+    Some((job.origin.clone(), r))
 }
 
 /// Runs `work` on a blocking thread, touching job `id` while it runs so it outlives its
