@@ -23,6 +23,7 @@ pub mod events;
 pub mod hooks;
 pub mod metrics;
 pub mod peers;
+mod replay;
 pub mod status;
 pub mod usage;
 mod worker;
@@ -94,17 +95,6 @@ fn write_hosts_file(state_dir: &std::path::Path, me: &str, snap: &Snapshot) -> s
 /// Ids of acted-on messages, one `id sent_at` per line, in the state directory.
 const ACTED_FILE: &str = "acted";
 
-fn load_acted(state_dir: &std::path::Path) -> BTreeMap<String, u64> {
-    std::fs::read_to_string(state_dir.join(ACTED_FILE))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (id, t) = l.split_once(' ')?;
-            Some((id.to_string(), t.trim().parse().ok()?))
-        })
-        .collect()
-}
-
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -170,8 +160,8 @@ pub struct Shared {
     cancel: AtomicBool,
     /// The cluster keys: every message is sealed and checked with them.
     keys: crate::auth::Keys,
-    /// Ids of messages acted on, with their `sent_at`, to refuse replays.
-    acted: Mutex<BTreeMap<String, u64>>,
+    /// Ids of messages acted on, to refuse replays.
+    acted: Mutex<replay::ReplayCache>,
 }
 
 /// The backend the config describes: vm-bhyve's `vm`, or the simulator when `sim_dir` is
@@ -213,7 +203,11 @@ impl Shared {
         std::fs::create_dir_all(&cfg.state_dir).map_err(|e| state(e.to_string()))?;
         let intents =
             IntentStore::open(cfg.state_dir.join("intents")).map_err(|e| state(e.to_string()))?;
-        let cfg_state_dir = cfg.state_dir.clone();
+        let acted = replay::ReplayCache::open(
+            &cfg.state_dir.join(ACTED_FILE),
+            cfg.message_window.0.as_secs(),
+            message::now(),
+        );
         Ok(Arc::new(Shared {
             events: EventLog::new(&cfg.state_dir),
             cfg,
@@ -234,7 +228,7 @@ impl Shared {
             wake_publish: Notify::new(),
             stop: watch::channel(false).0,
             cancel: AtomicBool::new(false),
-            acted: Mutex::new(load_acted(&cfg_state_dir)),
+            acted: Mutex::new(acted),
             keys,
         }))
     }
@@ -259,7 +253,7 @@ impl Shared {
                 .acted
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .contains_key(&env.id)
+                .contains(&env.id)
         {
             r = Err(crate::auth::Rejection::Replayed(env.id.clone()));
         }
@@ -285,26 +279,9 @@ impl Shared {
 
     /// Records that message `env` was acted on, so a replay of it is refused.
     fn acted(&self, env: &Envelope) {
-        let window = self.cfg.message_window.0.as_secs();
-        let now = message::now();
         let mut acted = self.acted.lock().unwrap_or_else(|p| p.into_inner());
-        acted.insert(env.id.clone(), env.sent_at);
-        acted.retain(|_, t| now.saturating_sub(*t) <= window.saturating_mul(2));
-        let path = self.cfg.state_dir.join(ACTED_FILE);
-        let line = format!("{} {}\n", env.id, env.sent_at);
-        let res = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
-        if let Err(e) = res {
+        if let Err(e) = acted.record(&env.id, env.sent_at, message::now()) {
             tracing::warn!(error = %e, "cannot record an acted message id");
-        }
-        // Keep the file from growing without bound: rewrite it from the pruned set now
-        // and then.
-        if acted.len() % 1024 == 0 {
-            let text: String = acted.iter().map(|(id, t)| format!("{id} {t}\n")).collect();
-            let _ = std::fs::write(&path, text);
         }
     }
 
