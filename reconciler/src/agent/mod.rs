@@ -243,11 +243,14 @@ impl Shared {
         env
     }
 
-    /// Refuses a message that is unsigned, forged, tampered, too old or replayed; counts
-    /// and logs the refusal.
-    fn check(&self, env: &Envelope) -> Result<(), crate::auth::Rejection> {
+    /// Refuses a message that is unsigned, forged, tampered, not addressed to this host
+    /// and `tube` (the one it was read from), too old or replayed; counts and logs the
+    /// refusal.
+    fn check(&self, env: &Envelope, tube: &str) -> Result<(), crate::auth::Rejection> {
         let window = self.cfg.message_window.0.as_secs();
-        let mut r = self.keys.verify(env, message::now(), window);
+        let mut r = self
+            .keys
+            .verify(env, self.me(), tube, message::now(), window);
         if r.is_ok()
             && self
                 .acted
@@ -388,6 +391,7 @@ impl Shared {
         let env = self.sealed(Envelope::new(
             &self.cluster_id(),
             self.me(),
+            &origin.owner,
             Message::Result(r.clone()),
         ));
         if let Err(e) = self
@@ -797,7 +801,7 @@ async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) -> BTreeSet<
             let window = s.cfg.message_window.0.as_secs();
             let r = tokio::time::timeout(
                 Duration::from_secs(3),
-                s.peers.inventory(&addr, Some((&s.keys, window))),
+                s.peers.inventory(&addr, &name, Some((&s.keys, window))),
             )
             .await;
             (name, r)
@@ -1084,6 +1088,7 @@ async fn emit_create(
     let env = shared.sealed(Envelope::new(
         &snap.cluster.id,
         shared.me(),
+        &to,
         Message::Create(job),
     ));
     // Safety rule 2: the intent is on disk before the job is on the queue.
@@ -1197,7 +1202,7 @@ async fn emit_op(shared: &Arc<Shared>, snap: &Snapshot, action: &Action, origin:
     let Some(addr) = shared.own_addr() else {
         return;
     };
-    let env = shared.sealed(Envelope::new(&snap.cluster.id, &me, body));
+    let env = shared.sealed(Envelope::new(&snap.cluster.id, &me, &me, body));
     match shared
         .peers
         .put(&addr, tubes::OPS, &env, shared.put_params(pri))
@@ -1270,7 +1275,16 @@ async fn inbox_loop(shared: Arc<Shared>) {
             };
             let decoded = message::decode(&job.body);
             if let Ok(env) = &decoded {
-                if shared.check(env).is_err() {
+                // Where the job was read from is half of its address.
+                let tube = match client.stats_job(job.id).await {
+                    Ok(st) => st.tube,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "inbox cannot read a job's tube; releasing it");
+                        let _ = client.release(job.id, 1024, 1).await;
+                        continue;
+                    }
+                };
+                if shared.check(env, &tube).is_err() {
                     if let Err(e) = client.bury(job.id, 1024).await {
                         tracing::warn!(error = %e, "inbox cannot bury a refused message");
                     }
@@ -1508,6 +1522,7 @@ async fn publish_loop(shared: Arc<Shared>) {
         let inv = inventory(&shared, &snap, vms, listed_at);
         let env = shared.sealed(Envelope::new(
             &snap.cluster.id,
+            shared.me(),
             shared.me(),
             Message::Inventory(inv),
         ));

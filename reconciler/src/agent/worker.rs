@@ -119,14 +119,22 @@ async fn handle(shared: &Arc<Shared>, client: &mut Client, job: Job) {
             shared.count("flotilla_rejected_total{reason=\"undecodable\"}");
             End::Bury(format!("cannot decode: {e}"), None)
         }
-        // Safety rule 5: nothing is done for a message that does not verify.
-        Ok(env) => match shared.check(&env) {
-            Err(e) => End::Bury(format!("refused: {e}"), None),
-            Ok(()) => {
-                let end = run(shared, client, id, env.clone()).await;
-                acted = Some(env);
-                end
-            }
+        // The tube the job was reserved from is half of its address (safety rule 7).
+        Ok(env) => match client.stats_job(id).await {
+            Err(e) => End::Release(
+                Duration::from_secs(1),
+                format!("cannot read the job's tube: {e}"),
+            ),
+            // Safety rule 5: nothing is done for a message that does not verify.
+            Ok(stats) => match shared.check(&env, &stats.tube) {
+                Err(e) => End::Bury(format!("refused: {e}"), None),
+                Ok(()) => {
+                    let attempts = stats.reserves.min(u32::MAX as u64) as u32;
+                    let end = run(shared, client, id, attempts, env.clone()).await;
+                    acted = Some(env);
+                    end
+                }
+            },
         },
     };
     if let (End::Delete(_), Some(env)) = (&end, &acted) {
@@ -200,7 +208,13 @@ async fn touching<T: Send + 'static>(
     }
 }
 
-async fn run(shared: &Arc<Shared>, client: &mut Client, id: u64, env: Envelope) -> End {
+async fn run(
+    shared: &Arc<Shared>,
+    client: &mut Client,
+    id: u64,
+    attempts: u32,
+    env: Envelope,
+) -> End {
     let Some(snap) = shared.snapshot() else {
         return End::Release(Duration::from_secs(1), "no desired state read yet".into());
     };
@@ -213,10 +227,7 @@ async fn run(shared: &Arc<Shared>, client: &mut Client, id: u64, env: Envelope) 
             None,
         );
     }
-    let attempts = match client.stats_job(id).await {
-        Ok(s) => s.reserves as u32,
-        Err(_) => 1,
-    };
+    let attempts = attempts.max(1);
     let ttr = snap.cluster.policies.ttr;
     let every = (ttr / 2).max(Duration::from_millis(500));
     let me = shared.me().to_string();
@@ -304,7 +315,8 @@ async fn forward(shared: &Arc<Shared>, env: &Envelope, job: CreateJob, to: &str)
         .last()
         .map(|r| r.reason.clone())
         .unwrap_or_default();
-    let mut next = Envelope::new(&env.cluster, shared.me(), Message::Create(job));
+    // Addressed, and signed, for the next hop only: a copy of it is no good elsewhere.
+    let mut next = Envelope::new(&env.cluster, shared.me(), to, Message::Create(job));
     // The job keeps its id along the chain: markers and results refer to it.
     next.id = env.id.clone();
     let next = shared.sealed(next);
