@@ -2,10 +2,11 @@
 //! who reaches beanstalkd can put a job: it must never panic; what it accepts must survive
 //! encode and decode unchanged, and encode again to the same bytes (signatures are
 //! computed over the re-encoded envelope, so a second encoding that differed would turn
-//! a good signature bad); and checking its signature must not panic either.
+//! a good signature bad); and checking its signature and destination must not panic
+//! either.
 #![no_main]
 
-use flotilla::auth::Keys;
+use flotilla::auth::{Keys, Rejection};
 use flotilla::message::{decode, encode, MAX_MESSAGE};
 use libfuzzer_sys::fuzz_target;
 
@@ -26,7 +27,11 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(bytes, encode(&again), "encoding is not stable");
 
     let keys = Keys::parse(KEY).expect("a valid key");
-    let _ = keys.verify(&envelope, envelope.sent_at, 60);
+    // Checked where it says it belongs, and on another host.
+    let host = envelope.to.host.clone().unwrap_or_default();
+    let tube = envelope.to.tube.clone();
+    let _ = keys.verify(&envelope, &host, &tube, envelope.sent_at, 60);
+    let _ = keys.verify(&envelope, "elsewhere", &tube, envelope.sent_at, 60);
     let mut sealed = envelope;
     keys.seal(&mut sealed);
     let sealed_bytes = encode(&sealed);
@@ -34,5 +39,11 @@ fuzz_target!(|data: &[u8]| {
         assert!(sealed_bytes.len() > MAX_MESSAGE, "a sealed envelope does not decode");
         return;
     };
-    assert!(keys.verify(&sealed, sealed.sent_at, 0).is_ok(), "own seal does not verify");
+    // The seal verifies; the message may still be misaddressed (a fuzzed destination
+    // need not fit its kind), never anything else.
+    let r = keys.verify(&sealed, &host, &tube, sealed.sent_at, 0);
+    assert!(
+        matches!(r, Ok(()) | Err(Rejection::Misaddressed { .. })),
+        "own seal does not verify: {r:?}"
+    );
 });

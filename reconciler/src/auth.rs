@@ -9,15 +9,19 @@
 //! others, or the agent refuses to start.
 //!
 //! A message is refused (and its job buried with the reason) when it is unsigned, its
-//! signature does not verify, it was sent outside the accepted time window, or its id was
-//! already acted on (a replay).
+//! signature does not verify, it is misaddressed (the signed destination is not the host
+//! and tube it was read from, or its kind does not belong on that tube), it was sent
+//! outside the accepted time window, or its id was already acted on (a replay).
+//!
+//! The destination is what makes the per-host replay cache enough: a copy of a message
+//! can only be acted on where it was addressed, and there its id is already known.
 
 use std::path::{Path, PathBuf};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::message::{self, Envelope};
+use crate::message::{self, Envelope, Message};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -86,6 +90,18 @@ pub enum Rejection {
     /// Its id was already acted on.
     #[error("message {0} was already acted on (replayed)")]
     Replayed(String),
+    /// Addressed to another host or tube, or of a kind that does not belong on the tube.
+    #[error("a `{kind}` message addressed to {to} was read by {host} from {tube} (misaddressed)")]
+    Misaddressed {
+        /// The message kind.
+        kind: String,
+        /// Where it is addressed.
+        to: String,
+        /// The host that read it.
+        host: String,
+        /// The tube it was read from.
+        tube: String,
+    },
 }
 
 impl Rejection {
@@ -96,6 +112,7 @@ impl Rejection {
             Rejection::BadSignature => "bad_signature",
             Rejection::Expired { .. } => "expired",
             Rejection::Replayed(_) => "replayed",
+            Rejection::Misaddressed { .. } => "misaddressed",
         }
     }
 }
@@ -198,9 +215,16 @@ impl Keys {
         env.sig = Some(tag.iter().map(|b| format!("{b:02x}")).collect());
     }
 
-    /// Checks `env`'s signature under every accepted key, and its age against `window`
-    /// seconds around `now`.
-    pub fn verify(&self, env: &Envelope, now: u64, window: u64) -> Result<(), Rejection> {
+    /// Checks `env`'s signature under every accepted key, that it is addressed to `host`
+    /// on `tube` (where it was read), and its age against `window` seconds around `now`.
+    pub fn verify(
+        &self,
+        env: &Envelope,
+        host: &str,
+        tube: &str,
+        now: u64,
+        window: u64,
+    ) -> Result<(), Rejection> {
         let Some(sig) = &env.sig else {
             return Err(Rejection::Unsigned);
         };
@@ -215,6 +239,7 @@ impl Keys {
         if !ok {
             return Err(Rejection::BadSignature);
         }
+        addressed(env, host, tube)?;
         if env.sent_at.abs_diff(now) > window {
             return Err(Rejection::Expired {
                 sent_at: env.sent_at,
@@ -224,6 +249,30 @@ impl Keys {
         }
         Ok(())
     }
+}
+
+/// Checks that `env` belongs where it was read: on `tube` of `host`. Only a trigger may
+/// be addressed to any host (it only asks for a fetch, and the post-receive hook that
+/// sends it knows addresses, not host names).
+fn addressed(env: &Envelope, host: &str, tube: &str) -> Result<(), Rejection> {
+    let to = &env.to;
+    let host_ok = match &to.host {
+        Some(h) => h == host,
+        None => matches!(env.body, Message::Trigger(_)),
+    };
+    if host_ok && to.tube == tube && env.body.tube() == tube {
+        return Ok(());
+    }
+    let mut shown = to.to_string();
+    if to.tube != env.body.tube() {
+        shown += &format!(" (a `{}` belongs on {})", env.body.kind(), env.body.tube());
+    }
+    Err(Rejection::Misaddressed {
+        kind: env.body.kind().to_string(),
+        to: shown,
+        host: host.to_string(),
+        tube: tube.to_string(),
+    })
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
@@ -239,14 +288,17 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{Message, Trigger};
+    use crate::message::{tubes, Trigger};
 
     const K1: &str = "0123456789abcdef0123456789abcdef-one";
     const K2: &str = "0123456789abcdef0123456789abcdef-two";
+    const H1: &str = "host1";
+    const C: &str = tubes::CONTROL;
 
     fn env() -> Envelope {
         let mut e = Envelope::new(
             "lab",
+            "host1",
             "host1",
             Message::Trigger(Trigger {
                 reason: "push".into(),
@@ -260,25 +312,100 @@ mod tests {
     fn signed_messages_verify_and_tampered_or_forged_ones_do_not() {
         let keys = Keys::parse(K1).unwrap();
         let mut e = env();
-        assert_eq!(keys.verify(&e, 1000, 60), Err(Rejection::Unsigned));
+        assert_eq!(keys.verify(&e, H1, C, 1000, 60), Err(Rejection::Unsigned));
         keys.seal(&mut e);
-        assert_eq!(keys.verify(&e, 1000, 60), Ok(()));
+        assert_eq!(keys.verify(&e, H1, C, 1000, 60), Ok(()));
         // Survives the trip through JSON.
         let back = message::decode(&message::encode(&e)).unwrap();
-        assert_eq!(keys.verify(&back, 1000, 60), Ok(()));
+        assert_eq!(keys.verify(&back, H1, C, 1000, 60), Ok(()));
         let mut tampered = e.clone();
         tampered.from = "host2".into();
         assert_eq!(
-            keys.verify(&tampered, 1000, 60),
+            keys.verify(&tampered, H1, C, 1000, 60),
             Err(Rejection::BadSignature)
         );
         let mut forged = env();
         Keys::parse(K2).unwrap().seal(&mut forged);
-        assert_eq!(keys.verify(&forged, 1000, 60), Err(Rejection::BadSignature));
+        assert_eq!(
+            keys.verify(&forged, H1, C, 1000, 60),
+            Err(Rejection::BadSignature)
+        );
         assert!(matches!(
-            keys.verify(&e, 2000, 60),
+            keys.verify(&e, H1, C, 2000, 60),
             Err(Rejection::Expired { .. })
         ));
+    }
+
+    /// Guards issue 11, hole 2: a signed create sent to host3, copied onto host2's create
+    /// tube, verified there, and host2 built the VM too. The destination is signed: host2
+    /// refuses it as misaddressed, and so does any tube it does not belong on; changing
+    /// the destination breaks the signature.
+    #[test]
+    fn a_message_addressed_to_host3_is_refused_by_host2() {
+        let keys = Keys::parse(K1).unwrap();
+        let mut create = Envelope::new(
+            "lab",
+            "host1",
+            "host3",
+            Message::Create(crate::message::sample_create()),
+        );
+        create.sent_at = 1000;
+        keys.seal(&mut create);
+        assert_eq!(
+            keys.verify(&create, "host3", tubes::CREATE, 1000, 60),
+            Ok(())
+        );
+        let refused = keys.verify(&create, "host2", tubes::CREATE, 1000, 60);
+        assert!(
+            matches!(&refused, Err(r @ Rejection::Misaddressed { .. }) if r.label() == "misaddressed"),
+            "{refused:?}"
+        );
+        let text = refused.unwrap_err().to_string();
+        assert!(
+            text.contains("addressed to host3 on flotilla.create")
+                && text.contains("read by host2"),
+            "{text}"
+        );
+        // On the right host but the wrong tube.
+        assert!(matches!(
+            keys.verify(&create, "host3", tubes::OPS, 1000, 60),
+            Err(Rejection::Misaddressed { .. })
+        ));
+        // Readdressed by whoever copied it: the signature no longer verifies.
+        let mut readdressed = create.clone();
+        readdressed.to.host = Some("host2".into());
+        assert_eq!(
+            keys.verify(&readdressed, "host2", tubes::CREATE, 1000, 60),
+            Err(Rejection::BadSignature)
+        );
+        // Signed for the wrong tube (a create meant for the ops tube): refused on both.
+        let mut wrong_tube = create.clone();
+        wrong_tube.to.tube = tubes::OPS.into();
+        keys.seal(&mut wrong_tube);
+        for tube in [tubes::OPS, tubes::CREATE] {
+            let r = keys.verify(&wrong_tube, "host3", tube, 1000, 60);
+            assert!(
+                matches!(&r, Err(Rejection::Misaddressed { to, .. }) if to.contains("belongs on flotilla.create")),
+                "{r:?}"
+            );
+        }
+        // Only a trigger may be addressed to any host.
+        let mut any = create.clone();
+        any.to.host = None;
+        keys.seal(&mut any);
+        assert!(matches!(
+            keys.verify(&any, "host3", tubes::CREATE, 1000, 60),
+            Err(Rejection::Misaddressed { .. })
+        ));
+        let mut trigger = env();
+        trigger.to.host = None;
+        keys.seal(&mut trigger);
+        for host in ["host1", "host2"] {
+            assert_eq!(keys.verify(&trigger, host, C, 1000, 60), Ok(()));
+        }
+        assert!(keys
+            .verify(&trigger, "host2", tubes::CREATE, 1000, 60)
+            .is_err());
     }
 
     #[test]
@@ -287,10 +414,13 @@ mod tests {
         let rotating = Keys::parse(&format!("{K2}\n{K1}\n")).unwrap();
         let mut e = env();
         old.seal(&mut e);
-        assert_eq!(rotating.verify(&e, 1000, 60), Ok(()));
+        assert_eq!(rotating.verify(&e, H1, C, 1000, 60), Ok(()));
         let mut new = env();
         rotating.seal(&mut new);
-        assert_eq!(old.verify(&new, 1000, 60), Err(Rejection::BadSignature));
+        assert_eq!(
+            old.verify(&new, H1, C, 1000, 60),
+            Err(Rejection::BadSignature)
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Every message flotilla puts on beanstalkd, defined once.
 //!
-//! A message is an [`Envelope`] (format version, message id, cluster, sender, time)
-//! around one [`Message`]: the five job kinds (create, destroy, update, start, stop), the
+//! A message is an [`Envelope`] (format version, message id, cluster, sender,
+//! destination, time) around one [`Message`]: the five job kinds (create, destroy, update, start, stop), the
 //! result of a job, a host's inventory, and a trigger. All are JSON, so an operator can
 //! read a job with `peek`, and all are decoded by [`decode`], which never panics and
 //! refuses what it does not understand with a reason a worker can bury the job with.
@@ -17,8 +17,9 @@ use serde::{Deserialize, Serialize};
 use crate::capacity::{Limits, Usage};
 use crate::size::Size;
 
-/// The message format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The message format this build writes and reads. Version 2 added the signed
+/// destination ([`Envelope::to`]); hosts of one cluster upgrade together.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Largest encoded job, result or trigger flotilla writes or reads: under beanstalkd's
 /// default `max-job-size` (65535), so a default server takes every job.
@@ -55,6 +56,9 @@ pub struct Envelope {
     pub cluster: String,
     /// The host that sent the message.
     pub from: String,
+    /// Where the message is addressed. Covered by the signature, so a copy put on another
+    /// host's queue, or on another tube, is refused there as misaddressed.
+    pub to: Destination,
     /// When it was sent, in seconds since the Unix epoch (used for expiry, not ordering).
     pub sent_at: u64,
     /// The message itself.
@@ -63,6 +67,28 @@ pub struct Envelope {
     /// [`crate::auth`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sig: Option<String>,
+}
+
+/// The host and tube a message is meant for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Destination {
+    /// The host meant to read it. Only a trigger may leave it out: the post-receive hook
+    /// knows the hosts' addresses, not their names, and a trigger only asks for a fetch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The tube it is put on: always the one tube its kind belongs on
+    /// ([`Message::tube`]).
+    pub tube: String,
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.host {
+            Some(h) => write!(f, "{h} on {}", self.tube),
+            None => write!(f, "any host on {}", self.tube),
+        }
+    }
 }
 
 /// What a message says.
@@ -99,6 +125,19 @@ impl Message {
             Message::Result(_) => "result",
             Message::Inventory(_) => "inventory",
             Message::Trigger(_) => "trigger",
+        }
+    }
+
+    /// The one tube this kind of message belongs on.
+    pub fn tube(&self) -> &'static str {
+        match self {
+            Message::Create(_) => tubes::CREATE,
+            Message::Destroy(_) | Message::Update(_) | Message::Start(_) | Message::Stop(_) => {
+                tubes::OPS
+            }
+            Message::Result(_) => tubes::RESULTS,
+            Message::Inventory(_) => tubes::INVENTORY,
+            Message::Trigger(_) => tubes::CONTROL,
         }
     }
 
@@ -414,13 +453,18 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
 }
 
 impl Envelope {
-    /// A new message from `from` in `cluster`, with a fresh id, sent now.
-    pub fn new(cluster: &str, from: &str, body: Message) -> Envelope {
+    /// A new message from `from` to host `to` in `cluster`, on the tube its kind belongs
+    /// on, with a fresh id, sent now.
+    pub fn new(cluster: &str, from: &str, to: &str, body: Message) -> Envelope {
         Envelope {
             v: FORMAT_VERSION,
             id: uuid::Uuid::new_v4().to_string(),
             cluster: cluster.to_string(),
             from: from.to_string(),
+            to: Destination {
+                host: Some(to.to_string()),
+                tube: body.tube().to_string(),
+            },
             sent_at: now(),
             body,
             sig: None,
@@ -484,6 +528,10 @@ mod tests {
             id: "4f1c7a52-2d0e-4b8e-9d8e-1f2a3b4c5d6e".into(),
             cluster: "lab".into(),
             from: "host1".into(),
+            to: Destination {
+                host: Some("host2".into()),
+                tube: tubes::CREATE.into(),
+            },
             sent_at: 1_790_000_000,
             body: Message::Create(sample_create()),
             sig: None,
@@ -573,12 +621,26 @@ mod tests {
             Err(DecodeError::TooLarge(bytes.len(), MAX_MESSAGE))
         );
         let mut newer = serde_json::to_value(create()).unwrap();
-        newer["v"] = 2.into();
+        newer["v"] = 3.into();
         newer["new_field"] = true.into();
         assert_eq!(
             decode(newer.to_string().as_bytes()),
-            Err(DecodeError::Version(2))
+            Err(DecodeError::Version(3))
         );
+        // A version 1 message has no destination: it is not read, whatever it says.
+        let mut older = serde_json::to_value(create()).unwrap();
+        older["v"] = 1.into();
+        older.as_object_mut().unwrap().remove("to");
+        assert_eq!(
+            decode(older.to_string().as_bytes()),
+            Err(DecodeError::Version(1))
+        );
+        let mut unaddressed = serde_json::to_value(create()).unwrap();
+        unaddressed.as_object_mut().unwrap().remove("to");
+        assert!(matches!(
+            decode(unaddressed.to_string().as_bytes()),
+            Err(DecodeError::Malformed(m)) if m.contains("`to`")
+        ));
         let mut extra = serde_json::to_value(create()).unwrap();
         extra["body"]["hops_left"] = (-1).into();
         assert!(matches!(

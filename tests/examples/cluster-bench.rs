@@ -39,6 +39,7 @@ fn trigger(c: &Cluster) {
             let mut env = Envelope::new(
                 "e2e",
                 "bench",
+                &h.name,
                 Message::Trigger(Trigger {
                     reason: "bench".into(),
                 }),
@@ -68,7 +69,7 @@ fn total_running(c: &Cluster) -> usize {
     rt.block_on(async {
         let mut n = 0;
         for h in &c.hosts {
-            if let Ok((Some(inv), _)) = peers.inventory(&h.beanstalkd.addr(), None).await {
+            if let Ok((Some(inv), _)) = peers.inventory(&h.beanstalkd.addr(), &h.name, None).await {
                 n += inv
                     .vms
                     .iter()

@@ -443,6 +443,7 @@ fn forged_tampered_and_replayed_jobs_are_buried_and_nothing_is_done() {
         Envelope::new(
             "e2e",
             "host1",
+            "host1",
             Message::Destroy(VmJob {
                 vm: vm.into(),
                 host: "host1".into(),
@@ -518,6 +519,189 @@ fn forged_tampered_and_replayed_jobs_are_buried_and_nothing_is_done() {
         .expect("victim still there");
     assert_eq!(victim.state, RunState::Running);
     status_checks_the_inventories_signatures(&c);
+}
+
+/// Guards issue 11, hole 2 (safety rules 2 and 7): a signed create taken from host3's
+/// `flotilla.create` tube (peek) and put on host2's was built on host2 as well, because
+/// nothing bound the job to the host it was sent to. Now host2 buries the copy as
+/// misaddressed, counts and logs it, and builds nothing; host3 builds the VM once.
+#[test]
+fn a_signed_create_copied_onto_another_hosts_create_tube_is_buried_and_built_once() {
+    use flotilla::message::{self, tubes, Message};
+    let mut c = Cluster::start(&chain(), Options::default());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = std::fs::read_to_string(&c.hosts[1].config).unwrap();
+    std::fs::write(&c.hosts[1].config, format!("{cfg}http: 127.0.0.1:{port}\n")).unwrap();
+    c.start_agents();
+    // Hold host3's creates so the job stays on its tube long enough to be copied: a
+    // paused tube hands nothing out. The tube exists once host3's worker watches it.
+    c.wait_until("host3 watches its create tube", CONVERGE, |c| {
+        c.tube_stats(2, tubes::CREATE).is_some()
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pause = |secs: u32| {
+        rt.block_on(async {
+            let mut client = beanstalk::Client::connect(c.hosts[2].beanstalkd.addr())
+                .await
+                .unwrap();
+            client.pause_tube(tubes::CREATE, secs).await.unwrap();
+        })
+    };
+    pause(600);
+    c.commit(
+        &[(
+            "vms/copied.yaml",
+            Some(&vm_yaml("copied", "CS0", "host: host3\n")),
+        )],
+        "a VM on host3",
+    );
+    c.wait_until("the create waits on host3's tube", CONVERGE, |c| {
+        c.tube_stats(2, tubes::CREATE)
+            .is_some_and(|s| s.current_jobs_ready == 1)
+    });
+    let body = rt.block_on(async {
+        let mut from = beanstalk::Client::connect(c.hosts[2].beanstalkd.addr())
+            .await
+            .unwrap();
+        from.use_tube(tubes::CREATE).await.unwrap();
+        let job = from
+            .peek_ready()
+            .await
+            .unwrap()
+            .expect("the create on host3");
+        let mut to = beanstalk::Client::connect(c.hosts[1].beanstalkd.addr())
+            .await
+            .unwrap();
+        to.use_tube(tubes::CREATE).await.unwrap();
+        to.put(&job.body, Default::default()).await.unwrap();
+        job.body
+    });
+    let env = message::decode(&body).unwrap();
+    assert!(
+        matches!(&env.body, Message::Create(j) if j.vm == "copied"),
+        "{env:?}"
+    );
+    // First that host2 reserved and handled the copy, one way or the other.
+    c.wait_until("host2 handled the copy", CONVERGE, |c| {
+        c.tube_stats(1, tubes::CREATE)
+            .is_some_and(|s| s.current_jobs_buried == 1)
+            || c.events(1).iter().any(|e| e.message.contains("copied"))
+    });
+    assert!(
+        !c.names(1).contains(&"copied".to_string())
+            && !c
+                .events(1)
+                .iter()
+                .any(|e| e.kind == "job" && e.message.contains("building copied")),
+        "host2 built a second copy of host3's VM\n{}",
+        c.logs()
+    );
+    c.wait_until("the copy buried on host2", CONVERGE, |c| {
+        c.tube_stats(1, tubes::CREATE)
+            .is_some_and(|s| s.current_jobs_buried == 1)
+    });
+    let rejected: Vec<String> = c
+        .events(1)
+        .into_iter()
+        .filter(|e| e.kind == "rejected")
+        .map(|e| e.message)
+        .collect();
+    assert!(
+        rejected.len() == 1 && rejected[0].contains("misaddressed"),
+        "{rejected:#?}"
+    );
+    c.wait_until("the refusal counted", CONVERGE, |_| {
+        http_get(port, "/metrics").contains("flotilla_rejected_total{reason=\"misaddressed\"} 1")
+    });
+    // The real one is built where it was sent, once.
+    pause(0);
+    c.wait_until("copied running on host3", CONVERGE, |c| {
+        c.vms(2)
+            .iter()
+            .any(|v| v.name == "copied" && v.state == RunState::Running)
+    });
+    assert_eq!(host_of(&c, "copied"), vec![2]);
+    c.stop_agent(1);
+}
+
+/// Guards issue 11, hole 2, for triggers: `flotilla trigger` addresses each host by name
+/// when it knows the names, and a copy of one on another host's control tube is buried
+/// there; the post-receive hook knows only addresses, and its triggers (addressed to any
+/// host, which only a trigger may be) are taken.
+#[test]
+fn triggers_are_addressed_by_name_or_to_any_host_and_a_misaddressed_one_is_buried() {
+    use flotilla::message::{self, tubes, Envelope, Message, Trigger};
+    let c = started(&chain());
+    c.wait_until("every host has read the desired repo", CONVERGE, |c| {
+        (0..3).all(|i| c.hosts[i].state_dir.join("hosts.json").exists())
+    });
+    let triggered = |c: &Cluster, i: usize, reason: &str| {
+        c.events(i)
+            .iter()
+            .any(|e| e.kind == "trigger" && e.message.ends_with(reason))
+    };
+    let config = c.hosts[0].config.display().to_string();
+    let (code, out, err) = c.flotilla(&["trigger", "--config", &config, "--reason", "named"]);
+    assert_eq!(code, 0, "{out}{err}");
+    c.wait_until("every host took its named trigger", CONVERGE, |c| {
+        (0..3).all(|i| triggered(c, i, "named"))
+    });
+    let mut for_host1 = Envelope::new(
+        "e2e",
+        "test",
+        "host1",
+        Message::Trigger(Trigger {
+            reason: "copied".into(),
+        }),
+    );
+    c.keys().seal(&mut for_host1);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut client = beanstalk::Client::connect(c.hosts[1].beanstalkd.addr())
+            .await
+            .unwrap();
+        client.use_tube(tubes::CONTROL).await.unwrap();
+        client
+            .put(&message::encode(&for_host1), Default::default())
+            .await
+            .unwrap();
+    });
+    c.wait_until("host2 buried host1's trigger", CONVERGE, |c| {
+        c.tube_stats(1, tubes::CONTROL)
+            .is_some_and(|s| s.current_jobs_buried == 1)
+    });
+    assert!(c
+        .events(1)
+        .iter()
+        .any(|e| e.kind == "rejected" && e.message.contains("misaddressed")));
+    assert!(!triggered(&c, 1, "copied"));
+    let key = c.key_file().display().to_string();
+    let addr = c.hosts[1].beanstalkd.addr();
+    let (code, out, err) = c.flotilla(&[
+        "trigger",
+        "--beanstalkd",
+        &addr,
+        "--key-file",
+        &key,
+        "--cluster",
+        "e2e",
+        "--reason",
+        "by address",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    c.wait_until("host2 took the trigger sent by address", CONVERGE, |c| {
+        triggered(c, 1, "by address")
+    });
 }
 
 /// `status` checks each inventory under the cluster key: with the right key it shows

@@ -496,7 +496,7 @@ fn a_job_body_at_the_size_limit_is_taken_and_one_over_it_is_buried() {
         let mut pad = 0;
         loop {
             job.order.options.insert("motd".into(), "x".repeat(pad));
-            let mut env = Envelope::new("e2e", "host1", Message::Create(job.clone()));
+            let mut env = Envelope::new("e2e", "host1", "host1", Message::Create(job.clone()));
             keys.seal(&mut env);
             let len = message::encode(&env).len();
             if len >= size {

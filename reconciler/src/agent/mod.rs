@@ -23,6 +23,7 @@ pub mod events;
 pub mod hooks;
 pub mod metrics;
 pub mod peers;
+mod replay;
 pub mod status;
 pub mod usage;
 mod worker;
@@ -94,17 +95,6 @@ fn write_hosts_file(state_dir: &std::path::Path, me: &str, snap: &Snapshot) -> s
 /// Ids of acted-on messages, one `id sent_at` per line, in the state directory.
 const ACTED_FILE: &str = "acted";
 
-fn load_acted(state_dir: &std::path::Path) -> BTreeMap<String, u64> {
-    std::fs::read_to_string(state_dir.join(ACTED_FILE))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (id, t) = l.split_once(' ')?;
-            Some((id.to_string(), t.trim().parse().ok()?))
-        })
-        .collect()
-}
-
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -170,8 +160,8 @@ pub struct Shared {
     cancel: AtomicBool,
     /// The cluster keys: every message is sealed and checked with them.
     keys: crate::auth::Keys,
-    /// Ids of messages acted on, with their `sent_at`, to refuse replays.
-    acted: Mutex<BTreeMap<String, u64>>,
+    /// Ids of messages acted on, to refuse replays.
+    acted: Mutex<replay::ReplayCache>,
 }
 
 /// The backend the config describes: vm-bhyve's `vm`, or the simulator when `sim_dir` is
@@ -213,7 +203,11 @@ impl Shared {
         std::fs::create_dir_all(&cfg.state_dir).map_err(|e| state(e.to_string()))?;
         let intents =
             IntentStore::open(cfg.state_dir.join("intents")).map_err(|e| state(e.to_string()))?;
-        let cfg_state_dir = cfg.state_dir.clone();
+        let acted = replay::ReplayCache::open(
+            &cfg.state_dir.join(ACTED_FILE),
+            cfg.message_window.0.as_secs(),
+            message::now(),
+        );
         Ok(Arc::new(Shared {
             events: EventLog::new(&cfg.state_dir),
             cfg,
@@ -234,7 +228,7 @@ impl Shared {
             wake_publish: Notify::new(),
             stop: watch::channel(false).0,
             cancel: AtomicBool::new(false),
-            acted: Mutex::new(load_acted(&cfg_state_dir)),
+            acted: Mutex::new(acted),
             keys,
         }))
     }
@@ -249,17 +243,20 @@ impl Shared {
         env
     }
 
-    /// Refuses a message that is unsigned, forged, tampered, too old or replayed; counts
-    /// and logs the refusal.
-    fn check(&self, env: &Envelope) -> Result<(), crate::auth::Rejection> {
+    /// Refuses a message that is unsigned, forged, tampered, not addressed to this host
+    /// and `tube` (the one it was read from), too old or replayed; counts and logs the
+    /// refusal.
+    fn check(&self, env: &Envelope, tube: &str) -> Result<(), crate::auth::Rejection> {
         let window = self.cfg.message_window.0.as_secs();
-        let mut r = self.keys.verify(env, message::now(), window);
+        let mut r = self
+            .keys
+            .verify(env, self.me(), tube, message::now(), window);
         if r.is_ok()
             && self
                 .acted
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .contains_key(&env.id)
+                .contains(&env.id)
         {
             r = Err(crate::auth::Rejection::Replayed(env.id.clone()));
         }
@@ -285,26 +282,9 @@ impl Shared {
 
     /// Records that message `env` was acted on, so a replay of it is refused.
     fn acted(&self, env: &Envelope) {
-        let window = self.cfg.message_window.0.as_secs();
-        let now = message::now();
         let mut acted = self.acted.lock().unwrap_or_else(|p| p.into_inner());
-        acted.insert(env.id.clone(), env.sent_at);
-        acted.retain(|_, t| now.saturating_sub(*t) <= window.saturating_mul(2));
-        let path = self.cfg.state_dir.join(ACTED_FILE);
-        let line = format!("{} {}\n", env.id, env.sent_at);
-        let res = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
-        if let Err(e) = res {
+        if let Err(e) = acted.record(&env.id, env.sent_at, message::now()) {
             tracing::warn!(error = %e, "cannot record an acted message id");
-        }
-        // Keep the file from growing without bound: rewrite it from the pruned set now
-        // and then.
-        if acted.len() % 1024 == 0 {
-            let text: String = acted.iter().map(|(id, t)| format!("{id} {t}\n")).collect();
-            let _ = std::fs::write(&path, text);
         }
     }
 
@@ -411,6 +391,7 @@ impl Shared {
         let env = self.sealed(Envelope::new(
             &self.cluster_id(),
             self.me(),
+            &origin.owner,
             Message::Result(r.clone()),
         ));
         if let Err(e) = self
@@ -820,7 +801,7 @@ async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) -> BTreeSet<
             let window = s.cfg.message_window.0.as_secs();
             let r = tokio::time::timeout(
                 Duration::from_secs(3),
-                s.peers.inventory(&addr, Some((&s.keys, window))),
+                s.peers.inventory(&addr, &name, Some((&s.keys, window))),
             )
             .await;
             (name, r)
@@ -1107,6 +1088,7 @@ async fn emit_create(
     let env = shared.sealed(Envelope::new(
         &snap.cluster.id,
         shared.me(),
+        &to,
         Message::Create(job),
     ));
     // Safety rule 2: the intent is on disk before the job is on the queue.
@@ -1220,7 +1202,7 @@ async fn emit_op(shared: &Arc<Shared>, snap: &Snapshot, action: &Action, origin:
     let Some(addr) = shared.own_addr() else {
         return;
     };
-    let env = shared.sealed(Envelope::new(&snap.cluster.id, &me, body));
+    let env = shared.sealed(Envelope::new(&snap.cluster.id, &me, &me, body));
     match shared
         .peers
         .put(&addr, tubes::OPS, &env, shared.put_params(pri))
@@ -1293,7 +1275,16 @@ async fn inbox_loop(shared: Arc<Shared>) {
             };
             let decoded = message::decode(&job.body);
             if let Ok(env) = &decoded {
-                if shared.check(env).is_err() {
+                // Where the job was read from is half of its address.
+                let tube = match client.stats_job(job.id).await {
+                    Ok(st) => st.tube,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "inbox cannot read a job's tube; releasing it");
+                        let _ = client.release(job.id, 1024, 1).await;
+                        continue;
+                    }
+                };
+                if shared.check(env, &tube).is_err() {
                     if let Err(e) = client.bury(job.id, 1024).await {
                         tracing::warn!(error = %e, "inbox cannot bury a refused message");
                     }
@@ -1531,6 +1522,7 @@ async fn publish_loop(shared: Arc<Shared>) {
         let inv = inventory(&shared, &snap, vms, listed_at);
         let env = shared.sealed(Envelope::new(
             &snap.cluster.id,
+            shared.me(),
             shared.me(),
             Message::Inventory(inv),
         ));

@@ -119,13 +119,15 @@ impl Peers {
         .await
     }
 
-    /// Reads the inventory published at `addr` (the oldest ready one if several are
-    /// there for a moment), and how long the server took to answer.
-    /// With `verify`, an inventory whose signature does not verify under the keys, or
-    /// that is older than the window (seconds), is an error.
+    /// Reads the inventory published at `addr`, host `host`'s beanstalkd (the oldest
+    /// ready one if several are there for a moment), and how long the server took to
+    /// answer. With `verify`, an inventory whose signature does not verify under the keys,
+    /// that is not addressed as `host`'s inventory, or that is older than the window
+    /// (seconds), is an error.
     pub async fn inventory(
         &self,
         addr: &str,
+        host: &str,
         verify: Option<(&crate::auth::Keys, u64)>,
     ) -> Result<(Option<message::Inventory>, Duration), PeerError> {
         let started = Instant::now();
@@ -143,7 +145,7 @@ impl Peers {
         };
         let decoded = message::decode(&job.body);
         if let (Ok(env), Some((keys, window))) = (&decoded, verify) {
-            if let Err(e) = keys.verify(env, message::now(), window) {
+            if let Err(e) = keys.verify(env, host, tubes::INVENTORY, message::now(), window) {
                 return Err(PeerError::BadInventory {
                     addr: addr.to_string(),
                     reason: e.to_string(),

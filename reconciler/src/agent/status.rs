@@ -131,7 +131,8 @@ pub async fn gather(hosts: &HostsFile, verify: Verify<'_>) -> (ClusterStatus, Ve
     };
     let mut invs = Vec::new();
     for (name, addr) in &hosts.hosts {
-        let r = tokio::time::timeout(Duration::from_secs(3), peers.inventory(addr, keys)).await;
+        let r =
+            tokio::time::timeout(Duration::from_secs(3), peers.inventory(addr, name, keys)).await;
         let mut h = HostStatus {
             host: name.clone(),
             beanstalkd: addr.clone(),

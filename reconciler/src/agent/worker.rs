@@ -119,26 +119,36 @@ async fn handle(shared: &Arc<Shared>, client: &mut Client, job: Job) {
             shared.count("flotilla_rejected_total{reason=\"undecodable\"}");
             End::Bury(format!("cannot decode: {e}"), None)
         }
-        // The job came back after this host built its VM (its delete and its result were
-        // lost with beanstalkd): answer it again, or the owner waits for its deadline.
-        Ok(env) if built_here(shared, &env) => {
-            shared.event(
-                "job",
-                env.body.vm(),
-                Some(&env.id),
-                None,
-                "create delivered again after its VM was built; its result is sent again".into(),
-            );
-            End::Delete(again_done(shared, &env))
-        }
-        // Safety rule 5: nothing is done for a message that does not verify.
-        Ok(env) => match shared.check(&env) {
-            Err(e) => End::Bury(format!("refused: {e}"), None),
-            Ok(()) => {
-                let end = run(shared, client, id, env.clone()).await;
-                acted = Some(env);
-                end
+        // The tube the job was reserved from is half of its address (safety rule 7).
+        Ok(env) => match client.stats_job(id).await {
+            Err(e) => End::Release(
+                Duration::from_secs(1),
+                format!("cannot read the job's tube: {e}"),
+            ),
+            // The job came back after this host built its VM (its delete and its result
+            // were lost with beanstalkd): answer it again, or the owner waits for its
+            // deadline.
+            Ok(stats) if built_here(shared, &env, &stats.tube) => {
+                shared.event(
+                    "job",
+                    env.body.vm(),
+                    Some(&env.id),
+                    None,
+                    "create delivered again after its VM was built; its result is sent again"
+                        .into(),
+                );
+                End::Delete(again_done(shared, &env))
             }
+            // Safety rule 5: nothing is done for a message that does not verify.
+            Ok(stats) => match shared.check(&env, &stats.tube) {
+                Err(e) => End::Bury(format!("refused: {e}"), None),
+                Ok(()) => {
+                    let attempts = stats.reserves.min(u32::MAX as u64) as u32;
+                    let end = run(shared, client, id, attempts, env.clone()).await;
+                    acted = Some(env);
+                    end
+                }
+            },
         },
     };
     if let (End::Delete(_), Some(env)) = (&end, &acted) {
@@ -191,14 +201,15 @@ async fn handle(shared: &Arc<Shared>, client: &mut Client, job: Job) {
 
 /// True when `env` is a create that verifies and whose VM this host holds complete,
 /// built by this very job (the marker records the job id).
-fn built_here(shared: &Shared, env: &Envelope) -> bool {
+fn built_here(shared: &Shared, env: &Envelope, tube: &str) -> bool {
     let Message::Create(job) = &env.body else {
         return false;
     };
     let window = shared.cfg.message_window.0.as_secs();
-    if shared.keys.verify(env, message::now(), window).is_err()
-        || env.cluster != shared.cluster_id()
-    {
+    let verified = shared
+        .keys
+        .verify(env, shared.me(), tube, message::now(), window);
+    if verified.is_err() || env.cluster != shared.cluster_id() {
         return false;
     }
     matches!(
@@ -239,7 +250,13 @@ async fn touching<T: Send + 'static>(
     }
 }
 
-async fn run(shared: &Arc<Shared>, client: &mut Client, id: u64, env: Envelope) -> End {
+async fn run(
+    shared: &Arc<Shared>,
+    client: &mut Client,
+    id: u64,
+    attempts: u32,
+    env: Envelope,
+) -> End {
     let Some(snap) = shared.snapshot() else {
         return End::Release(Duration::from_secs(1), "no desired state read yet".into());
     };
@@ -252,10 +269,7 @@ async fn run(shared: &Arc<Shared>, client: &mut Client, id: u64, env: Envelope) 
             None,
         );
     }
-    let attempts = match client.stats_job(id).await {
-        Ok(s) => s.reserves as u32,
-        Err(_) => 1,
-    };
+    let attempts = attempts.max(1);
     let ttr = snap.cluster.policies.ttr;
     let every = (ttr / 2).max(Duration::from_millis(500));
     let me = shared.me().to_string();
@@ -343,7 +357,8 @@ async fn forward(shared: &Arc<Shared>, env: &Envelope, job: CreateJob, to: &str)
         .last()
         .map(|r| r.reason.clone())
         .unwrap_or_default();
-    let mut next = Envelope::new(&env.cluster, shared.me(), Message::Create(job));
+    // Addressed, and signed, for the next hop only: a copy of it is no good elsewhere.
+    let mut next = Envelope::new(&env.cluster, shared.me(), to, Message::Create(job));
     // The job keeps its id along the chain: markers and results refer to it.
     next.id = env.id.clone();
     let next = shared.sealed(next);

@@ -88,9 +88,11 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Sends a trigger to each address; returns the ones that failed.
+/// Sends a trigger to each `(host, address)`; returns the ones that failed. A trigger is
+/// addressed to its host by name when the name is known, else to any host: the
+/// post-receive hook knows only addresses, and a trigger only asks for a fetch.
 async fn send_triggers(
-    addrs: &[String],
+    addrs: &[(Option<String>, String)],
     cluster: &str,
     reason: &str,
     timeout: Duration,
@@ -99,14 +101,16 @@ async fn send_triggers(
     let peers = flotilla::agent::peers::Peers::new();
     let from = hostname();
     let mut failed = Vec::new();
-    for addr in addrs {
+    for (host, addr) in addrs {
         let mut env = Envelope::new(
             cluster,
             &from,
+            host.as_deref().unwrap_or_default(),
             Message::Trigger(Trigger {
                 reason: reason.to_string(),
             }),
         );
+        env.to.host = host.clone();
         keys.seal(&mut env);
         let put = peers.put(
             addr,
@@ -127,6 +131,15 @@ async fn send_triggers(
     failed
 }
 
+/// Every host of the hosts file with its address, for triggers addressed by name.
+fn addressed(hosts: &HostsFile) -> Vec<(Option<String>, String)> {
+    hosts
+        .hosts
+        .iter()
+        .map(|(name, addr)| (Some(name.clone()), addr.clone()))
+        .collect()
+}
+
 fn hostname() -> String {
     std::process::Command::new("hostname")
         .output()
@@ -141,7 +154,8 @@ fn hostname() -> String {
 #[derive(Debug, clap::Args)]
 pub struct TriggerArgs {
     /// A host's beanstalkd (host:port); may be repeated. Default: every host the local
-    /// agent knows (from --config).
+    /// agent knows (from --config), each addressed by name; a trigger sent by address
+    /// names no host and is taken from the control tube of whichever host reads it.
     #[arg(long, value_name = "ADDR")]
     beanstalkd: Vec<String>,
     /// The local agent's configuration (used when no --beanstalkd is given).
@@ -177,12 +191,10 @@ pub fn trigger(args: TriggerArgs) -> anyhow::Result<ExitCode> {
             config: args.config.clone(),
         }
         .hosts()?;
-        (
-            hosts.hosts.values().cloned().collect::<Vec<_>>(),
-            hosts.cluster,
-        )
+        (addressed(&hosts), hosts.cluster)
     } else {
-        (args.beanstalkd.clone(), args.cluster.clone())
+        let any = args.beanstalkd.iter().map(|a| (None, a.clone())).collect();
+        (any, args.cluster.clone())
     };
     let key_file = match &args.key_file {
         Some(k) => k.clone(),
@@ -218,7 +230,7 @@ pub struct ApplyArgs {
 pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     let hosts = args.agent.hosts()?;
     let rt = runtime()?;
-    let addrs: Vec<String> = hosts.hosts.values().cloned().collect();
+    let addrs = addressed(&hosts);
     let cfg = AgentConfig::load(&args.agent.config)?;
     let keys = flotilla::auth::Keys::load(&cfg.key_file)?;
     let checked = Ok((keys.clone(), cfg.message_window.0.as_secs()));
