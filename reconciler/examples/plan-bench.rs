@@ -160,6 +160,7 @@ fn write_state(repo: &Path, path: &Path) -> usize {
                 owner: owner.to_string(),
                 protect: spec.protect,
                 complete: true,
+                placed_from: None,
             }),
         };
         hosts

@@ -59,6 +59,11 @@ pub struct Marker {
     /// half-made VM that a retried create finishes or cleans up.
     #[serde(default = "yes")]
     pub complete: bool,
+    /// Where the hop chain started when it placed the VM on another host than its first
+    /// (the first host that refused it); `None` when built where it was sent. Wherever
+    /// the chain placed a VM is where it belongs: this says why it is here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placed_from: Option<String>,
 }
 
 fn yes() -> bool {

@@ -228,6 +228,10 @@ pub struct CreateJob {
     /// After this time (seconds since the Unix epoch) the owner may plan the VM again, so
     /// a worker refuses to start building it: two creates never race.
     pub expires_at: u64,
+    /// The VM must run on its first host (`host:` in its file): it is never forwarded,
+    /// and is unplaceable when that host has no room.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pinned: bool,
 }
 
 /// One host's refusal of a create, carried along the chain so that `unplaceable` can say
@@ -507,6 +511,7 @@ pub(crate) fn sample_create() -> CreateJob {
         hops_left: 3,
         visited: vec![],
         expires_at: 1_790_007_200,
+        pinned: false,
     }
 }
 

@@ -73,6 +73,12 @@ pub fn decide(job: &CreateJob, host: HostView<'_>) -> Decision {
     let stop = |why: String| Decision::Unplaceable {
         reason: format!("{history}; {why}"),
     };
+    if job.pinned {
+        return stop(format!(
+            "it must run on {} (`host:`), so it is not forwarded; `start_at: {}` lets the hop chain place it further",
+            host.name, host.name
+        ));
+    }
     let Some(next) = host.next else {
         return stop(format!("{} has no next host", host.name));
     };
@@ -225,5 +231,30 @@ mod tests {
             job.visited[0].reason,
             "overloaded: memory in use 95% >= 90%"
         );
+    }
+
+    /// Issue 11, hole 5: a VM that must run on its host (`host:`) is never forwarded; it
+    /// is unplaceable with the host's reason and a hint.
+    #[test]
+    fn a_pinned_create_is_never_forwarded() {
+        let l = limits(8);
+        let pinned = CreateJob {
+            pinned: true,
+            ..job(3)
+        };
+        match decide(&pinned, view("host1", Some("host2"), &l, 8)) {
+            Decision::Unplaceable { reason } => {
+                assert!(
+                    reason.starts_with("host1: does not fit: memory"),
+                    "{reason}"
+                );
+                assert!(reason.contains("not forwarded"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            decide(&pinned, view("host1", Some("host2"), &l, 0)),
+            Decision::Admit { .. }
+        ));
     }
 }

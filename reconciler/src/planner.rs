@@ -558,10 +558,9 @@ pub fn plan(
     }
 
     for spec in desired.vms.values() {
-        let owner =
-            crate::owner::owner(&spec.name, spec.host.as_deref(), host_names.iter().copied())
-                .unwrap_or_default()
-                .to_string();
+        let owner = crate::owner::owner(&spec.name, spec.pin(), host_names.iter().copied())
+            .unwrap_or_default()
+            .to_string();
         let found = managed
             .get(spec.name.as_str())
             .map(Vec::as_slice)

@@ -33,6 +33,7 @@ fn marker(job: &str) -> Marker {
         owner: "h1".into(),
         protect: false,
         complete: true,
+        placed_from: None,
     }
 }
 

@@ -71,12 +71,12 @@ fn a_host_at_its_limit_forwards_along_the_chain() {
         HostSpec::new("host3", None),
     ];
     let c = started(&specs);
-    // CS2 is 1G of memory: pinned to host1, which already holds one, so the second and
+    // CS2 is 1G of memory: starting at host1, which already holds one, the second and
     // third go along the chain.
     c.commit(
         &[(
             "vms/big1.yaml",
-            Some(&vm_yaml("big1", "CS2", "host: host1\n")),
+            Some(&vm_yaml("big1", "CS2", "start_at: host1\n")),
         )],
         "one big VM on host1",
     );
@@ -87,14 +87,14 @@ fn a_host_at_its_limit_forwards_along_the_chain() {
         &[
             (
                 "vms/big2.yaml",
-                Some(&vm_yaml("big2", "CS2", "host: host1\n")),
+                Some(&vm_yaml("big2", "CS2", "start_at: host1\n")),
             ),
             (
                 "vms/big3.yaml",
-                Some(&vm_yaml("big3", "CS2", "host: host1\n")),
+                Some(&vm_yaml("big3", "CS2", "start_at: host1\n")),
             ),
         ],
-        "two more pinned to the full host1",
+        "two more starting at the full host1",
     );
     c.wait_until(
         "big2 and big3 placed further along the chain",

@@ -153,9 +153,18 @@ fn a_beanstalkd_restarted_with_its_binlog_loses_no_waiting_job() {
     c.stop_agent(1);
     c.commit(
         &[
-            ("vms/w1.yaml", Some(&vm_yaml("w1", "CS2", "host: host1\n"))),
-            ("vms/w2.yaml", Some(&vm_yaml("w2", "CS2", "host: host1\n"))),
-            ("vms/w3.yaml", Some(&vm_yaml("w3", "CS2", "host: host1\n"))),
+            (
+                "vms/w1.yaml",
+                Some(&vm_yaml("w1", "CS2", "start_at: host1\n")),
+            ),
+            (
+                "vms/w2.yaml",
+                Some(&vm_yaml("w2", "CS2", "start_at: host1\n")),
+            ),
+            (
+                "vms/w3.yaml",
+                Some(&vm_yaml("w3", "CS2", "start_at: host1\n")),
+            ),
         ],
         "three 1G VMs for a 1G host",
     );
@@ -491,6 +500,7 @@ fn a_job_body_at_the_size_limit_is_taken_and_one_over_it_is_buried() {
             hops_left: 1,
             visited: vec![],
             expires_at: message::now() + 3600,
+            pinned: false,
         };
         // Pad with a hook option until the sealed message is exactly `size` bytes.
         let mut pad = 0;

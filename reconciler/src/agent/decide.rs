@@ -10,9 +10,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::desired::Snapshot;
+use crate::desired::{DesiredState, Snapshot, VmSpec};
 use crate::intents::{Intent, IntentStatus};
-use crate::message::Inventory;
+use crate::message::{CreateJob, Inventory, Origin, VmOrder};
 use crate::planner::{Action, InFlight, Kind, Plan};
 
 use super::config::FirstHop;
@@ -103,6 +103,37 @@ fn built_by_job<'a>(
             })
             .then_some(host.as_str())
     })
+}
+
+/// The create job for `spec`, as its owner sends it: everything a worker needs to build
+/// the VM, the hop budget of the cluster, and whether it must stay on its first host.
+pub fn create_job(snap: &Snapshot, spec: &VmSpec, origin: Origin, expires_at: u64) -> CreateJob {
+    CreateJob {
+        vm: spec.name.clone(),
+        order: VmOrder {
+            template: spec.template.clone(),
+            template_conf: snap
+                .templates
+                .get(&spec.template)
+                .map(|t| t.text.clone())
+                .unwrap_or_default(),
+            cpu: spec.cpu,
+            memory: spec.memory,
+            disk: spec.disk,
+            swap: spec.swap,
+            config: spec.config.clone(),
+            running: spec.state == DesiredState::Running,
+            protect: spec.protect,
+            options: spec.hooks.clone(),
+            secrets: spec.secrets.clone(),
+        },
+        spec_hash: spec.spec_hash.clone(),
+        origin,
+        hops_left: snap.cluster.policies.hop_limit,
+        visited: Vec::new(),
+        expires_at,
+        pinned: spec.host.is_some(),
+    }
 }
 
 /// The intent as the planner's in-flight entry.
@@ -360,6 +391,7 @@ mod tests {
             commit: "c1".into(),
             owner: "host1".into(),
             protect: false,
+            placed_from: None,
             complete,
         };
         // Half-made by the job: still building, the intent holds.

@@ -43,8 +43,8 @@ use crate::capacity::{Limits, Usage};
 use crate::desired::{self, Snapshot};
 use crate::intents::{Intent, IntentStatus, IntentStore};
 use crate::message::{
-    self, tubes, CreateJob, Envelope, InFlightCreate, Inventory, JobResult, Message, Origin,
-    Outcome, RecentFailure, UpdateJob, VmOrder,
+    self, tubes, Envelope, InFlightCreate, Inventory, JobResult, Message, Origin, Outcome,
+    RecentFailure, UpdateJob,
 };
 use crate::planner::{self, Action, InFlight, Kind, PlanOptions};
 use crate::source::{self, GitSource};
@@ -834,26 +834,6 @@ async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) -> BTreeSet<
     answered
 }
 
-fn order_of(snap: &Snapshot, spec: &desired::VmSpec) -> VmOrder {
-    VmOrder {
-        template: spec.template.clone(),
-        template_conf: snap
-            .templates
-            .get(&spec.template)
-            .map(|t| t.text.clone())
-            .unwrap_or_default(),
-        cpu: spec.cpu,
-        memory: spec.memory,
-        disk: spec.disk,
-        swap: spec.swap,
-        config: spec.config.clone(),
-        running: spec.state == desired::DesiredState::Running,
-        protect: spec.protect,
-        options: spec.hooks.clone(),
-        secrets: spec.secrets.clone(),
-    }
-}
-
 /// One pass: list, read inventories, plan, emit this host's share. Returns true when
 /// creates wait for hosts not heard from yet (the next pass should come soon).
 async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bool, String> {
@@ -1065,7 +1045,9 @@ async fn emit_create(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    let to = decide::first_hop(shared.cfg.first_hop, host, *resume, inventories, &latencies);
+    // A VM with `host:` or `start_at:` goes there first, whatever the strategy.
+    let fixed = *resume || spec.host.is_some() || spec.start_at.is_some();
+    let to = decide::first_hop(shared.cfg.first_hop, host, fixed, inventories, &latencies);
     let Some(addr) = shared.addr_of(&to) else {
         return;
     };
@@ -1076,15 +1058,7 @@ async fn emit_create(
     }
     let now = message::now();
     let deadline = now + shared.cfg.worker.create_deadline.0.as_secs();
-    let job = CreateJob {
-        vm: vm.clone(),
-        order: order_of(snap, spec),
-        spec_hash: spec.spec_hash.clone(),
-        origin: origin.clone(),
-        hops_left: snap.cluster.policies.hop_limit,
-        visited: Vec::new(),
-        expires_at: deadline,
-    };
+    let job = decide::create_job(snap, spec, origin.clone(), deadline);
     let env = shared.sealed(Envelope::new(
         &snap.cluster.id,
         shared.me(),

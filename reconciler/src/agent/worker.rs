@@ -683,6 +683,7 @@ fn build_steps(shared: &Shared, env: &Envelope, job: &CreateJob) -> Result<(), S
         owner: job.origin.owner.clone(),
         protect: order.protect,
         complete,
+        placed_from: job.visited.first().map(|r| r.host.clone()),
     };
     backend.install_template(&order.template, &order.template_conf)?;
     check(cancel)?;

@@ -3,7 +3,7 @@
 //! Three hosts (a beanstalkd each on a free loopback port, a simulated vm-bhyve each,
 //! an agent each), the example `desired/` turned into a git repo, the plan shown, the
 //! first commit converged with a live progress line, then a second commit (one VM
-//! removed, one resized, two big VMs pinned to one host so that one is forwarded along
+//! removed, one resized, two big VMs starting at one host so that one is forwarded along
 //! the chain) converged too, and `status` at the end. Everything it started is stopped
 //! and removed at the end, on an error, and on Ctrl-C.
 
@@ -255,13 +255,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     print_status(&lab)?;
 
     // The second commit: remove one, resize one, fill host1 so a create is forwarded.
-    println!("\nSecond commit: staging removed, web2 resized to 1G, two 8G batch VMs pinned to host1 (16G):");
+    println!("\nSecond commit: staging removed, web2 resized to 1G, two 8G batch VMs starting at host1 (16G):");
     std::fs::remove_file(lab.repo.join("vms/staging.yaml"))?;
     edit(&lab, "vms/web2.yaml", |t| format!("{t}memory: 1G\n"))?;
     for n in ["batch1", "batch2"] {
         std::fs::write(
             lab.repo.join(format!("vms/{n}.yaml")),
-            format!("name: {n}\nprofile: CS5\nhost: host1\n"),
+            format!("name: {n}\nprofile: CS5\nstart_at: host1\n"),
         )?;
     }
     show_plan(&lab)?;

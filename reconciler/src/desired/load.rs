@@ -793,6 +793,23 @@ fn vm<'a>(ctx: &VmCtx<'_>, path: &'a str, src: &str, raw: RawVm, out: &mut VmOut
             );
         }
     }
+    if let Some(start) = &raw.start_at {
+        if raw.host.is_some() || raw.every_host {
+            err(
+                d,
+                locate::key_pos(src, &["start_at"]),
+                "`start_at` and `host` (or `every_host`) exclude each other".to_string(),
+                "`host: H` means the VM must run on H; `start_at: H` means its placement starts at H and the hop chain may place it further".to_string(),
+            );
+        } else if !ctx.hosts.contains_key(start) {
+            err(
+                d,
+                locate::value_pos(src, &["start_at"]),
+                format!("unknown host `{start}`"),
+                format!("hosts in cluster.yaml: {}", join(ctx.hosts.keys())),
+            );
+        }
+    }
     if rules::is_vm_name(&raw.name) {
         if raw.every_host {
             for host in ctx.hosts.keys() {
@@ -1004,6 +1021,7 @@ fn vm<'a>(ctx: &VmCtx<'_>, path: &'a str, src: &str, raw: RawVm, out: &mut VmOut
             disk,
             swap: profile.swap,
             host,
+            start_at: raw.start_at.clone(),
             tags: raw.tags.clone(),
             state: raw.state,
             protect: raw.protect,

@@ -73,6 +73,8 @@ pub(crate) struct RawVm {
     #[serde(default)]
     pub host: Option<String>,
     #[serde(default)]
+    pub start_at: Option<String>,
+    #[serde(default)]
     pub every_host: bool,
     #[serde(default)]
     pub tags: Vec<String>,

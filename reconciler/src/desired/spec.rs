@@ -155,8 +155,12 @@ pub struct VmSpec {
     pub disk: Size,
     /// Swap inside `disk0`.
     pub swap: Size,
-    /// The host it is pinned to (`host`, or the host of an `every_host` instance).
+    /// The host it must run on (`host`, or the host of an `every_host` instance): its
+    /// create is never forwarded, and a VM found elsewhere is drift.
     pub host: Option<String>,
+    /// The host its placement starts at (`start_at`): the create goes there first and
+    /// the hop chain may place it further; wherever it is placed is where it belongs.
+    pub start_at: Option<String>,
     /// Labels, matched exactly.
     pub tags: Vec<String>,
     /// Whether it should run.
@@ -178,6 +182,12 @@ pub struct VmSpec {
 }
 
 impl VmSpec {
+    /// The host whose reconciler owns the VM and where its create goes first, when the
+    /// file names one (`host` or `start_at`).
+    pub fn pin(&self) -> Option<&str> {
+        self.host.as_deref().or(self.start_at.as_deref())
+    }
+
     /// Computes [`VmSpec::spec_hash`] from the other fields.
     pub fn compute_hash(&self) -> String {
         use sha2::{Digest, Sha256};
@@ -191,6 +201,8 @@ impl VmSpec {
             disk: u64,
             swap: u64,
             host: &'a Option<String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            start_at: &'a Option<String>,
             tags: &'a [String],
             state: DesiredState,
             protect: bool,
@@ -208,6 +220,7 @@ impl VmSpec {
             disk: self.disk.bytes(),
             swap: self.swap.bytes(),
             host: &self.host,
+            start_at: &self.start_at,
             tags: &self.tags,
             state: self.state,
             protect: self.protect,

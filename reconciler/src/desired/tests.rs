@@ -139,7 +139,7 @@ fn a_repo_profile_overrides_the_built_in_one() {
 fn unknown_key() {
     assert_eq!(
         one(&[("vms/a.yaml", "name: web1\nprofile: CS0\ncpus: 2\n")]),
-        "vms/a.yaml:3:1: unknown field `cpus`, expected one of `name`, `profile`, `cpu`, `memory`, `disk`, `host`, `every_host`, `tags`, `state`, `protect`, `replace`, `config`, `hooks`, `secrets`, `description` | remove the key or correct its spelling; the keys this place accepts are listed"
+        "vms/a.yaml:3:1: unknown field `cpus`, expected one of `name`, `profile`, `cpu`, `memory`, `disk`, `host`, `start_at`, `every_host`, `tags`, `state`, `protect`, `replace`, `config`, `hooks`, `secrets`, `description` | remove the key or correct its spelling; the keys this place accepts are listed"
     );
 }
 
@@ -503,5 +503,24 @@ fn templates_are_checked() {
     assert_eq!(
         one(&[("templates/x.conf", "disk0_name=\"a.img\"\ncpu=1\ncpu=2\n")]),
         "templates/x.conf:3:1: template sets `cpu` twice | vm-bhyve reads the first assignment and sysrc changes the last; keep one"
+    );
+}
+
+/// Issue 11, hole 5: `host` (must run there) and `start_at` (placement starts there) are
+/// two meanings with two names; they exclude each other and name known hosts.
+#[test]
+fn start_at_names_a_known_host_and_excludes_host() {
+    let e = one(&[(
+        "vms/a.yaml",
+        "name: web1\nprofile: CS0\nhost: host1\nstart_at: host1\n",
+    )]);
+    assert!(
+        e.starts_with("vms/a.yaml:4:1: `start_at` and `host`"),
+        "{e}"
+    );
+    let e = one(&[("vms/a.yaml", "name: web1\nprofile: CS0\nstart_at: host9\n")]);
+    assert!(
+        e.starts_with("vms/a.yaml:3:11: unknown host `host9`"),
+        "{e}"
     );
 }

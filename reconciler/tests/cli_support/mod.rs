@@ -149,6 +149,7 @@ pub fn built(spec: &VmSpec, cluster: &str) -> ActualVm {
             owner: spec.host.clone().unwrap_or_default(),
             protect: spec.protect,
             complete: true,
+            placed_from: None,
         }),
     }
 }
