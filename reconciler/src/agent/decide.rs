@@ -282,6 +282,7 @@ mod tests {
                 .collect(),
             in_flight: vec![],
             failures: vec![],
+            agent: None,
         }
     }
 
