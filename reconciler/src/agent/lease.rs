@@ -83,7 +83,7 @@ pub enum LeaseError {
 #[derive(Debug)]
 pub enum Acquired {
     /// This agent holds the lease.
-    Held(Lease),
+    Held(Box<Lease>),
     /// Another agent held it the whole [`Params::refuse_after`].
     Refused,
 }
@@ -180,11 +180,11 @@ pub async fn acquire(
             let touched = Instant::now();
             match settle(jobs(&mut c).await.map_err(q)?) {
                 Settle::Hold => {
-                    return Ok(Acquired::Held(Lease {
+                    return Ok(Acquired::Held(Box::new(Lease {
                         client: c,
                         job: job.id,
                         touched,
-                    }))
+                    })))
                 }
                 Settle::Yield => {
                     match c.delete(job.id).await {
