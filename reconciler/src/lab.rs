@@ -169,6 +169,8 @@ pub struct Cluster {
     /// The namespace of the host named by [`Options::isolate`]. Declared last so that
     /// it is removed after the hosts' processes are stopped.
     pub netns: Option<Netns>,
+    /// Second agents started under a host's name ([`Cluster::start_twin`]).
+    pub twins: Vec<Twin>,
 }
 
 fn git(repo: &Path, args: &[&str]) -> String {
@@ -190,6 +192,27 @@ fn git(repo: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Makes `<root>/vm`, a simulated vm-bhyve directory of host `name`, and `<root>/secrets`.
+fn init_sim(bin: &Path, root: &Path, name: &str, delay_ms: u64) {
+    let vm_dir = root.join("vm");
+    fs::create_dir_all(&vm_dir).unwrap();
+    fs::create_dir_all(root.join("secrets")).unwrap();
+    let out = Command::new(bin.join("vm"))
+        .arg("init")
+        .env("VM_SIM_DIR", &vm_dir)
+        .env("VM_SIM_HOSTNAME", name)
+        .output()
+        .expect("vm init");
+    assert!(out.status.success(), "vm init: {out:?}");
+    fs::write(
+        vm_dir.join(".config/sim.conf"),
+        format!(
+            "stop_resend_ms=20\nshutdown_ms=50\ncreate_delay_ms={delay_ms}\nstart_delay_ms={delay_ms}\n"
+        ),
+    )
+    .unwrap();
 }
 
 impl Cluster {
@@ -233,23 +256,7 @@ impl Cluster {
             let root = dir.path().join(&spec.name);
             let vm_dir = root.join("vm");
             let state_dir = root.join("state");
-            fs::create_dir_all(&vm_dir).unwrap();
-            fs::create_dir_all(root.join("secrets")).unwrap();
-            let out = Command::new(bin.join("vm"))
-                .arg("init")
-                .env("VM_SIM_DIR", &vm_dir)
-                .env("VM_SIM_HOSTNAME", &spec.name)
-                .output()
-                .expect("vm init");
-            assert!(out.status.success(), "vm init: {out:?}");
-            fs::write(
-                vm_dir.join(".config/sim.conf"),
-                format!(
-                    "stop_resend_ms=20\nshutdown_ms=50\ncreate_delay_ms={d}\nstart_delay_ms={d}\n",
-                    d = options.sim_delay_ms
-                ),
-            )
-            .unwrap();
+            init_sim(&bin, &root, &spec.name, options.sim_delay_ms);
             let config = root.join("agent.yaml");
             let log = root.join("agent.log");
             hosts.push(Host {
@@ -287,6 +294,7 @@ impl Cluster {
             specs: specs.to_vec(),
             options,
             netns,
+            twins: Vec::new(),
         };
         for h in &cluster.hosts {
             fs::write(&h.config, cluster.agent_config(h)).unwrap();
@@ -496,6 +504,70 @@ impl Cluster {
         }
     }
 
+    /// Starts a second agent under host `i`'s name: the same config but its own state
+    /// directory and simulated vm_dir, and the same beanstalkd (it learns the address
+    /// from cluster.yaml, as host `i`'s agent does). Returns its index in `twins`.
+    pub fn start_twin(&mut self, i: usize) -> usize {
+        let j = self.twins.len();
+        let name = self.hosts[i].name.clone();
+        let root = self.dir.path().join(format!("{name}-twin{j}"));
+        init_sim(
+            &self.dir.path().join("bin"),
+            &root,
+            &name,
+            self.options.sim_delay_ms,
+        );
+        let twin = Twin {
+            vm_dir: root.join("vm"),
+            state_dir: root.join("state"),
+            config: root.join("agent.yaml"),
+            log: root.join("agent.log"),
+            agent: None,
+        };
+        let text = self.agent_config(&self.hosts[i]);
+        let text = text
+            .replace(
+                &self.hosts[i].vm_dir.display().to_string(),
+                &twin.vm_dir.display().to_string(),
+            )
+            .replace(
+                &self.hosts[i].state_dir.display().to_string(),
+                &twin.state_dir.display().to_string(),
+            );
+        fs::write(&twin.config, text).unwrap();
+        let log = fs::File::create(&twin.log).unwrap();
+        let child = Command::new(bin_dir().join("flotilla"))
+            .args(["agent", "--config"])
+            .arg(&twin.config)
+            .env("FLOTILLA_LOG", "info,flotilla=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start the twin agent");
+        self.twins.push(Twin {
+            agent: Some(child),
+            ..twin
+        });
+        j
+    }
+
+    /// The twin's exit status once it has exited (`None` while it runs).
+    pub fn twin_exit(&mut self, j: usize) -> Option<std::process::ExitStatus> {
+        self.twins[j].agent.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// VM names in twin `j`'s simulated vm_dir, sorted.
+    pub fn twin_names(&self, j: usize) -> Vec<String> {
+        let cfg = crate::agent::config::AgentConfig::load(&self.twins[j].config).unwrap();
+        crate::agent::backend_for(&cfg)
+            .list()
+            .expect("vm list")
+            .into_iter()
+            .map(|v| v.name)
+            .collect()
+    }
+
     /// The backend of host `i`, for looking at its VMs.
     pub fn backend(&self, i: usize) -> crate::backend::VmBhyve {
         let cfg = crate::agent::config::AgentConfig::load(&self.hosts[i].config).unwrap();
@@ -554,21 +626,22 @@ impl Cluster {
     /// The tail of every agent's log and event log, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();
-        for h in &self.hosts {
-            let log = fs::read_to_string(&h.log).unwrap_or_default();
+        let hosts = self
+            .hosts
+            .iter()
+            .map(|h| (h.name.clone(), &h.log, &h.state_dir));
+        let twins = self.twins.iter().enumerate();
+        let twins = twins.map(|(j, t)| (format!("twin{j}"), &t.log, &t.state_dir));
+        for (name, log, state_dir) in hosts.chain(twins) {
+            let log = fs::read_to_string(log).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
             out += &format!(
-                "--- {} agent.log (last 40 lines, newest first)\n{}\n",
-                h.name,
+                "--- {name} agent.log (last 40 lines, newest first)\n{}\n",
                 tail.join("\n")
             );
-            let ev = fs::read_to_string(h.state_dir.join("events.jsonl")).unwrap_or_default();
+            let ev = fs::read_to_string(state_dir.join("events.jsonl")).unwrap_or_default();
             let tail: Vec<&str> = ev.lines().rev().take(30).collect();
-            out += &format!(
-                "--- {} events (newest first)\n{}\n",
-                h.name,
-                tail.join("\n")
-            );
+            out += &format!("--- {name} events (newest first)\n{}\n", tail.join("\n"));
         }
         out
     }
@@ -605,6 +678,20 @@ impl Cluster {
     }
 }
 
+/// A second agent under an existing host's name (see [`Cluster::start_twin`]).
+pub struct Twin {
+    /// Its simulated vm_dir.
+    pub vm_dir: PathBuf,
+    /// Its state directory.
+    pub state_dir: PathBuf,
+    /// Its config file.
+    pub config: PathBuf,
+    /// Its stderr log.
+    pub log: PathBuf,
+    /// The running agent.
+    pub agent: Option<Child>,
+}
+
 impl Host {
     /// Where the host's agent finds secret files.
     pub fn secrets_dir(&self) -> PathBuf {
@@ -617,17 +704,28 @@ impl Drop for Cluster {
         for i in 0..self.hosts.len() {
             self.kill_agent(i);
         }
+        for t in &mut self.twins {
+            if let Some(mut child) = t.agent.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
         // Guests of the simulator are real processes: power them all off.
-        for (i, h) in self.hosts.iter().enumerate() {
-            let Ok(vms) = self.backend(i).list() else {
+        let configs = self.hosts.iter().map(|h| &h.config);
+        for config in configs.chain(self.twins.iter().map(|t| &t.config)) {
+            let Ok(cfg) = crate::agent::config::AgentConfig::load(config) else {
                 continue;
             };
+            let Ok(vms) = crate::agent::backend_for(&cfg).list() else {
+                continue;
+            };
+            let vm_dir = cfg.backend.sim_dir.clone().unwrap_or_default();
             for vm in vms {
                 if vm.state != crate::actual::RunState::Stopped {
                     let _ = Command::new(self.dir.path().join("bin/vm"))
                         .args(["poweroff", "-f", &vm.name])
-                        .env("VM_SIM_DIR", &h.vm_dir)
-                        .env("VM_SIM_HOSTNAME", &h.name)
+                        .env("VM_SIM_DIR", &vm_dir)
+                        .env("VM_SIM_HOSTNAME", &cfg.host)
                         .stdout(Stdio::null())
                         .stderr(Stdio::null())
                         .status();

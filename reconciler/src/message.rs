@@ -399,6 +399,10 @@ pub struct Inventory {
     /// Failures reported to this host recently, newest last.
     #[serde(default)]
     pub failures: Vec<RecentFailure>,
+    /// The agent that published it: the host identity, the lease it holds, the host
+    /// names it saw under two identities (safety rule 8). Absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<crate::agent::identity::AgentInfo>,
 }
 
 /// Reconcile now.
@@ -588,6 +592,15 @@ mod tests {
                 vms: vec![],
                 in_flight: vec![],
                 failures: vec![],
+                agent: Some(crate::agent::identity::AgentInfo {
+                    identity: "5d0c1d9e-4a5b-4c39-9a57-0c8f3b2b8f10".into(),
+                    pid: 4242,
+                    machine: "m1".into(),
+                    state_dir: "/var/db/flotilla".into(),
+                    started_at: 1_790_000_000,
+                    lease_job: Some(7),
+                    conflicts: Default::default(),
+                }),
             }),
             Message::Trigger(Trigger {
                 reason: "push".into(),

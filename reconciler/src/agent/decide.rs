@@ -339,6 +339,7 @@ mod tests {
                 .collect(),
             in_flight: vec![],
             failures: vec![],
+            agent: None,
         }
     }
 

@@ -21,6 +21,8 @@ pub mod config;
 pub mod decide;
 pub mod events;
 pub mod hooks;
+pub mod identity;
+pub mod lease;
 pub mod metrics;
 pub mod peers;
 mod replay;
@@ -162,6 +164,10 @@ pub struct Shared {
     keys: crate::auth::Keys,
     /// Ids of messages acted on, to refuse replays.
     acted: Mutex<replay::ReplayCache>,
+    /// This host's lease: one live agent per host name (safety rule 8).
+    lease: lease::LeaseCell,
+    /// Host names seen under two identities.
+    identities: Mutex<identity::IdentityWatch>,
 }
 
 /// The backend the config describes: vm-bhyve's `vm`, or the simulator when `sim_dir` is
@@ -230,6 +236,8 @@ impl Shared {
             cancel: AtomicBool::new(false),
             acted: Mutex::new(acted),
             keys,
+            lease: lease::LeaseCell::default(),
+            identities: Mutex::default(),
         }))
     }
 
@@ -321,6 +329,21 @@ impl Shared {
 
     fn stopping(&self) -> bool {
         *self.stop.borrow()
+    }
+
+    /// Whether `host` was seen under two identities (by this agent, or by another
+    /// whose inventory says so): no create goes to it, from it or along it.
+    fn identity_conflict(&self, host: &str) -> bool {
+        let now = message::now();
+        let ids = self.identities.lock().unwrap_or_else(|p| p.into_inner());
+        ids.conflicts(now).contains_key(host)
+            || self
+                .inventories
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .filter_map(|i| i.agent.as_ref())
+                .any(|a| a.conflicts.contains_key(host))
     }
 
     /// Sleeps for `d`, or less when the agent stops.
@@ -460,8 +483,9 @@ impl Shared {
     }
 }
 
-/// Runs the agent until SIGTERM or SIGINT.
-pub async fn run(shared: Arc<Shared>) {
+/// Runs the agent until SIGTERM or SIGINT, or until it finds another agent live for its
+/// host name: then it stops and returns why (the caller exits with `EX_CONFIG`).
+pub async fn run(shared: Arc<Shared>) -> Option<String> {
     shared.event(
         "start",
         None,
@@ -470,6 +494,7 @@ pub async fn run(shared: Arc<Shared>) {
         format!("agent {} starting", env!("CARGO_PKG_VERSION")),
     );
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(lease::keep(shared.clone()));
     tasks.spawn(source_loop(shared.clone()));
     tasks.spawn(reconcile_loop(shared.clone()));
     tasks.spawn(inbox_loop(shared.clone()));
@@ -491,20 +516,23 @@ pub async fn run(shared: Arc<Shared>) {
     }
     workers.spawn(worker::slot(shared.clone(), false));
 
-    wait_for_signal().await;
-    shared.event(
-        "stop",
-        None,
-        None,
-        None,
-        "signal received: no new jobs; finishing or releasing the jobs in hand".into(),
-    );
+    tokio::select! {
+        _ = wait_for_signal() => shared.event(
+            "stop",
+            None,
+            None,
+            None,
+            "signal received: no new jobs; finishing or releasing the jobs in hand".into(),
+        ),
+        _ = shared.lease.refused() => {}
+    }
     shared.stop.send_replace(true);
     shared.cancel.store(true, Ordering::SeqCst);
     while workers.join_next().await.is_some() {}
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     shared.event("stop", None, None, None, "agent stopped".into());
+    shared.lease.refusal()
 }
 
 /// Resolves once the agent stops.
@@ -812,6 +840,13 @@ async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) -> BTreeSet<
         match r {
             Ok(Ok((Some(inv), took))) if inv.host == name => {
                 answered.insert(name.clone());
+                if let Some(a) = &inv.agent {
+                    shared
+                        .identities
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .observe(&name, &a.identity, message::now());
+                }
                 shared
                     .latencies
                     .lock()
@@ -838,6 +873,10 @@ async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) -> BTreeSet<
 /// creates wait for hosts not heard from yet (the next pass should come soon).
 async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bool, String> {
     let started = Instant::now();
+    if !shared.lease.held() {
+        // Safety rule 8: without the host's lease this agent may be a second one.
+        return Ok(false);
+    }
     let me = shared.me().to_string();
     let listed_at = message::now();
     let local = list_local(shared)
@@ -953,6 +992,9 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
         && unseen.is_empty();
     let mut unsent = Unsent::default();
     for emit in emits {
+        if !shared.lease.held() {
+            break;
+        }
         match emit {
             Emit::Create(action) => {
                 emit_create(shared, snap, action, &origin, &inventories, &mut unsent).await
@@ -1048,6 +1090,13 @@ async fn emit_create(
     // A VM with `host:` or `start_at:` goes there first, whatever the strategy.
     let fixed = *resume || spec.host.is_some() || spec.start_at.is_some();
     let to = decide::first_hop(shared.cfg.first_hop, host, fixed, inventories, &latencies);
+    if let Some(h) = [shared.me(), &to]
+        .into_iter()
+        .find(|h| shared.identity_conflict(h))
+    {
+        tracing::warn!(%vm, host = %h, "create held back: the host is seen under two identities");
+        return;
+    }
     let Some(addr) = shared.addr_of(&to) else {
         return;
     };
@@ -1239,7 +1288,15 @@ async fn inbox_loop(shared: Arc<Shared>) {
         };
         backoff = Duration::from_millis(200);
         while !shared.stopping() {
+            if !shared.lease.held() {
+                shared.sleep(Duration::from_millis(200)).await;
+                continue;
+            }
             let job = match client.reserve_with_timeout(Duration::from_secs(1)).await {
+                Ok(Some(j)) if !shared.lease.held() => {
+                    let _ = client.release(j.id, 512, 0).await;
+                    continue;
+                }
                 Ok(Some(j)) => j,
                 Ok(None) | Err(beanstalk::Error::DeadlineSoon) => continue,
                 Err(e) => {
@@ -1462,7 +1519,46 @@ fn inventory(shared: &Shared, snap: &Snapshot, vms: Vec<ActualVm>, listed_at: u6
         vms,
         in_flight,
         failures: local.failures.iter().cloned().collect(),
+        agent: shared.lease.info().map(|mut a| {
+            a.conflicts = shared
+                .identities
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .conflicts(message::now());
+            a
+        }),
     }
+}
+
+/// Safety rule 8: an inventory in this host's own tube under another identity than
+/// this agent's, listed since it took the lease, was published by another agent under
+/// this host's name.
+async fn check_own_tube(shared: &Arc<Shared>, addr: &str) {
+    let Some(mine) = shared.lease.info() else {
+        return;
+    };
+    let window = shared.cfg.message_window.0.as_secs();
+    let read = shared
+        .peers
+        .inventory(addr, shared.me(), Some((&shared.keys, window)));
+    let Ok(Ok((Some(inv), _))) = tokio::time::timeout(Duration::from_secs(3), read).await else {
+        return;
+    };
+    let Some(other) = inv.agent.filter(|_| inv.host == shared.me()) else {
+        return;
+    };
+    shared
+        .identities
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .observe_own(
+            shared.me(),
+            &mine.identity,
+            &other.identity,
+            inv.listed_at,
+            shared.lease.since(),
+            message::now(),
+        );
 }
 
 async fn publish_loop(shared: Arc<Shared>) {
@@ -1485,6 +1581,10 @@ async fn publish_loop(shared: Arc<Shared>) {
         let (Some(snap), Some(addr)) = (shared.snapshot(), shared.own_addr()) else {
             continue;
         };
+        if !shared.lease.held() {
+            continue;
+        }
+        check_own_tube(&shared, &addr).await;
         let listed_at = message::now();
         let vms = match list_local(&shared).await {
             Ok(v) => v,

@@ -38,6 +38,21 @@ pub struct HostStatus {
     pub limits: Option<Limits>,
     /// An overload threshold crossed.
     pub overload: Option<String>,
+    /// The host identity its inventory shows (safety rule 8).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+/// A host name seen under two identities: two agents claim it, and no create goes to or
+/// from it until one is gone.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct IdentityConflict {
+    /// The host name.
+    pub host: String,
+    /// The identities seen.
+    pub identities: Vec<String>,
+    /// The hosts whose agents saw it.
+    pub seen_by: Vec<String>,
 }
 
 /// One VM as `status` shows it.
@@ -74,6 +89,9 @@ pub struct ClusterStatus {
     pub in_flight: Vec<(String, InFlightCreate)>,
     /// Recent failures, by the owner that heard of them.
     pub failures: Vec<(String, RecentFailure)>,
+    /// Host names seen under two identities.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub identity_conflicts: Vec<IdentityConflict>,
     /// Why the inventories' signatures were not checked (the cluster key was not
     /// readable, say); `None` when every inventory shown verified.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -127,6 +145,7 @@ pub async fn gather(hosts: &HostsFile, verify: Verify<'_>) -> (ClusterStatus, Ve
         vms: Vec::new(),
         in_flight: Vec::new(),
         failures: Vec::new(),
+        identity_conflicts: Vec::new(),
         unverified,
     };
     let mut invs = Vec::new();
@@ -144,6 +163,7 @@ pub async fn gather(hosts: &HostsFile, verify: Verify<'_>) -> (ClusterStatus, Ve
             reserved: None,
             limits: None,
             overload: None,
+            identity: None,
         };
         match r {
             Ok(Ok((Some(inv), _))) => {
@@ -154,6 +174,7 @@ pub async fn gather(hosts: &HostsFile, verify: Verify<'_>) -> (ClusterStatus, Ve
                 h.reserved = Some(inv.reserved);
                 h.limits = Some(inv.limits);
                 h.overload = inv.overload.clone();
+                h.identity = inv.agent.as_ref().map(|a| a.identity.clone());
                 for vm in &inv.vms {
                     out.vms.push(VmStatus {
                         vm: vm.name.clone(),
@@ -181,7 +202,28 @@ pub async fn gather(hosts: &HostsFile, verify: Verify<'_>) -> (ClusterStatus, Ve
     }
     out.vms
         .sort_by(|a, b| a.vm.cmp(&b.vm).then(a.host.cmp(&b.host)));
+    out.identity_conflicts = identity_conflicts(&invs);
     (out, invs)
+}
+
+/// The identity conflicts the inventories report, merged per host name.
+pub fn identity_conflicts(invs: &[Inventory]) -> Vec<IdentityConflict> {
+    let mut by: BTreeMap<String, (std::collections::BTreeSet<String>, Vec<String>)> =
+        BTreeMap::new();
+    for inv in invs {
+        for (host, ids) in inv.agent.iter().flat_map(|a| &a.conflicts) {
+            let e = by.entry(host.clone()).or_default();
+            e.0.extend(ids.iter().cloned());
+            e.1.push(inv.host.clone());
+        }
+    }
+    by.into_iter()
+        .map(|(host, (ids, seen_by))| IdentityConflict {
+            host,
+            identities: ids.into_iter().collect(),
+            seen_by,
+        })
+        .collect()
 }
 
 fn short(commit: Option<&str>) -> String {
@@ -235,6 +277,21 @@ pub fn render_text(s: &ClusterStatus) -> String {
                 .map(|x| format!("  OVERLOADED: {x}"))
                 .unwrap_or_default()
         );
+    }
+    if !s.identity_conflicts.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nTWO AGENTS UNDER ONE HOST NAME (no create goes to or from it)"
+        );
+        for c in &s.identity_conflicts {
+            let _ = writeln!(
+                o,
+                "  {:<10} identities {}  (seen by {})",
+                c.host,
+                c.identities.join(", "),
+                c.seen_by.join(", ")
+            );
+        }
     }
     let managed: Vec<&VmStatus> = s.vms.iter().filter(|v| v.managed).collect();
     let _ = writeln!(
@@ -308,4 +365,68 @@ pub fn progress(st: &ClusterStatus, commit: &str) -> String {
         st.in_flight.len(),
         st.failures.len()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::identity::AgentInfo;
+
+    fn inv(host: &str, conflicts: &[(&str, &[&str])]) -> Inventory {
+        let json = format!(
+            r#"{{"host":"{host}","listed_at":1,"used":{{"memory":"0","storage":"0","vms":0}},
+            "reserved":{{"memory":"0","storage":"0","vms":0}},"limits":{{}},"vms":[]}}"#
+        );
+        let mut inv: Inventory = serde_json::from_str(&json).expect("an inventory");
+        inv.agent = Some(AgentInfo {
+            identity: format!("id-{host}"),
+            pid: 1,
+            machine: "m".into(),
+            state_dir: "/s".into(),
+            started_at: 0,
+            lease_job: None,
+            conflicts: conflicts
+                .iter()
+                .map(|(h, ids)| (h.to_string(), ids.iter().map(|i| i.to_string()).collect()))
+                .collect(),
+        });
+        inv
+    }
+
+    /// Guards issue 11, hole 3: a host name that some agent saw under two identities is
+    /// shown by `status`, merged over the hosts that saw it.
+    #[test]
+    fn status_shows_a_host_seen_under_two_identities() {
+        let invs = vec![
+            inv("host1", &[]),
+            inv("host2", &[("host1", &["A", "B"])]),
+            inv("host3", &[("host1", &["B", "C"])]),
+        ];
+        let found = identity_conflicts(&invs);
+        assert_eq!(
+            found,
+            vec![IdentityConflict {
+                host: "host1".into(),
+                identities: vec!["A".into(), "B".into(), "C".into()],
+                seen_by: vec!["host2".into(), "host3".into()],
+            }]
+        );
+        let st = ClusterStatus {
+            format_version: 1,
+            cluster: "c".into(),
+            desired_commit: None,
+            hosts: vec![],
+            vms: vec![],
+            in_flight: vec![],
+            failures: vec![],
+            identity_conflicts: found,
+            unverified: None,
+        };
+        let text = render_text(&st);
+        assert!(text.contains("TWO AGENTS UNDER ONE HOST NAME"), "{text}");
+        assert!(
+            text.contains("host1      identities A, B, C  (seen by host2, host3)"),
+            "{text}"
+        );
+    }
 }

@@ -87,8 +87,19 @@ pub(super) async fn slot(shared: Arc<Shared>, creates: bool) {
         };
         backoff = Duration::from_millis(200);
         while !shared.stopping() {
+            if !shared.lease.held() {
+                // Safety rule 8: without the host's lease this agent may be a second one.
+                shared.sleep(Duration::from_millis(200)).await;
+                continue;
+            }
             match client.reserve_with_timeout(Duration::from_secs(1)).await {
                 Ok(None) => {}
+                Ok(Some(job)) if !shared.lease.held() => {
+                    let pri = client.stats_job(job.id).await.map_or(1024, |s| s.pri);
+                    if let Err(e) = client.release(job.id, pri, 0).await {
+                        tracing::warn!(job = job.id, error = %e, "cannot give a job back");
+                    }
+                }
                 Ok(Some(job)) => handle(&shared, &mut client, job).await,
                 Err(beanstalk::Error::DeadlineSoon) => {}
                 Err(e) => {
@@ -277,6 +288,10 @@ async fn run(
     let shared2 = shared.clone();
     let env2 = env.clone();
     let end = match &env.body {
+        Message::Create(_) if shared.identity_conflict(&me) => End::Release(
+            Duration::from_secs(5),
+            format!("host {me} is seen under two identities: no create is built here"),
+        ),
         Message::Create(job) => {
             let job = job.clone();
             match touching(client, id, every, move || {
@@ -345,6 +360,12 @@ fn ended(end: End) -> Built {
 }
 
 async fn forward(shared: &Arc<Shared>, env: &Envelope, job: CreateJob, to: &str) -> End {
+    if shared.identity_conflict(to) {
+        return End::Release(
+            Duration::from_secs(5),
+            format!("next host {to} is seen under two identities: no create goes to it"),
+        );
+    }
     let Some(addr) = shared.addr_of(to) else {
         return End::Release(
             Duration::from_secs(5),

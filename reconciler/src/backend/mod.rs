@@ -202,6 +202,12 @@ pub trait Backend: Send + Sync {
     /// Every VM on the host, managed or not, sorted by name.
     fn list(&self) -> Result<Vec<ActualVm>, BackendError>;
 
+    /// The directory that holds the host's VMs, where the host identity is kept (see
+    /// [`crate::agent::identity`]); `None` for a backend without one.
+    fn identity_dir(&self) -> Result<Option<PathBuf>, BackendError> {
+        Ok(None)
+    }
+
     /// The VM's vm-bhyve configuration (`<name>.conf`) as vm-bhyve reads it.
     fn read_config(&self, name: &str) -> Result<BTreeMap<String, String>, BackendError> {
         self.get(name)?

@@ -723,6 +723,10 @@ fn system_hostname() -> String {
 }
 
 impl Backend for VmBhyve {
+    fn identity_dir(&self) -> Result<Option<PathBuf>, BackendError> {
+        self.vm_dir().map(Some)
+    }
+
     fn read_config(&self, name: &str) -> Result<BTreeMap<String, String>, BackendError> {
         // Straight from the file: no `vm list` needed for one guest's config.
         let (_, dir) = self.require(name)?;

@@ -65,6 +65,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .max_blocking_threads(16)
         .enable_all()
         .build()?;
-    rt.block_on(agent::run(shared));
+    if let Some(why) = rt.block_on(agent::run(shared)) {
+        // Another agent is live for this host name: restarting would not help.
+        eprintln!("flotilla: error: {why}");
+        return Ok(ExitCode::from(EX_CONFIG));
+    }
     Ok(ExitCode::SUCCESS)
 }
