@@ -9,7 +9,7 @@ use crate::size::Size;
 
 use super::defaults;
 use super::diag::{Diagnostic, Invalid};
-use super::files::{Entry, FileSet};
+use super::files::{Entry, FileSet, TREE_DIRS};
 use super::locate;
 use super::rules;
 use super::schema::{RawCluster, RawProfile, RawVm};
@@ -32,6 +32,7 @@ const BUILT_IN: &str = "built-in";
 /// Parses and validates the desired repo in `files`. `commit` labels the snapshot.
 pub fn load(files: &FileSet, commit: Option<String>) -> Result<Snapshot, Invalid> {
     let mut diags = Vec::new();
+    not_regular(files, &mut diags);
 
     let cluster = match files.get("cluster.yaml") {
         None => {
@@ -53,7 +54,7 @@ pub fn load(files: &FileSet, commit: Option<String>) -> Result<Snapshot, Invalid
 
     let mut vm_files = Vec::new();
     for (path, entry) in files.under("vms/") {
-        if path.split('/').any(|part| part.starts_with('.')) {
+        if path.split('/').any(|part| part.starts_with('.')) || is_special(entry) {
             continue;
         }
         if !path.ends_with(".yaml") {
@@ -116,9 +117,37 @@ pub fn load(files: &FileSet, commit: Option<String>) -> Result<Snapshot, Invalid
     }
 }
 
+/// Reports every entry of the desired tree that is not a regular file, and a file where
+/// one of its directories belongs: skipped, it would read as a removal.
+fn not_regular(files: &FileSet, diags: &mut Vec<Diagnostic>) {
+    for (path, entry) in files.iter() {
+        match entry {
+            Entry::NotRegular(kind) => diags.push(Diagnostic::new(
+                path,
+                (1, 1),
+                format!("{kind}, not a regular file"),
+                kind.hint(),
+            )),
+            _ if TREE_DIRS.contains(&path) => diags.push(Diagnostic::new(
+                path,
+                (1, 1),
+                "a file where a directory belongs",
+                format!("`{path}` is a directory of the desired repo; move the file elsewhere"),
+            )),
+            _ => {}
+        }
+    }
+}
+
+fn is_special(entry: &Entry) -> bool {
+    matches!(entry, Entry::NotRegular(_))
+}
+
 /// The file's text, or why it is refused before parsing.
 fn text<'a>(path: &str, entry: &'a Entry, diags: &mut Vec<Diagnostic>) -> Option<&'a str> {
     let data = match entry {
+        // Reported once by `not_regular`.
+        Entry::NotRegular(_) => return None,
         Entry::TooLarge(size) => {
             diags.push(Diagnostic::new(
                 path,
@@ -486,6 +515,13 @@ fn templates(
         }
     }
     for (path, entry) in files.under("templates/") {
+        if is_special(entry) {
+            if let Some(name) = stem(path, "templates/", ".conf", &mut Vec::new()) {
+                out.remove(name);
+                broken.insert(name.to_string());
+            }
+            continue;
+        }
         let Some(name) = stem(path, "templates/", ".conf", diags) else {
             continue;
         };
@@ -551,6 +587,13 @@ fn profiles(
     }
     let mut broken = BTreeSet::new();
     for (path, entry) in files.under("profiles/") {
+        if is_special(entry) {
+            if let Some(name) = stem(path, "profiles/", ".yaml", &mut Vec::new()) {
+                sources.remove(name);
+                broken.insert(name.to_string());
+            }
+            continue;
+        }
         let Some(name) = stem(path, "profiles/", ".yaml", diags) else {
             continue;
         };

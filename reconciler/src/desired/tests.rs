@@ -505,3 +505,43 @@ fn templates_are_checked() {
         "templates/x.conf:3:1: template sets `cpu` twice | vm-bhyve reads the first assignment and sysrc changes the last; keep one"
     );
 }
+
+/// Guards issue 11, hole 4: an entry that is not a regular file is one error with its
+/// path wherever it is in the desired tree, and what refers to it does not add more.
+#[test]
+fn entries_that_are_not_regular_files_are_errors() {
+    let mut set = repo(&[
+        ("vms/a.yaml", "name: a1\nprofile: big\n"),
+        (
+            "profiles/big.yaml",
+            "cpu: 2\nmemory: 1G\ndisk: 20G\nswap: 1G\ntemplate: mine\n",
+        ),
+    ]);
+    set.insert_not_regular("templates/mine.conf", Special::Symlink);
+    set.insert_not_regular("vms/.hidden.yaml", Special::Fifo);
+    set.insert_not_regular("vms/team", Special::Submodule);
+    set.insert("profiles", "not a directory");
+    let Err(Invalid(d)) = load(&set, None) else {
+        panic!()
+    };
+    let got: Vec<String> = d
+        .iter()
+        .map(|d| format!("{}: {}", d.file, d.message))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "profiles: a file where a directory belongs",
+            "templates/mine.conf: a symlink, not a regular file",
+            "vms/.hidden.yaml: a FIFO, not a regular file",
+            "vms/team: a submodule, not a regular file",
+        ]
+    );
+    let mut cluster = repo(&[]);
+    cluster.insert_not_regular("cluster.yaml", Special::Symlink);
+    let Err(Invalid(d)) = load(&cluster, None) else {
+        panic!()
+    };
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0].file, "cluster.yaml");
+}
