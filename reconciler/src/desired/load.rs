@@ -8,7 +8,8 @@ use crate::conf::Conf;
 use crate::size::Size;
 
 use super::defaults;
-use super::diag::{Diagnostic, Invalid};
+use super::diag::{quote, Diagnostic, Invalid};
+use super::expand::Budget;
 use super::files::{Entry, FileSet, TREE_DIRS};
 use super::locate;
 use super::rules;
@@ -33,6 +34,9 @@ const BUILT_IN: &str = "built-in";
 pub fn load(files: &FileSet, commit: Option<String>) -> Result<Snapshot, Invalid> {
     let mut diags = Vec::new();
     not_regular(files, &mut diags);
+    // Checked file by file in a fixed order (cluster.yaml, profiles, vms) before each is
+    // parsed, so that every host refuses the same files.
+    let mut budget = Budget::new();
 
     let cluster = match files.get("cluster.yaml") {
         None => {
@@ -45,12 +49,19 @@ pub fn load(files: &FileSet, commit: Option<String>) -> Result<Snapshot, Invalid
             None
         }
         Some(entry) => text("cluster.yaml", entry, &mut diags)
+            .filter(|src| expands_within(&mut budget, "cluster.yaml", src, &mut diags))
             .and_then(|src| parse::<RawCluster>("cluster.yaml", src, &mut diags).map(|r| (src, r)))
             .map(|(src, raw)| cluster("cluster.yaml", src, raw, &mut diags)),
     };
 
     let (templates, broken_templates) = templates(files, &mut diags);
-    let (profiles, broken_profiles) = profiles(files, &templates, &broken_templates, &mut diags);
+    let (profiles, broken_profiles) = profiles(
+        files,
+        &templates,
+        &broken_templates,
+        &mut budget,
+        &mut diags,
+    );
 
     let mut vm_files = Vec::new();
     for (path, entry) in files.under("vms/") {
@@ -67,7 +78,9 @@ pub fn load(files: &FileSet, commit: Option<String>) -> Result<Snapshot, Invalid
             continue;
         }
         if let Some(src) = text(path, entry, &mut diags) {
-            vm_files.push((path, src));
+            if expands_within(&mut budget, path, src, &mut diags) {
+                vm_files.push((path, src));
+            }
         }
     }
 
@@ -135,6 +148,17 @@ fn not_regular(files: &FileSet, diags: &mut Vec<Diagnostic>) {
                 format!("`{path}` is a directory of the desired repo; move the file elsewhere"),
             )),
             _ => {}
+        }
+    }
+}
+
+/// True when the YAML file's aliases stay within the budget; else reports why.
+fn expands_within(budget: &mut Budget, path: &str, src: &str, diags: &mut Vec<Diagnostic>) -> bool {
+    match budget.check(path, src) {
+        Ok(()) => true,
+        Err(d) => {
+            diags.push(d);
+            false
         }
     }
 }
@@ -260,7 +284,8 @@ fn parse_one<T: DeserializeOwned>(path: &str, src: &str) -> Result<T, Diagnostic
     serde_yaml_ng::from_str::<T>(src).map_err(|e| yaml_error(path, src, &e))
 }
 
-fn yaml_error(path: &str, src: &str, e: &serde_yaml_ng::Error) -> Diagnostic {
+pub(crate) fn yaml_error(path: &str, src: &str, e: &serde_yaml_ng::Error) -> Diagnostic {
+    // Diagnostic::new shortens what the message quotes; the key is looked up whole first.
     let message = strip_marks(&e.to_string());
     let mut pos = e
         .location()
@@ -464,9 +489,10 @@ fn cluster(path: &str, src: &str, raw: RawCluster, diags: &mut Vec<Diagnostic>) 
 }
 
 fn join<'a>(items: impl Iterator<Item = &'a (impl AsRef<str> + ?Sized + 'a)>) -> String {
-    let v: Vec<&str> = items.map(|s| s.as_ref()).collect();
-    if v.len() > 12 {
-        format!("{}, … ({} in all)", v[..12].join(", "), v.len())
+    let all: Vec<&str> = items.map(|s| s.as_ref()).collect();
+    let v: Vec<String> = all.iter().take(12).map(|s| quote(s)).collect();
+    if all.len() > 12 {
+        format!("{}, … ({} in all)", v.join(", "), all.len())
     } else if v.is_empty() {
         "none".to_string()
     } else {
@@ -579,6 +605,7 @@ fn profiles(
     files: &FileSet,
     templates: &BTreeMap<String, Template>,
     broken_templates: &BTreeSet<String>,
+    budget: &mut Budget,
     diags: &mut Vec<Diagnostic>,
 ) -> (BTreeMap<String, Profile>, BTreeSet<String>) {
     let mut sources: BTreeMap<String, (String, &str)> = BTreeMap::new();
@@ -610,6 +637,10 @@ fn profiles(
     let mut out = BTreeMap::new();
     for (name, (path, src)) in sources {
         let before = diags.len();
+        if path != BUILT_IN && !expands_within(budget, &path, src, diags) {
+            broken.insert(name);
+            continue;
+        }
         let Some(raw) = parse::<RawProfile>(&path, src, diags) else {
             broken.insert(name);
             continue;

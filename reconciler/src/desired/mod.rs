@@ -77,6 +77,7 @@
 
 mod defaults;
 mod diag;
+mod expand;
 mod files;
 mod load;
 mod locate;
@@ -84,7 +85,8 @@ mod rules;
 mod schema;
 mod spec;
 
-pub use diag::{Diagnostic, Invalid};
+pub use diag::{Diagnostic, Invalid, MAX_QUOTE};
+pub use expand::{EXPANSION_FACTOR, EXPANSION_SLACK, MAX_REPO_EXPANSION};
 pub use files::{Entry, FileSet, Special, TREE_DIRS};
 pub use load::{load, MAX_FILE_SIZE, MAX_FLOW_DEPTH};
 pub use schema::parse_duration;
