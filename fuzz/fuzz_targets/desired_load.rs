@@ -4,12 +4,13 @@
 //! The input is the repo's files in one text, so that a seed is readable and the fuzzer
 //! mutates YAML rather than a binary layout: a line `@@ PATH` starts the file PATH, a line
 //! `@@> PATH` starts a file that was too large to read (its size is past the limit by
-//! the length of what follows), and whatever comes before the first such line is
-//! `cluster.yaml`.
+//! the length of what follows), a line `@@~ PATH` starts an entry that is not a regular
+//! file (a symlink; what follows is ignored), and whatever comes before the first such
+//! line is `cluster.yaml`.
 #![no_main]
 
 use flotilla::actual::HostActual;
-use flotilla::desired::{self, FileSet, MAX_FILE_SIZE};
+use flotilla::desired::{self, FileSet, Special, MAX_FILE_SIZE};
 use flotilla::planner::{self, PlanOptions};
 use flotilla::render::{self, Style};
 use libfuzzer_sys::fuzz_target;
@@ -54,38 +55,48 @@ fuzz_target!(|data: &[u8]| {
 fn file_set(data: &[u8]) -> FileSet {
     let mut files = FileSet::new();
     let mut path = String::from("cluster.yaml");
-    let mut too_large = false;
+    let mut kind = Kind::Data;
     let mut body = Vec::new();
     let mut explicit = false;
     for line in data.split_inclusive(|&b| b == b'\n') {
-        let header = match line.strip_prefix(b"@@> ") {
-            Some(p) => Some((p, true)),
-            None => line.strip_prefix(b"@@ ").map(|p| (p, false)),
+        let header = if let Some(p) = line.strip_prefix(b"@@> ") {
+            Some((p, Kind::TooLarge))
+        } else if let Some(p) = line.strip_prefix(b"@@~ ") {
+            Some((p, Kind::Symlink))
+        } else {
+            line.strip_prefix(b"@@ ").map(|p| (p, Kind::Data))
         };
-        let Some((p, large)) = header else {
+        let Some((p, next)) = header else {
             body.extend_from_slice(line);
             continue;
         };
         // The implicit cluster.yaml only when something came before the first header.
         if explicit || !body.is_empty() {
-            put(&mut files, &path, too_large, std::mem::take(&mut body));
+            put(&mut files, &path, kind, std::mem::take(&mut body));
         }
         explicit = true;
         path = String::from_utf8_lossy(p)
             .trim_end_matches(['\n', '\r'])
             .to_string();
-        too_large = large;
+        kind = next;
     }
     if explicit || !body.is_empty() {
-        put(&mut files, &path, too_large, body);
+        put(&mut files, &path, kind, body);
     }
     files
 }
 
-fn put(files: &mut FileSet, path: &str, too_large: bool, body: Vec<u8>) {
-    if too_large {
-        files.insert_too_large(path, MAX_FILE_SIZE + 1 + body.len() as u64);
-    } else {
-        files.insert(path, body);
+#[derive(Clone, Copy)]
+enum Kind {
+    Data,
+    TooLarge,
+    Symlink,
+}
+
+fn put(files: &mut FileSet, path: &str, kind: Kind, body: Vec<u8>) {
+    match kind {
+        Kind::Data => files.insert(path, body),
+        Kind::TooLarge => files.insert_too_large(path, MAX_FILE_SIZE + 1 + body.len() as u64),
+        Kind::Symlink => files.insert_not_regular(path, Special::Symlink),
     }
 }

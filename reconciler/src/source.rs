@@ -16,7 +16,7 @@ use git2::{
     FetchOptions, ObjectType, Oid, RemoteCallbacks, Repository, TreeWalkMode, TreeWalkResult,
 };
 
-use crate::desired::{FileSet, MAX_FILE_SIZE};
+use crate::desired::{FileSet, Special, MAX_FILE_SIZE};
 
 /// Why the desired repo could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -221,11 +221,19 @@ impl GitSource {
                     TreeWalkResult::Skip
                 };
             }
-            // Regular files only: symlinks and submodules are not desired state.
-            if entry.kind() != Some(ObjectType::Blob)
-                || !matches!(entry.filemode(), 0o100644 | 0o100755)
-                || !FileSet::wanted(&path)
-            {
+            if !FileSet::wanted(&path) {
+                return TreeWalkResult::Ok;
+            }
+            // Anything but a regular file is handed over as such, to be an error: skipped,
+            // a VM file replaced by a symlink would read as that VM's removal.
+            let special = match (entry.kind(), entry.filemode()) {
+                (Some(ObjectType::Blob), 0o100644 | 0o100755) => None,
+                (Some(ObjectType::Blob), 0o120000) => Some(Special::Symlink),
+                (Some(ObjectType::Commit), _) => Some(Special::Submodule),
+                _ => Some(Special::Other),
+            };
+            if let Some(kind) = special {
+                files.insert_not_regular(path, kind);
                 return TreeWalkResult::Ok;
             }
             match odb.read_header(entry.id()) {
@@ -256,8 +264,11 @@ impl GitSource {
 }
 
 /// Reads the desired repo's files from a plain directory (a work tree, uncommitted
-/// changes included). Symlinks are not followed.
+/// changes included). A symlink is not followed, and it and any other entry that is
+/// neither a regular file nor a directory is handed over as such, to be an error.
 pub fn read_dir(root: &Path) -> Result<FileSet, SourceError> {
+    use std::os::unix::fs::FileTypeExt;
+
     let mut files = FileSet::new();
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -271,7 +282,8 @@ pub fn read_dir(root: &Path) -> Result<FileSet, SourceError> {
         });
     }
     let mut stack: Vec<(PathBuf, String)> = Vec::new();
-    for top in ["cluster.yaml", "profiles", "templates", "vms"] {
+    stack.push((root.join("cluster.yaml"), "cluster.yaml".to_string()));
+    for top in crate::desired::TREE_DIRS {
         stack.push((root.join(top), top.to_string()));
     }
     while let Some((path, rel)) = stack.pop() {
@@ -280,21 +292,55 @@ pub fn read_dir(root: &Path) -> Result<FileSet, SourceError> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io(&path)(e)),
         };
-        if meta.is_dir() {
+        let kind = meta.file_type();
+        if kind.is_dir() {
             for entry in std::fs::read_dir(&path).map_err(io(&path))? {
                 let entry = entry.map_err(io(&path))?;
                 let name = entry.file_name().to_string_lossy().into_owned();
                 stack.push((entry.path(), format!("{rel}/{name}")));
             }
-        } else if meta.is_file() {
-            if meta.len() > MAX_FILE_SIZE {
-                files.insert_too_large(rel, meta.len());
-            } else {
-                files.insert(rel, std::fs::read(&path).map_err(io(&path))?);
+        } else if kind.is_file() {
+            match read_regular(&path).map_err(io(&path))? {
+                Some(data) => files.insert(rel, data),
+                None => files.insert_too_large(rel, meta.len().max(MAX_FILE_SIZE + 1)),
             }
+        } else {
+            let special = if kind.is_symlink() {
+                Special::Symlink
+            } else if kind.is_fifo() {
+                Special::Fifo
+            } else if kind.is_socket() {
+                Special::Socket
+            } else if kind.is_block_device() || kind.is_char_device() {
+                Special::Device
+            } else {
+                Special::Other
+            };
+            files.insert_not_regular(rel, special);
         }
     }
     Ok(files)
+}
+
+/// A regular file's contents, or None when it is larger than [`MAX_FILE_SIZE`]. Opened
+/// without following a symlink and without blocking, and checked again once open, so a
+/// file swapped for a symlink or a FIFO after it was listed is refused, not read.
+fn read_regular(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other(
+            "changed into something other than a regular file while being read",
+        ));
+    }
+    let mut data = Vec::new();
+    file.take(MAX_FILE_SIZE + 1).read_to_end(&mut data)?;
+    Ok((data.len() as u64 <= MAX_FILE_SIZE).then_some(data))
 }
 
 #[cfg(test)]
@@ -316,6 +362,128 @@ mod tests {
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    const CLUSTER: &str = "cluster: lab\nhosts:\n  host1:\n    beanstalkd: 127.0.0.1:11301\n    limits: { memory: 16G, storage: 400G, vms: 16 }\n";
+
+    /// A work tree with a valid desired repo of two VMs, L023 and L024, not yet committed.
+    fn two_vms(root: &Path) -> PathBuf {
+        let work = root.join("work");
+        std::fs::create_dir_all(work.join("vms")).unwrap();
+        std::fs::write(work.join("cluster.yaml"), CLUSTER).unwrap();
+        std::fs::write(work.join("vms/L023.yaml"), "name: L023\nprofile: CS0\n").unwrap();
+        std::fs::write(work.join("vms/L024.yaml"), "name: L024\nprofile: CS0\n").unwrap();
+        sh(&work, &["init", "-q", "-b", "main"]);
+        work
+    }
+
+    fn commit_and_read(root: &Path, work: &Path) -> FileSet {
+        sh(work, &["add", "-A"]);
+        read_main(root, work)
+    }
+
+    /// Commits what is staged and reads the commit through a bare clone.
+    fn read_main(root: &Path, work: &Path) -> FileSet {
+        sh(work, &["commit", "-q", "-m", "c"]);
+        let src = GitSource::open(work.to_str().unwrap(), &root.join("cache")).unwrap();
+        src.fetch().unwrap();
+        src.read(src.resolve("main").unwrap()).unwrap()
+    }
+
+    /// The `file:line:col: message` of each error `load` finds, or nothing when valid.
+    fn errors(files: &FileSet) -> Vec<String> {
+        match crate::desired::load(files, None) {
+            Ok(_) => Vec::new(),
+            Err(crate::desired::Invalid(d)) => d
+                .iter()
+                .map(|d| format!("{}:{}:{}: {}", d.file, d.line, d.column, d.message))
+                .collect(),
+        }
+    }
+
+    /// Guards issue 11, hole 4: a VM file replaced by a symlink to a copy outside the repo
+    /// was skipped, so the commit validated with one VM fewer and that VM was destroyed.
+    #[test]
+    fn a_symlinked_vm_file_in_a_commit_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let work = two_vms(tmp.path());
+        let outside = tmp.path().join("outside.yaml");
+        std::fs::rename(work.join("vms/L024.yaml"), &outside).unwrap();
+        std::os::unix::fs::symlink(&outside, work.join("vms/L024.yaml")).unwrap();
+        // A symlinked directory, and a symlinked README outside the desired tree.
+        std::os::unix::fs::symlink(tmp.path(), work.join("vms/team")).unwrap();
+        std::os::unix::fs::symlink(&outside, work.join("README.md")).unwrap();
+        let files = commit_and_read(tmp.path(), &work);
+        assert_eq!(
+            errors(&files),
+            [
+                "vms/L024.yaml:1:1: a symlink, not a regular file",
+                "vms/team:1:1: a symlink, not a regular file",
+            ]
+        );
+    }
+
+    /// Guards issue 11, hole 4: a submodule (gitlink) under the desired tree was skipped.
+    #[test]
+    fn a_submodule_in_a_commit_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let work = two_vms(tmp.path());
+        sh(&work, &["add", "-A"]);
+        sh(&work, &["commit", "-q", "-m", "one"]);
+        let head = Command::new("git")
+            .args(["rev-parse", "HEAD"])
+            .current_dir(&work)
+            .output()
+            .unwrap();
+        let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+        // A gitlink entry, as `git submodule add` leaves it, without fetching anything.
+        sh(
+            &work,
+            &[
+                "update-index",
+                "--add",
+                "--cacheinfo",
+                &format!("160000,{head},vms/more"),
+            ],
+        );
+        let files = read_main(tmp.path(), &work);
+        assert_eq!(
+            errors(&files),
+            ["vms/more:1:1: a submodule, not a regular file"]
+        );
+    }
+
+    /// Guards issue 11, hole 4: `flotilla validate DIR` skipped symlinks and other
+    /// non-regular files (a FIFO would have blocked the read had it been opened).
+    #[test]
+    fn a_symlink_in_a_plain_directory_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let work = two_vms(tmp.path());
+        let outside = tmp.path().join("outside.yaml");
+        std::fs::rename(work.join("vms/L024.yaml"), &outside).unwrap();
+        std::os::unix::fs::symlink(&outside, work.join("vms/L024.yaml")).unwrap();
+        std::os::unix::fs::symlink(&outside, work.join("README.md")).unwrap();
+        let fifo = Command::new("mkfifo")
+            .arg(work.join("vms/pipe.yaml"))
+            .status()
+            .unwrap();
+        assert!(fifo.success());
+        let files = read_dir(&work).unwrap();
+        assert_eq!(
+            errors(&files),
+            [
+                "vms/L024.yaml:1:1: a symlink, not a regular file",
+                "vms/pipe.yaml:1:1: a FIFO, not a regular file",
+            ]
+        );
+        // The desired tree's own directories, too.
+        std::fs::remove_file(work.join("vms/pipe.yaml")).unwrap();
+        std::fs::rename(work.join("vms"), tmp.path().join("vms")).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("vms"), work.join("vms")).unwrap();
+        assert_eq!(
+            errors(&read_dir(&work).unwrap()),
+            ["vms:1:1: a symlink, not a regular file"]
         );
     }
 

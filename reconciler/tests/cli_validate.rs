@@ -122,3 +122,33 @@ fn unreadable_sources_are_errors() {
     let out = flotilla(&["validate", "--bogus"]);
     assert_eq!(out.status.code(), Some(64));
 }
+
+/// Guards issue 11, hole 4: a VM file replaced by a symlink to a copy outside the repo
+/// made `validate` say valid with one VM fewer (and a commit of it destroyed that VM).
+#[test]
+fn a_symlinked_vm_file_is_an_error_with_its_path() {
+    let repo = Repo::example();
+    let outside = repo.path("web1-copy.yaml");
+    std::fs::rename(repo.work.join("vms/web1.yaml"), &outside).unwrap();
+    std::os::unix::fs::symlink(&outside, repo.work.join("vms/web1.yaml")).unwrap();
+    repo.commit("web1 as a symlink");
+    for args in [
+        vec![
+            "validate".to_string(),
+            "--repo".into(),
+            repo.url(),
+            "--cache-dir".into(),
+            repo.cache(),
+        ],
+        vec!["validate".to_string(), repo.work.display().to_string()],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = flotilla(&args);
+        assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+        assert!(
+            stdout(&out).starts_with("error: vms/web1.yaml:1:1: a symlink, not a regular file\n"),
+            "{}",
+            stdout(&out)
+        );
+    }
+}

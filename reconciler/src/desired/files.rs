@@ -10,7 +10,58 @@ pub enum Entry {
     /// A file larger than the loader accepts; only its size was read, so that a huge
     /// file costs nothing but an error.
     TooLarge(u64),
+    /// Something other than a regular file (a symlink, a submodule, a FIFO): never read,
+    /// and an error, because skipping it would silently drop what it stands for.
+    NotRegular(Special),
 }
+
+/// What a source found where the desired tree needs a regular file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Special {
+    /// A symbolic link (git mode 120000, or a symlink on disk); its target is not followed.
+    Symlink,
+    /// A git submodule (a gitlink, mode 160000); its commit is not fetched.
+    Submodule,
+    /// A named pipe on disk.
+    Fifo,
+    /// A Unix socket on disk.
+    Socket,
+    /// A block or character device on disk.
+    Device,
+    /// Anything else that is neither a regular file nor a directory.
+    Other,
+}
+
+impl Special {
+    /// How to make the entry readable.
+    pub fn hint(self) -> &'static str {
+        match self {
+            Special::Symlink => {
+                "the desired state is read only from regular files in the repo and a symlink is not followed; replace it with the file itself"
+            }
+            Special::Submodule => {
+                "submodules are not fetched; commit the files themselves into the desired repo"
+            }
+            _ => "the desired state is read only from regular files; replace it with one",
+        }
+    }
+}
+
+impl std::fmt::Display for Special {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Special::Symlink => "a symlink",
+            Special::Submodule => "a submodule",
+            Special::Fifo => "a FIFO",
+            Special::Socket => "a socket",
+            Special::Device => "a device",
+            Special::Other => "an entry of an unknown kind",
+        })
+    }
+}
+
+/// The directories of the desired tree; `cluster.yaml` is its one file outside them.
+pub const TREE_DIRS: [&str; 3] = ["profiles", "templates", "vms"];
 
 /// The files of a desired repo that the loader reads (`cluster.yaml`, `profiles/`,
 /// `templates/`, `vms/`), keyed by their path relative to the repo's root with `/`
@@ -36,6 +87,16 @@ impl FileSet {
         self.files.insert(path.into(), Entry::TooLarge(size));
     }
 
+    /// Adds something found at `path` that is not a regular file.
+    pub fn insert_not_regular(&mut self, path: impl Into<String>, kind: Special) {
+        self.files.insert(path.into(), Entry::NotRegular(kind));
+    }
+
+    /// Every entry, in path order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Entry)> {
+        self.files.iter().map(|(p, e)| (p.as_str(), e))
+    }
+
     /// The file at `path`.
     pub fn get(&self, path: &str) -> Option<&Entry> {
         self.files.get(path)
@@ -59,11 +120,16 @@ impl FileSet {
         self.files.is_empty()
     }
 
-    /// True for the paths a loader reads; sources skip everything else.
+    /// True for the paths of the desired tree: `cluster.yaml`, the directories
+    /// `profiles`, `templates` and `vms`, and everything under them, hidden files
+    /// included. Sources hand over every entry at these paths (a directory by its
+    /// contents), and one that is not a regular file is an error; they skip everything
+    /// else (a README, docs/), which the loader never reads.
     pub fn wanted(path: &str) -> bool {
         path == "cluster.yaml"
-            || path.starts_with("profiles/")
-            || path.starts_with("templates/")
-            || path.starts_with("vms/")
+            || TREE_DIRS.iter().any(|d| {
+                path.strip_prefix(d)
+                    .is_some_and(|r| r.is_empty() || r.starts_with('/'))
+            })
     }
 }

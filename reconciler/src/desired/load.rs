@@ -8,8 +8,9 @@ use crate::conf::Conf;
 use crate::size::Size;
 
 use super::defaults;
-use super::diag::{Diagnostic, Invalid};
-use super::files::{Entry, FileSet};
+use super::diag::{quote, Diagnostic, Invalid};
+use super::expand::Budget;
+use super::files::{Entry, FileSet, TREE_DIRS};
 use super::locate;
 use super::rules;
 use super::schema::{RawCluster, RawProfile, RawVm};
@@ -32,6 +33,10 @@ const BUILT_IN: &str = "built-in";
 /// Parses and validates the desired repo in `files`. `commit` labels the snapshot.
 pub fn load(files: &FileSet, commit: Option<String>) -> Result<Snapshot, Invalid> {
     let mut diags = Vec::new();
+    not_regular(files, &mut diags);
+    // Checked file by file in a fixed order (cluster.yaml, profiles, vms) before each is
+    // parsed, so that every host refuses the same files.
+    let mut budget = Budget::new();
 
     let cluster = match files.get("cluster.yaml") {
         None => {
@@ -44,16 +49,23 @@ pub fn load(files: &FileSet, commit: Option<String>) -> Result<Snapshot, Invalid
             None
         }
         Some(entry) => text("cluster.yaml", entry, &mut diags)
+            .filter(|src| expands_within(&mut budget, "cluster.yaml", src, &mut diags))
             .and_then(|src| parse::<RawCluster>("cluster.yaml", src, &mut diags).map(|r| (src, r)))
             .map(|(src, raw)| cluster("cluster.yaml", src, raw, &mut diags)),
     };
 
     let (templates, broken_templates) = templates(files, &mut diags);
-    let (profiles, broken_profiles) = profiles(files, &templates, &broken_templates, &mut diags);
+    let (profiles, broken_profiles) = profiles(
+        files,
+        &templates,
+        &broken_templates,
+        &mut budget,
+        &mut diags,
+    );
 
     let mut vm_files = Vec::new();
     for (path, entry) in files.under("vms/") {
-        if path.split('/').any(|part| part.starts_with('.')) {
+        if path.split('/').any(|part| part.starts_with('.')) || is_special(entry) {
             continue;
         }
         if !path.ends_with(".yaml") {
@@ -66,7 +78,9 @@ pub fn load(files: &FileSet, commit: Option<String>) -> Result<Snapshot, Invalid
             continue;
         }
         if let Some(src) = text(path, entry, &mut diags) {
-            vm_files.push((path, src));
+            if expands_within(&mut budget, path, src, &mut diags) {
+                vm_files.push((path, src));
+            }
         }
     }
 
@@ -116,9 +130,48 @@ pub fn load(files: &FileSet, commit: Option<String>) -> Result<Snapshot, Invalid
     }
 }
 
+/// Reports every entry of the desired tree that is not a regular file, and a file where
+/// one of its directories belongs: skipped, it would read as a removal.
+fn not_regular(files: &FileSet, diags: &mut Vec<Diagnostic>) {
+    for (path, entry) in files.iter() {
+        match entry {
+            Entry::NotRegular(kind) => diags.push(Diagnostic::new(
+                path,
+                (1, 1),
+                format!("{kind}, not a regular file"),
+                kind.hint(),
+            )),
+            _ if TREE_DIRS.contains(&path) => diags.push(Diagnostic::new(
+                path,
+                (1, 1),
+                "a file where a directory belongs",
+                format!("`{path}` is a directory of the desired repo; move the file elsewhere"),
+            )),
+            _ => {}
+        }
+    }
+}
+
+/// True when the YAML file's aliases stay within the budget; else reports why.
+fn expands_within(budget: &mut Budget, path: &str, src: &str, diags: &mut Vec<Diagnostic>) -> bool {
+    match budget.check(path, src) {
+        Ok(()) => true,
+        Err(d) => {
+            diags.push(d);
+            false
+        }
+    }
+}
+
+fn is_special(entry: &Entry) -> bool {
+    matches!(entry, Entry::NotRegular(_))
+}
+
 /// The file's text, or why it is refused before parsing.
 fn text<'a>(path: &str, entry: &'a Entry, diags: &mut Vec<Diagnostic>) -> Option<&'a str> {
     let data = match entry {
+        // Reported once by `not_regular`.
+        Entry::NotRegular(_) => return None,
         Entry::TooLarge(size) => {
             diags.push(Diagnostic::new(
                 path,
@@ -231,7 +284,8 @@ fn parse_one<T: DeserializeOwned>(path: &str, src: &str) -> Result<T, Diagnostic
     serde_yaml_ng::from_str::<T>(src).map_err(|e| yaml_error(path, src, &e))
 }
 
-fn yaml_error(path: &str, src: &str, e: &serde_yaml_ng::Error) -> Diagnostic {
+pub(crate) fn yaml_error(path: &str, src: &str, e: &serde_yaml_ng::Error) -> Diagnostic {
+    // Diagnostic::new shortens what the message quotes; the key is looked up whole first.
     let message = strip_marks(&e.to_string());
     let mut pos = e
         .location()
@@ -435,9 +489,10 @@ fn cluster(path: &str, src: &str, raw: RawCluster, diags: &mut Vec<Diagnostic>) 
 }
 
 fn join<'a>(items: impl Iterator<Item = &'a (impl AsRef<str> + ?Sized + 'a)>) -> String {
-    let v: Vec<&str> = items.map(|s| s.as_ref()).collect();
-    if v.len() > 12 {
-        format!("{}, … ({} in all)", v[..12].join(", "), v.len())
+    let all: Vec<&str> = items.map(|s| s.as_ref()).collect();
+    let v: Vec<String> = all.iter().take(12).map(|s| quote(s)).collect();
+    if all.len() > 12 {
+        format!("{}, … ({} in all)", v.join(", "), all.len())
     } else if v.is_empty() {
         "none".to_string()
     } else {
@@ -486,6 +541,13 @@ fn templates(
         }
     }
     for (path, entry) in files.under("templates/") {
+        if is_special(entry) {
+            if let Some(name) = stem(path, "templates/", ".conf", &mut Vec::new()) {
+                out.remove(name);
+                broken.insert(name.to_string());
+            }
+            continue;
+        }
         let Some(name) = stem(path, "templates/", ".conf", diags) else {
             continue;
         };
@@ -543,6 +605,7 @@ fn profiles(
     files: &FileSet,
     templates: &BTreeMap<String, Template>,
     broken_templates: &BTreeSet<String>,
+    budget: &mut Budget,
     diags: &mut Vec<Diagnostic>,
 ) -> (BTreeMap<String, Profile>, BTreeSet<String>) {
     let mut sources: BTreeMap<String, (String, &str)> = BTreeMap::new();
@@ -551,6 +614,13 @@ fn profiles(
     }
     let mut broken = BTreeSet::new();
     for (path, entry) in files.under("profiles/") {
+        if is_special(entry) {
+            if let Some(name) = stem(path, "profiles/", ".yaml", &mut Vec::new()) {
+                sources.remove(name);
+                broken.insert(name.to_string());
+            }
+            continue;
+        }
         let Some(name) = stem(path, "profiles/", ".yaml", diags) else {
             continue;
         };
@@ -567,6 +637,10 @@ fn profiles(
     let mut out = BTreeMap::new();
     for (name, (path, src)) in sources {
         let before = diags.len();
+        if path != BUILT_IN && !expands_within(budget, &path, src, diags) {
+            broken.insert(name);
+            continue;
+        }
         let Some(raw) = parse::<RawProfile>(&path, src, diags) else {
             broken.insert(name);
             continue;

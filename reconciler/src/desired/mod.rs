@@ -68,9 +68,16 @@
 //! reported together in file order ([`Invalid`]). A file is at most [`MAX_FILE_SIZE`]
 //! bytes, and YAML nested deeper than [`MAX_FLOW_DEPTH`] is refused before it is parsed,
 //! because the YAML parser takes time quadratic in the nesting depth.
+//!
+//! Everything at `cluster.yaml`, `profiles`, `templates` and `vms`, and under them
+//! (hidden files too), must be a regular file or a directory: a symlink, a submodule or
+//! any other kind of entry is an error naming its path, never skipped, because skipping
+//! a VM file would read as that VM's removal. Files elsewhere in the repo (a README,
+//! docs/) are never read, so what they are does not matter.
 
 mod defaults;
 mod diag;
+mod expand;
 mod files;
 mod load;
 mod locate;
@@ -78,8 +85,9 @@ mod rules;
 mod schema;
 mod spec;
 
-pub use diag::{Diagnostic, Invalid};
-pub use files::{Entry, FileSet};
+pub use diag::{Diagnostic, Invalid, MAX_QUOTE};
+pub use expand::{EXPANSION_FACTOR, EXPANSION_SLACK, MAX_REPO_EXPANSION};
+pub use files::{Entry, FileSet, Special, TREE_DIRS};
 pub use load::{load, MAX_FILE_SIZE, MAX_FLOW_DEPTH};
 pub use schema::parse_duration;
 pub use spec::{

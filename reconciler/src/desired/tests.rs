@@ -265,7 +265,8 @@ fn names_vm_bhyve_refuses() {
     let long = "a".repeat(229);
     assert_eq!(
         one(&[("vms/a.yaml", &format!("name: {long}\nprofile: CS0\nevery_host: true\n"))]),
-        format!("vms/a.yaml:1:7: every_host VM name `{long}-host1` would be refused by vm-bhyve | vm-bhyve accepts 2 to 231 characters: letters, digits and `.`, `_`, `-`, starting and ending with a letter or digit"),
+        // Issue 11, hole 8: a long value is quoted by its start, end and length.
+        format!("vms/a.yaml:1:7: every_host VM name `{}…aaaaaaaaaa-host1 (235 bytes)` would be refused by vm-bhyve | vm-bhyve accepts 2 to 231 characters: letters, digits and `.`, `_`, `-`, starting and ending with a letter or digit", &long[..48]),
     );
 }
 
@@ -523,4 +524,200 @@ fn start_at_names_a_known_host_and_excludes_host() {
         e.starts_with("vms/a.yaml:3:11: unknown host `host9`"),
         "{e}"
     );
+}
+
+/// Guards issue 11, hole 4: an entry that is not a regular file is one error with its
+/// path wherever it is in the desired tree, and what refers to it does not add more.
+#[test]
+fn entries_that_are_not_regular_files_are_errors() {
+    let mut set = repo(&[
+        ("vms/a.yaml", "name: a1\nprofile: big\n"),
+        (
+            "profiles/big.yaml",
+            "cpu: 2\nmemory: 1G\ndisk: 20G\nswap: 1G\ntemplate: mine\n",
+        ),
+    ]);
+    set.insert_not_regular("templates/mine.conf", Special::Symlink);
+    set.insert_not_regular("vms/.hidden.yaml", Special::Fifo);
+    set.insert_not_regular("vms/team", Special::Submodule);
+    set.insert("profiles", "not a directory");
+    let Err(Invalid(d)) = load(&set, None) else {
+        panic!()
+    };
+    let got: Vec<String> = d
+        .iter()
+        .map(|d| format!("{}: {}", d.file, d.message))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "profiles: a file where a directory belongs",
+            "templates/mine.conf: a symlink, not a regular file",
+            "vms/.hidden.yaml: a FIFO, not a regular file",
+            "vms/team: a submodule, not a regular file",
+        ]
+    );
+    let mut cluster = repo(&[]);
+    cluster.insert_not_regular("cluster.yaml", Special::Symlink);
+    let Err(Invalid(d)) = load(&cluster, None) else {
+        panic!()
+    };
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0].file, "cluster.yaml");
+}
+
+/// A VM file whose `tags:` repeats one anchored string of `size` bytes `aliases` times.
+fn alias_attack(size: usize, aliases: usize) -> String {
+    let mut s = String::with_capacity(size + aliases * 6 + 64);
+    s.push_str("name: web1\nprofile: CS0\ndescription: &big ");
+    s.push_str(&"x".repeat(size));
+    s.push_str("\ntags: [");
+    for _ in 0..aliases {
+        s.push_str("*big, ");
+    }
+    s.push_str("]\n");
+    s
+}
+
+/// The longest run of `x` in `s`: how much of the attack's string an error quotes.
+fn longest_x_run(s: &str) -> usize {
+    s.split(|c| c != 'x').map(str::len).max().unwrap_or(0)
+}
+
+/// Guards issue 11, hole 8: one anchored 900 KB string used 1,000 times in `tags:` took
+/// 33 s and 1.7 GB to refuse, and every error echoed the whole string. It is refused
+/// before it is expanded, with the file, the line of the alias and a short quote.
+#[test]
+fn an_anchored_string_repeated_many_times_is_refused_before_it_expands() {
+    const ALIASES: usize = 1_000;
+    let src = alias_attack(900_000, ALIASES);
+    assert!(src.len() as u64 <= MAX_FILE_SIZE);
+    let start = std::time::Instant::now();
+    let e = errors(&[("vms/a.yaml", &src)]);
+    eprintln!(
+        "{} aliases of 900 KB: {} errors in {:?}",
+        ALIASES,
+        e.len(),
+        start.elapsed()
+    );
+    let longest = e.iter().map(|d| d.len()).max().unwrap_or(0);
+    assert_eq!(
+        e.len(),
+        1,
+        "{} errors, the longest {longest} bytes",
+        e.len()
+    );
+    assert!(
+        longest < 500,
+        "an error of {longest} bytes: {}…",
+        &e[0][..150]
+    );
+    assert!(
+        e[0].starts_with("vms/a.yaml:4:1: aliases expand this file past "),
+        "{}",
+        &e[0][..longest.min(300)]
+    );
+    assert!(longest_x_run(&e[0]) <= 40, "{}", e[0]);
+}
+
+/// Guards issue 11, hole 8: every agent loads the same commit, so expansion spread over
+/// many files, each under its own limit, is bounded for the repo as a whole.
+#[test]
+fn aliases_across_files_are_bounded_per_repo() {
+    let mut files: Vec<(String, String)> = Vec::new();
+    for i in 0..300 {
+        let mut s = format!(
+            "name: v{i:03}\nprofile: CS0\nhooks:\n  a: &d {}\n",
+            "x".repeat(2_000)
+        );
+        for k in 0..8 {
+            s.push_str(&format!("  b{k}: *d\n"));
+        }
+        files.push((format!("vms/v{i:03}.yaml"), s));
+    }
+    let borrowed: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(p, s)| (p.as_str(), s.as_str()))
+        .collect();
+    // Each file alone is fine.
+    assert_eq!(errors(&borrowed[..1]), Vec::<String>::new());
+    let e = errors(&borrowed);
+    assert!(!e.is_empty());
+    assert!(
+        e.iter()
+            .all(|d| d.contains(": aliases expand the desired repo past ")),
+        "{:?}",
+        e.iter().map(|d| &d[..d.len().min(200)]).collect::<Vec<_>>()
+    );
+    // The files before the one that crosses the limit are read; from it on, none with aliases.
+    let first: usize = e[0]["vms/v".len().."vms/v".len() + 3].parse().unwrap();
+    assert!(first > 100 && first < 300, "{}", e[0]);
+    assert_eq!(e.len(), 300 - first);
+}
+
+proptest::proptest! {
+    /// Guards issue 11, hole 8: ordinary files that use a few anchors and aliases (as
+    /// profiles and VM files legitimately do) still load, to the same result as the
+    /// file written out.
+    #[test]
+    fn a_few_aliases_still_load(
+        value in "[a-z0-9]{1,60}",
+        aliases in 1usize..12,
+        tags in proptest::collection::vec("[a-z]{1,10}", 1..6),
+    ) {
+        let mut with = format!("name: web1\nprofile: CS0\ntags: &t [{}]\nhooks:\n  a: &v {value}\n", tags.join(", "));
+        let mut plain = format!("name: web1\nprofile: CS0\ntags: [{}]\nhooks:\n  a: {value}\n", tags.join(", "));
+        for k in 0..aliases {
+            with.push_str(&format!("  b{k}: *v\n"));
+            plain.push_str(&format!("  b{k}: {value}\n"));
+        }
+        let snap = load(&repo(&[("vms/web.yaml", &with)]), None);
+        let want = load(&repo(&[("vms/web.yaml", &plain)]), None);
+        proptest::prop_assert!(snap.is_ok(), "{:?}", snap);
+        proptest::prop_assert_eq!(snap, want);
+        let profile = format!("cpu: &n 2\nmemory: 1G\ndisk: 20G\nswap: 1G\ntemplate: CS0\ndescription: &d {value}\n");
+        proptest::prop_assert!(load(&repo(&[("profiles/p.yaml", &profile)]), None).is_ok());
+    }
+}
+
+/// Guards issue 11, hole 8: a number written with thousands of digits is one small value
+/// to the walk that counts, but a string of all its digits to a field that reads text; it
+/// is counted by the length of its text, so repeating it cannot slip past the bound.
+#[test]
+fn a_long_number_repeated_is_counted_by_its_text() {
+    let mut src = format!(
+        "name: web1\nprofile: CS0\ndescription: &n 1.{}\nhooks:\n",
+        "0".repeat(10_000)
+    );
+    for i in 0..40 {
+        src.push_str(&format!("  h{i}: *n\n"));
+    }
+    let e = one(&[("vms/a.yaml", &src)]);
+    assert!(
+        e.starts_with("vms/a.yaml:9:3: aliases expand this file past "),
+        "{e}"
+    );
+    assert!(
+        e.contains("at `hooks.h4`; the repeated value is at line 3"),
+        "{e}"
+    );
+}
+
+/// Guards issue 11, hole 8: what an error quotes of the YAML is at most a few dozen
+/// characters, also in the YAML library's own messages.
+#[test]
+fn errors_quote_at_most_a_few_dozen_characters() {
+    let long = "y".repeat(5_000);
+    let e = one(&[(
+        "vms/a.yaml",
+        &format!("name: web1\nprofile: CS0\ncpu: {long}\n"),
+    )]);
+    assert!(e.len() < 400, "{e}");
+    assert!(e.contains(" (5000 bytes)"), "{e}");
+    let e = one(&[(
+        "vms/a.yaml",
+        &format!("name: web1\nprofile: CS0\n{long}: 1\n"),
+    )]);
+    assert!(e.len() < 600, "{e}");
+    assert_eq!(super::diag::quote("short"), "short");
 }
