@@ -111,6 +111,9 @@ pub enum Message {
     Inventory(Inventory),
     /// Reconcile now (sent by the desired repo's post-receive hook or `flotilla trigger`).
     Trigger(Trigger),
+    /// An operator says a host is gone for good (`flotilla host forget`): stop waiting
+    /// for it and drop what its last inventory showed.
+    Forget(Forget),
 }
 
 impl Message {
@@ -125,6 +128,7 @@ impl Message {
             Message::Result(_) => "result",
             Message::Inventory(_) => "inventory",
             Message::Trigger(_) => "trigger",
+            Message::Forget(_) => "forget",
         }
     }
 
@@ -137,7 +141,7 @@ impl Message {
             }
             Message::Result(_) => tubes::RESULTS,
             Message::Inventory(_) => tubes::INVENTORY,
-            Message::Trigger(_) => tubes::CONTROL,
+            Message::Trigger(_) | Message::Forget(_) => tubes::CONTROL,
         }
     }
 
@@ -148,7 +152,7 @@ impl Message {
             Message::Destroy(j) | Message::Start(j) | Message::Stop(j) => Some(&j.vm),
             Message::Update(j) => Some(&j.vm),
             Message::Result(r) => Some(&r.vm),
-            Message::Inventory(_) | Message::Trigger(_) => None,
+            Message::Inventory(_) | Message::Trigger(_) | Message::Forget(_) => None,
         }
     }
 }
@@ -399,10 +403,38 @@ pub struct Inventory {
     /// Failures reported to this host recently, newest last.
     #[serde(default)]
     pub failures: Vec<RecentFailure>,
+    /// Creates this host owns that wait for other hosts to reach its commit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting: Vec<WaitingCreate>,
+    /// Set when this host's agent found itself missing from cluster.yaml: the commit
+    /// that removed it. It creates, changes and destroys nothing since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left_cluster: Option<String>,
     /// The agent that published it: the host identity, the lease it holds, the host
     /// names it saw under two identities (safety rule 8). Absent from older agents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<crate::agent::identity::AgentInfo>,
+}
+
+/// A host an operator declared gone for good.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Forget {
+    /// The host.
+    pub host: String,
+    /// Who said so (user and machine of the `flotilla host forget` that sent it).
+    pub by: String,
+}
+
+/// A create this host owns that waits for other hosts before it is sent (safety rules 2
+/// and 9), as shown in its inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitingCreate {
+    /// The VM.
+    pub vm: String,
+    /// The hosts it waits for: each is on another commit under which it owns the VM.
+    pub for_hosts: Vec<String>,
 }
 
 /// Reconcile now.
@@ -592,6 +624,8 @@ mod tests {
                 vms: vec![],
                 in_flight: vec![],
                 failures: vec![],
+                waiting: vec![],
+                left_cluster: Some("c9".into()),
                 agent: Some(crate::agent::identity::AgentInfo {
                     identity: "5d0c1d9e-4a5b-4c39-9a57-0c8f3b2b8f10".into(),
                     pid: 4242,

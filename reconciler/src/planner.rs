@@ -241,6 +241,10 @@ pub enum BlockReason {
     Locked,
     /// The host is not in `cluster.yaml`.
     UnknownHost,
+    /// The VM is on a host that left `cluster.yaml` (its last inventory is known): it
+    /// exists, so it is not created elsewhere until that host shows it gone or an
+    /// operator says the host is gone for good (`flotilla host forget`).
+    HeldByRemovedHost,
 }
 
 /// A difference the plan leaves alone, and why.
@@ -589,10 +593,18 @@ pub fn plan(
                     });
                 }
             }
+            [(host, _)] if !cluster.hosts.contains_key(*host) => {
+                b.block(
+                    host,
+                    &spec.name,
+                    BlockReason::HeldByRemovedHost,
+                    format!(
+                        "`{}` runs on {host}, which left cluster.yaml; it is not created elsewhere until {host} shows it gone, or `flotilla host forget {host}` says the host is gone for good",
+                        spec.name
+                    ),
+                );
+            }
             [(host, vm)] => {
-                if !cluster.hosts.contains_key(*host) {
-                    continue;
-                }
                 plan_existing(&mut b, &mut pending, in_flight, spec, host, vm, owner);
             }
             many => {

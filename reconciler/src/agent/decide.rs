@@ -179,32 +179,57 @@ pub fn others_in_flight(
         .collect()
 }
 
-/// How old (seconds) an inventory may be and still tell of a live agent: agents publish
-/// at least every 10 s.
-pub const LIVE_INVENTORY: u64 = 30;
+/// Who owns which VM under one commit: its host set and each desired VM's pin. A host
+/// on that commit may still send the create of any VM it owns there.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommitOwners {
+    hosts: Vec<String>,
+    pins: BTreeMap<String, Option<String>>,
+}
 
-/// The hosts that answered this pass (`answered`) with a live inventory that comes from
-/// a reconcile pass on another commit than `commit`. Creates wait for them: under an
-/// older commit such a host may own, and be about to send, a create that this host owns
-/// under its own, and its inventory cannot show a create it has not sent yet. A host
-/// that did not answer, or whose agent stopped publishing, is not waited for (it would
-/// stall the cluster); its last inventory's creates in flight still hold their VMs back
-/// ([`others_in_flight`]).
-pub fn on_other_commits(
-    inventories: &BTreeMap<String, Inventory>,
-    answered: &std::collections::BTreeSet<String>,
+impl CommitOwners {
+    /// The owners under `snap`.
+    pub fn of(snap: &Snapshot) -> CommitOwners {
+        CommitOwners {
+            hosts: snap.cluster.hosts.keys().cloned().collect(),
+            pins: snap
+                .vms
+                .values()
+                .map(|v| (v.name.clone(), v.pin().map(str::to_string)))
+                .collect(),
+        }
+    }
+
+    /// The owner of `vm` under this commit; `None` when the commit does not desire it.
+    pub fn owner(&self, vm: &str) -> Option<&str> {
+        let pin = self.pins.get(vm)?;
+        crate::owner::owner(vm, pin.as_deref(), self.hosts.iter().map(String::as_str))
+    }
+}
+
+/// The hosts this host's create of `vm` waits for (safety rules 2 and 9): every other
+/// host whose last known inventory (`commits`: its reconciled commit, whether it answers
+/// now or not, whether it is still in cluster.yaml or left it) comes from another commit
+/// than `commit`, and that owns `vm` under that commit, so may still send its create.
+/// Safety comes before progress: a host that does not answer is waited for however long
+/// it takes, unless an operator said it is gone (`forgotten`). A commit whose owners are
+/// not known here (`owners` has none: not fetched yet, say) is waited for whatever the VM.
+pub fn waits_for(
+    vm: &str,
+    me: &str,
     commit: Option<&str>,
-    now: u64,
+    commits: &BTreeMap<String, Option<String>>,
+    owners: &BTreeMap<String, CommitOwners>,
+    forgotten: &std::collections::BTreeSet<String>,
 ) -> Vec<String> {
-    answered
+    commits
         .iter()
-        .filter(|h| {
-            inventories.get(*h).is_some_and(|inv| {
-                inv.commit.as_deref() != commit
-                    && now.saturating_sub(inv.listed_at) <= LIVE_INVENTORY
-            })
+        .filter(|(h, c)| h.as_str() != me && !forgotten.contains(*h) && c.as_deref() != commit)
+        .filter(|(h, c)| match c.as_deref().and_then(|c| owners.get(c)) {
+            Some(o) => o.owner(vm) == Some(h.as_str()),
+            None => true,
         })
-        .cloned()
+        .map(|(h, _)| h.clone())
         .collect()
 }
 
@@ -219,13 +244,20 @@ pub enum Emit<'a> {
     Op(&'a Action),
 }
 
-/// This host's share of `plan`: creates it owns (only with `all_hosts_seen`) and other
-/// actions on VMs it holds.
-pub fn select<'a>(plan: &'a Plan, me: &str, all_hosts_seen: bool) -> Vec<Emit<'a>> {
+/// This host's share of `plan`: creates it owns (only with `all_hosts_seen`, and none
+/// that `waiting` holds back) and other actions on VMs it holds.
+pub fn select<'a>(
+    plan: &'a Plan,
+    me: &str,
+    all_hosts_seen: bool,
+    waiting: &BTreeMap<String, Vec<String>>,
+) -> Vec<Emit<'a>> {
     let mut out = Vec::new();
     for action in plan.actions() {
         match action {
-            Action::Create { owner, .. } if owner == me && all_hosts_seen => {
+            Action::Create { owner, vm, .. }
+                if owner == me && all_hosts_seen && !waiting.contains_key(vm) =>
+            {
                 out.push(Emit::Create(action));
             }
             Action::Create { .. } => {}
@@ -339,6 +371,8 @@ mod tests {
                 .collect(),
             in_flight: vec![],
             failures: vec![],
+            waiting: vec![],
+            left_cluster: None,
             agent: None,
         }
     }
@@ -509,29 +543,72 @@ mod tests {
         assert!(others_in_flight(&invs, "host4", 101 + 600 + DEADLINE_GRACE, 600).is_empty());
     }
 
+    fn owners(hosts: &[&str], pins: &[(&str, Option<&str>)]) -> CommitOwners {
+        CommitOwners {
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            pins: pins
+                .iter()
+                .map(|(v, p)| (v.to_string(), p.map(str::to_string)))
+                .collect(),
+        }
+    }
+
     /// Regression guard for safety rule 2: host3 joined and owned `web1` under the new
     /// commit while host1, still on the old one, was about to send its create; host3 sent
-    /// one too and the VM was built on two hosts.
+    /// one too and the VM was built on two hosts. Only the VMs a host on another commit
+    /// owns there wait for it.
     #[test]
-    fn creates_wait_for_live_hosts_on_another_commit_only() {
-        let mut on_old = inventory("host1", 1000, &[], 8);
-        on_old.commit = Some("old".into());
-        let mut on_new = inventory("host2", 1000, &[], 8);
-        on_new.commit = Some("new".into());
-        let mut dead = inventory("host4", 1000 - LIVE_INVENTORY - 1, &[], 8);
-        dead.commit = Some("old".into());
-        let invs: BTreeMap<String, Inventory> = [
-            ("host1".to_string(), on_old),
-            ("host2".to_string(), on_new),
-            ("host4".to_string(), dead),
-        ]
-        .into();
-        let all = invs.keys().cloned().collect();
+    fn a_create_waits_for_the_host_that_owns_it_under_its_own_commit() {
+        let old = owners(
+            &["host1", "host2"],
+            &[("web1", Some("host1")), ("web2", Some("host2"))],
+        );
+        let new = owners(
+            &["host1", "host2", "host3"],
+            &[("web1", Some("host3")), ("web2", Some("host2"))],
+        );
+        let all = BTreeMap::from([("old".to_string(), old), ("new".to_string(), new)]);
+        let commits = BTreeMap::from([
+            ("host1".to_string(), Some("old".to_string())),
+            ("host2".to_string(), Some("new".to_string())),
+            ("host3".to_string(), Some("new".to_string())),
+        ]);
+        let none = Default::default();
         assert_eq!(
-            on_other_commits(&invs, &all, Some("new"), 1000),
+            waits_for("web1", "host3", Some("new"), &commits, &all, &none),
             vec!["host1".to_string()]
         );
-        let not_host1 = ["host2".to_string(), "host4".to_string()].into();
-        assert!(on_other_commits(&invs, &not_host1, Some("new"), 1000).is_empty());
+        // host1 does not own web2 under the old commit: it cannot send its create.
+        assert!(waits_for("web2", "host2", Some("new"), &commits, &all, &none).is_empty());
+    }
+
+    /// Guards issue 11, hole 6: a host cut off while on an older commit could still
+    /// create a VM it owns there while the new owner created it too. Before, only hosts
+    /// that answered with a live inventory were waited for. Now a host that does not
+    /// answer, or whose commit is not known here, is waited for however long it takes,
+    /// unless an operator said it is gone (`flotilla host forget`).
+    #[test]
+    fn a_silent_host_on_an_older_commit_is_waited_for_until_it_is_forgotten() {
+        let old = owners(&["host1", "host2", "host3"], &[("web1", Some("host3"))]);
+        let new = owners(&["host1", "host2", "host3"], &[("web1", Some("host1"))]);
+        let all = BTreeMap::from([("old".to_string(), old), ("new".to_string(), new)]);
+        // host3's last inventory, hours old, from before it was cut off.
+        let commits = BTreeMap::from([
+            ("host2".to_string(), Some("new".to_string())),
+            ("host3".to_string(), Some("old".to_string())),
+        ]);
+        let none = Default::default();
+        assert_eq!(
+            waits_for("web1", "host1", Some("new"), &commits, &all, &none),
+            vec!["host3".to_string()]
+        );
+        // A commit this host cannot read: wait, whatever the VM.
+        let only_new = BTreeMap::from([("new".to_string(), all["new"].clone())]);
+        assert_eq!(
+            waits_for("web1", "host1", Some("new"), &commits, &only_new, &none),
+            vec!["host3".to_string()]
+        );
+        let forgotten = ["host3".to_string()].into();
+        assert!(waits_for("web1", "host1", Some("new"), &commits, &all, &forgotten).is_empty());
     }
 }

@@ -19,6 +19,7 @@
 
 pub mod config;
 pub mod decide;
+pub mod departed;
 pub mod events;
 pub mod hooks;
 pub mod identity;
@@ -68,6 +69,10 @@ pub struct HostsFile {
     pub me: String,
     /// Every host's beanstalkd address, by host name.
     pub hosts: BTreeMap<String, String>,
+    /// Hosts that left cluster.yaml but may still hold VMs (not forgotten), with the
+    /// address they had: `status` shows them.
+    #[serde(default)]
+    pub departed: BTreeMap<String, String>,
 }
 
 impl HostsFile {
@@ -75,9 +80,15 @@ impl HostsFile {
     pub const NAME: &'static str = "hosts.json";
 }
 
-fn write_hosts_file(state_dir: &std::path::Path, me: &str, snap: &Snapshot) -> std::io::Result<()> {
+fn write_hosts_file(
+    state_dir: &std::path::Path,
+    me: &str,
+    snap: &Snapshot,
+    departed: BTreeMap<String, String>,
+) -> std::io::Result<()> {
     let me = me.to_string();
     let file = HostsFile {
+        departed,
         cluster: snap.cluster.id.clone(),
         commit: snap.commit.clone(),
         me,
@@ -92,6 +103,54 @@ fn write_hosts_file(state_dir: &std::path::Path, me: &str, snap: &Snapshot) -> s
         &state_dir.join(HostsFile::NAME),
         &serde_json::to_vec_pretty(&file).unwrap_or_default(),
     )
+}
+
+/// Records the hosts that left cluster.yaml between the last snapshot (or, after a
+/// restart, the hosts file) and `snap`, with their last inventory, then rewrites the
+/// hosts file.
+fn note_departures(s: &Shared, snap: &Snapshot) -> std::io::Result<()> {
+    let before: BTreeMap<String, String> = match s.snapshot() {
+        Some(old) => old
+            .cluster
+            .hosts
+            .iter()
+            .map(|(n, h)| (n.clone(), h.beanstalkd.clone()))
+            .collect(),
+        None => std::fs::read(s.cfg.state_dir.join(HostsFile::NAME))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<HostsFile>(&b).ok())
+            .map(|f| f.hosts)
+            .unwrap_or_default(),
+    };
+    let now: BTreeMap<String, String> = snap
+        .cluster
+        .hosts
+        .iter()
+        .map(|(n, h)| (n.clone(), h.beanstalkd.clone()))
+        .collect();
+    let last = s
+        .inventories
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mut departed = s.departed.lock().unwrap_or_else(|p| p.into_inner());
+    let left = departed.hosts_changed(&before, &now, snap.commit.as_deref(), s.me(), &last)?;
+    let addrs = departed
+        .hosts()
+        .iter()
+        .map(|(h, d)| (h.clone(), d.addr.clone()))
+        .collect();
+    drop(departed);
+    for host in left {
+        s.event(
+            "departed",
+            None,
+            None,
+            snap.commit.as_deref(),
+            format!("host `{host}` left cluster.yaml; the VMs its last inventory shows are not created elsewhere until it shows them gone or `flotilla host forget {host}`"),
+        );
+    }
+    write_hosts_file(&s.cfg.state_dir, s.me(), snap, addrs)
 }
 
 /// Ids of acted-on messages, one `id sent_at` per line, in the state directory.
@@ -135,6 +194,10 @@ struct Local {
     /// The commit of the last finished reconcile pass.
     reconciled_commit: Option<String>,
     failures: VecDeque<RecentFailure>,
+    /// The commit that removed this host from cluster.yaml, while it is not listed.
+    left_cluster: Option<String>,
+    /// Creates that wait for other hosts, as of the last pass.
+    waiting: Vec<message::WaitingCreate>,
 }
 
 /// State shared by the agent's tasks.
@@ -168,6 +231,11 @@ pub struct Shared {
     lease: lease::LeaseCell,
     /// Host names seen under two identities.
     identities: Mutex<identity::IdentityWatch>,
+    /// Hosts that left cluster.yaml and hosts declared gone (safety rule 9).
+    departed: Mutex<departed::Departed>,
+    /// Who owns which VM under each commit seen, for creates that wait for hosts on
+    /// other commits.
+    owners: Mutex<BTreeMap<String, decide::CommitOwners>>,
 }
 
 /// The backend the config describes: vm-bhyve's `vm`, or the simulator when `sim_dir` is
@@ -209,6 +277,8 @@ impl Shared {
         std::fs::create_dir_all(&cfg.state_dir).map_err(|e| state(e.to_string()))?;
         let intents =
             IntentStore::open(cfg.state_dir.join("intents")).map_err(|e| state(e.to_string()))?;
+        let departed =
+            departed::Departed::open(&cfg.state_dir).map_err(|e| state(e.to_string()))?;
         let acted = replay::ReplayCache::open(
             &cfg.state_dir.join(ACTED_FILE),
             cfg.message_window.0.as_secs(),
@@ -238,6 +308,8 @@ impl Shared {
             keys,
             lease: lease::LeaseCell::default(),
             identities: Mutex::default(),
+            departed: Mutex::new(departed),
+            owners: Mutex::default(),
         }))
     }
 
@@ -294,6 +366,15 @@ impl Shared {
         if let Err(e) = acted.record(&env.id, env.sent_at, message::now()) {
             tracing::warn!(error = %e, "cannot record an acted message id");
         }
+    }
+
+    fn local(&self) -> std::sync::MutexGuard<'_, Local> {
+        self.local.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The commit that removed this host from cluster.yaml, while it is not listed.
+    fn left_cluster(&self) -> Option<String> {
+        self.local().left_cluster.clone()
     }
 
     fn snapshot(&self) -> Option<Arc<Snapshot>> {
@@ -680,19 +761,42 @@ async fn source_loop(shared: Arc<Shared>) {
                 backoff = Duration::from_millis(500);
                 let commit = snap.commit.clone();
                 last = commit.clone();
-                if !snap.cluster.hosts.contains_key(s.me()) {
+                let listed = snap.cluster.hosts.contains_key(s.me());
+                let was = s.local().left_cluster.clone();
+                if !listed && was.is_none() {
+                    // Safety rule 9: its guests stay where they are, and this agent goes
+                    // on publishing them; it creates, changes and destroys nothing.
                     s.event(
                         "error",
                         None,
                         None,
                         commit.as_deref(),
                         format!(
-                            "this host `{}` is not in cluster.yaml at {}; keeping the last good desired state",
+                            "this host `{}` left cluster.yaml at {}: it creates, changes and destroys nothing from now on, and its VMs stay as they are (the other hosts do not create them elsewhere until `flotilla host forget {}`)",
                             s.me(),
-                            commit.as_deref().unwrap_or("?")
+                            commit.as_deref().unwrap_or("?"),
+                            s.me()
                         ),
                     );
-                } else {
+                } else if listed && was.is_some() {
+                    s.event(
+                        "snapshot",
+                        None,
+                        None,
+                        commit.as_deref(),
+                        format!("this host `{}` is in cluster.yaml again", s.me()),
+                    );
+                }
+                s.local().left_cluster = if listed { None } else { commit.clone() };
+                if let Some(c) = &commit {
+                    let mut owners = s.owners.lock().unwrap_or_else(|p| p.into_inner());
+                    // Loaded again from the git cache when needed (see `owners_at`).
+                    if owners.len() > 256 {
+                        owners.clear();
+                    }
+                    owners.insert(c.clone(), decide::CommitOwners::of(&snap));
+                }
+                {
                     s.event(
                         "snapshot",
                         None,
@@ -704,8 +808,14 @@ async fn source_loop(shared: Arc<Shared>) {
                             snap.vms.len()
                         ),
                     );
-                    if let Err(e) = write_hosts_file(&s.cfg.state_dir, s.me(), &snap) {
-                        tracing::warn!(error = %e, "cannot write hosts.json for flotilla status");
+                    if let Err(e) = note_departures(&s, &snap) {
+                        s.event(
+                            "error",
+                            None,
+                            None,
+                            commit.as_deref(),
+                            format!("cannot record the hosts that left cluster.yaml: {e}"),
+                        );
                     }
                     s.snapshot.send_replace(Some(Arc::new(*snap)));
                     s.wake_reconcile.notify_one();
@@ -818,13 +928,26 @@ async fn list_local(shared: &Arc<Shared>) -> Result<Vec<ActualVm>, String> {
 async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) -> BTreeSet<String> {
     let mut answered = BTreeSet::new();
     let mut reads = Vec::new();
-    for (name, host) in &snap.cluster.hosts {
+    // Hosts that left cluster.yaml are read too: their guests still exist (rule 9).
+    let departed: Vec<(String, String)> = shared
+        .departed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .hosts()
+        .iter()
+        .map(|(h, d)| (h.clone(), d.addr.clone()))
+        .collect();
+    let hosts = snap
+        .cluster
+        .hosts
+        .iter()
+        .map(|(n, h)| (n.clone(), h.beanstalkd.clone()))
+        .chain(departed);
+    for (name, addr) in hosts {
         if name == shared.me() {
             continue;
         }
         let s = shared.clone();
-        let addr = host.beanstalkd.clone();
-        let name = name.clone();
         reads.push(tokio::spawn(async move {
             let window = s.cfg.message_window.0.as_secs();
             let r = tokio::time::timeout(
@@ -840,6 +963,14 @@ async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) -> BTreeSet<
         match r {
             Ok(Ok((Some(inv), took))) if inv.host == name => {
                 answered.insert(name.clone());
+                let saw = shared
+                    .departed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .saw(&name, &inv);
+                if let Err(e) = saw {
+                    tracing::warn!(host = %name, error = %e, "cannot record a departed host's inventory");
+                }
                 if let Some(a) = &inv.agent {
                     shared
                         .identities
@@ -869,6 +1000,53 @@ async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) -> BTreeSet<
     answered
 }
 
+/// Who owns which VM under each of `commits`: from the snapshots this agent loaded, else
+/// read from its git cache (a commit it skipped). A commit it cannot read is left out,
+/// and creates wait for hosts on it whatever the VM.
+async fn owners_at<'a>(
+    shared: &Arc<Shared>,
+    commits: impl Iterator<Item = &'a String>,
+) -> BTreeMap<String, decide::CommitOwners> {
+    let wanted: BTreeSet<String> = commits.cloned().collect();
+    let mut known = shared
+        .owners
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    known.retain(|c, _| wanted.contains(c));
+    let missing: Vec<String> = wanted
+        .into_iter()
+        .filter(|c| !known.contains_key(c))
+        .collect();
+    if missing.is_empty() {
+        return known;
+    }
+    let url = shared.cfg.desired.url.clone();
+    let dir = source::cache_dir(&shared.cfg.state_dir.join("git"), &url);
+    let loaded = tokio::task::spawn_blocking(move || {
+        let Ok(src) = GitSource::open(&url, &dir) else {
+            return Vec::new();
+        };
+        missing
+            .into_iter()
+            .filter_map(|c| {
+                let oid = git2::Oid::from_str(&c).ok()?;
+                let files = src.read(oid).ok()?;
+                let snap = desired::load(&files, Some(c.clone())).ok()?;
+                Some((c, decide::CommitOwners::of(&snap)))
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    let mut cache = shared.owners.lock().unwrap_or_else(|p| p.into_inner());
+    for (c, o) in loaded {
+        cache.insert(c.clone(), o.clone());
+        known.insert(c, o);
+    }
+    known
+}
+
 /// One pass: list, read inventories, plan, emit this host's share. Returns true when
 /// creates wait for hosts not heard from yet (the next pass should come soon).
 async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bool, String> {
@@ -877,17 +1055,37 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
         // Safety rule 8: without the host's lease this agent may be a second one.
         return Ok(false);
     }
+    if let Some(left) = shared.left_cluster() {
+        // Safety rule 9: a host that left cluster.yaml acts on nothing; it only goes on
+        // publishing its inventory, now as having seen the commit that removed it, so
+        // that creates waiting for it go ahead.
+        shared.local().reconciled_commit = Some(left);
+        shared.wake_publish.notify_one();
+        return Ok(false);
+    }
     let me = shared.me().to_string();
     let listed_at = message::now();
     let local = list_local(shared)
         .await
         .map_err(|e| format!("listing this host's VMs: {e}"))?;
     let answered = refresh_inventories(shared, snap).await;
+    let (departed, forgotten) = {
+        let d = shared.departed.lock().unwrap_or_else(|p| p.into_inner());
+        (d.hosts().clone(), d.forgotten().clone())
+    };
     let mut inventories = shared
         .inventories
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
+    // A host that left cluster.yaml counts with its last inventory, read now or kept on
+    // disk; one declared gone does not count at all.
+    inventories.retain(|h, _| snap.cluster.hosts.contains_key(h) || departed.contains_key(h));
+    for (h, d) in &departed {
+        if let (false, Some(inv)) = (inventories.contains_key(h), &d.inventory) {
+            inventories.insert(h.clone(), inv.clone());
+        }
+    }
     // This host's own listing counts as its freshest inventory (intents placed here
     // close on it).
     inventories.insert(
@@ -899,7 +1097,7 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
         vms: local.clone(),
     }];
     for (name, inv) in &inventories {
-        if name != &me && snap.cluster.hosts.contains_key(name) {
+        if name != &me {
             actual.push(HostActual {
                 host: name.clone(),
                 vms: inv.vms.clone(),
@@ -965,8 +1163,33 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
         shared.cfg.worker.create_deadline.0.as_secs(),
     ));
     let plan = planner::plan(snap, &actual, &planned_in_flight, &PlanOptions::default());
-    let behind = decide::on_other_commits(&inventories, &answered, snap.commit.as_deref(), now);
-    let emits = decide::select(&plan, &me, unseen.is_empty() && behind.is_empty());
+    // Safety rules 2 and 9: a create waits for every host that may still send it under
+    // another commit, answering or not, until it is on this commit or declared gone.
+    let commits: BTreeMap<String, Option<String>> = inventories
+        .iter()
+        .map(|(h, inv)| (h.clone(), inv.commit.clone()))
+        .collect();
+    let owners = owners_at(shared, commits.values().flatten()).await;
+    let mut waiting: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for a in plan.actions() {
+        if let Action::Create { owner, vm, .. } = a {
+            if owner != &me {
+                continue;
+            }
+            let hosts = decide::waits_for(
+                vm,
+                &me,
+                snap.commit.as_deref(),
+                &commits,
+                &owners,
+                &forgotten,
+            );
+            if !hosts.is_empty() {
+                waiting.insert(vm.clone(), hosts);
+            }
+        }
+    }
+    let emits = decide::select(&plan, &me, unseen.is_empty(), &waiting);
     let waiting_creates = plan
         .actions()
         .filter(|a| matches!(a, Action::Create { owner, .. } if owner == &me))
@@ -974,9 +1197,22 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
     if !unseen.is_empty() && waiting_creates > 0 {
         tracing::info!(hosts = ?unseen, creates = waiting_creates, "creates wait until every host's inventory is known");
     }
-    if !behind.is_empty() && waiting_creates > 0 {
-        tracing::debug!(hosts = ?behind, creates = waiting_creates, "creates wait until these hosts reconcile this commit");
+    if !waiting.is_empty() {
+        tracing::debug!(
+            ?waiting,
+            "creates wait until these hosts reconcile this commit"
+        );
     }
+    // Soon again only while a host it waits for answers (it is about to catch up); a
+    // silent one is waited for at the ordinary pace.
+    let catching_up = waiting.values().flatten().any(|h| answered.contains(h));
+    shared.local().waiting = waiting
+        .iter()
+        .map(|(vm, hosts)| message::WaitingCreate {
+            vm: vm.clone(),
+            for_hosts: hosts.clone(),
+        })
+        .collect();
     let commit = snap.commit.clone().unwrap_or_default();
     let origin = Origin {
         commit: commit.clone(),
@@ -1056,7 +1292,7 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
         .reconciled_commit = snap.commit.clone();
     tracing::debug!(took = ?started.elapsed(), "reconciled");
     shared.wake_publish.notify_one();
-    Ok(!unseen.is_empty() || (!behind.is_empty() && waiting_creates > 0))
+    Ok(!unseen.is_empty() || catching_up)
 }
 
 /// First hops that could not be reached in this pass: how many creates were not sent
@@ -1332,6 +1568,14 @@ async fn inbox_loop(shared: Arc<Shared>) {
                     client.delete(job.id).await
                 }
                 Ok(Envelope {
+                    body: Message::Forget(f),
+                    from,
+                    ..
+                }) => {
+                    on_forget(&shared, &f, &from);
+                    client.delete(job.id).await
+                }
+                Ok(Envelope {
                     body: Message::Trigger(t),
                     from,
                     ..
@@ -1374,6 +1618,53 @@ async fn inbox_loop(shared: Arc<Shared>) {
             }
         }
     }
+}
+
+/// An operator declared a host gone for good: its last inventory no longer holds VMs
+/// back, and no create waits for it any more (safety rule 9). Logged as a warning: it
+/// lets VMs that host may still run be created elsewhere.
+fn on_forget(shared: &Shared, f: &message::Forget, from: &str) {
+    let res = shared
+        .departed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .forget(&f.host);
+    // A host still in cluster.yaml keeps counting with its last inventory (its VMs are
+    // not created elsewhere while it is listed); only the waits for it end.
+    let listed = shared
+        .snapshot()
+        .is_some_and(|s| s.cluster.hosts.contains_key(&f.host));
+    if !listed {
+        shared
+            .inventories
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&f.host);
+    }
+    match res {
+        Ok(_) => {
+            tracing::warn!(host = %f.host, by = %f.by, "host declared gone for good");
+            shared.event(
+                "forget",
+                None,
+                None,
+                None,
+                format!(
+                    "host `{}` declared gone for good by {} (sent from {from}): the VMs its last inventory showed may be created elsewhere, and no create waits for it until it answers again",
+                    f.host, f.by
+                ),
+            );
+        }
+        Err(e) => shared.event(
+            "error",
+            None,
+            None,
+            None,
+            format!("cannot record that host `{}` is gone: {e}", f.host),
+        ),
+    }
+    // Recorded: the creates it held back go out on the next pass.
+    shared.wake_reconcile.notify_one();
 }
 
 fn outcome_name(o: &Outcome) -> &'static str {
@@ -1519,6 +1810,8 @@ fn inventory(shared: &Shared, snap: &Snapshot, vms: Vec<ActualVm>, listed_at: u6
         vms,
         in_flight,
         failures: local.failures.iter().cloned().collect(),
+        waiting: local.waiting.clone(),
+        left_cluster: local.left_cluster.clone(),
         agent: shared.lease.info().map(|mut a| {
             a.conflicts = shared
                 .identities

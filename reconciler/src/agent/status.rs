@@ -41,6 +41,10 @@ pub struct HostStatus {
     /// The host identity its inventory shows (safety rule 8).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// True for a host that left cluster.yaml: its VMs are held there (safety rule 9)
+    /// until it shows them gone or `flotilla host forget` says it is gone for good.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub left_cluster: bool,
 }
 
 /// A host name seen under two identities: two agents claim it, and no create goes to or
@@ -70,6 +74,10 @@ pub struct VmStatus {
     pub spec_hash: Option<String>,
     /// Whether its build finished.
     pub complete: bool,
+    /// True when it is on a host that left cluster.yaml: not created elsewhere while
+    /// that host holds it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub held_by_removed_host: bool,
 }
 
 /// The whole cluster.
@@ -87,6 +95,9 @@ pub struct ClusterStatus {
     pub vms: Vec<VmStatus>,
     /// Creates in flight, by owner.
     pub in_flight: Vec<(String, InFlightCreate)>,
+    /// Creates that wait for hosts on another commit (or silent ones), by owner.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub waiting: Vec<(String, crate::message::WaitingCreate)>,
     /// Recent failures, by the owner that heard of them.
     pub failures: Vec<(String, RecentFailure)>,
     /// Host names seen under two identities.
@@ -112,12 +123,16 @@ impl ClusterStatus {
     /// `since`, and no create is under way (failed ones waiting to retry are reported by
     /// [`ClusterStatus::retrying`], not waited for).
     pub fn converged(&self, commit: &str, since: u64, inventories: &[Inventory]) -> bool {
-        self.hosts.iter().all(|h| h.reachable)
+        self.hosts
+            .iter()
+            .filter(|h| !h.left_cluster)
+            .all(|h| h.reachable)
             && inventories.len() == self.hosts.len()
             && inventories
                 .iter()
                 .all(|i| i.applied_commit.as_deref() == Some(commit) && i.listed_at >= since)
             && self.in_flight.iter().all(|(_, f)| f.retry_at.is_some())
+            && self.waiting.is_empty()
     }
 
     /// Creates that failed (unplaceable, say) and wait to be sent again, by owner.
@@ -144,12 +159,15 @@ pub async fn gather(hosts: &HostsFile, verify: Verify<'_>) -> (ClusterStatus, Ve
         hosts: Vec::new(),
         vms: Vec::new(),
         in_flight: Vec::new(),
+        waiting: Vec::new(),
         failures: Vec::new(),
         identity_conflicts: Vec::new(),
         unverified,
     };
     let mut invs = Vec::new();
-    for (name, addr) in &hosts.hosts {
+    let listed = hosts.hosts.iter().map(|(n, a)| (n, a, false));
+    let departed = hosts.departed.iter().map(|(n, a)| (n, a, true));
+    for (name, addr, left_cluster) in listed.chain(departed) {
         let r =
             tokio::time::timeout(Duration::from_secs(3), peers.inventory(addr, name, keys)).await;
         let mut h = HostStatus {
@@ -164,6 +182,7 @@ pub async fn gather(hosts: &HostsFile, verify: Verify<'_>) -> (ClusterStatus, Ve
             limits: None,
             overload: None,
             identity: None,
+            left_cluster,
         };
         match r {
             Ok(Ok((Some(inv), _))) => {
@@ -183,13 +202,18 @@ pub async fn gather(hosts: &HostsFile, verify: Verify<'_>) -> (ClusterStatus, Ve
                         managed: vm.is_managed_by(&hosts.cluster),
                         spec_hash: vm.marker.as_ref().map(|m| m.spec_hash.clone()),
                         complete: vm.marker.as_ref().is_some_and(|m| m.complete),
+                        held_by_removed_host: left_cluster,
                     });
                 }
+                out.waiting
+                    .extend(inv.waiting.iter().map(|w| (name.clone(), w.clone())));
                 out.in_flight
                     .extend(inv.in_flight.iter().map(|f| (name.clone(), f.clone())));
                 out.failures
                     .extend(inv.failures.iter().map(|f| (name.clone(), f.clone())));
-                invs.push(inv);
+                if !left_cluster {
+                    invs.push(inv);
+                }
             }
             Ok(Ok((None, _))) => {
                 h.reachable = true;
@@ -266,7 +290,7 @@ pub fn render_text(s: &ClusterStatus) -> String {
         };
         let _ = writeln!(
             o,
-            "  {:<10} {:<21} applied {:<10}  {}  {}{}",
+            "  {:<10} {:<21} applied {:<10}  {}  {}{}{}",
             h.host,
             h.beanstalkd,
             short(h.applied_commit.as_deref()),
@@ -275,7 +299,12 @@ pub fn render_text(s: &ClusterStatus) -> String {
             h.overload
                 .as_ref()
                 .map(|x| format!("  OVERLOADED: {x}"))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            if h.left_cluster {
+                "  LEFT cluster.yaml: its VMs are held there until it shows them gone or `flotilla host forget`"
+            } else {
+                ""
+            }
         );
     }
     if !s.identity_conflicts.is_empty() {
@@ -307,8 +336,24 @@ pub fn render_text(s: &ClusterStatus) -> String {
             v.vm,
             v.host,
             format!("{:?}", v.state).to_lowercase(),
-            if v.complete { "" } else { "  half-made" }
+            match (v.complete, v.held_by_removed_host) {
+                (_, true) => "  held by a host that left cluster.yaml",
+                (false, false) => "  half-made",
+                (true, false) => "",
+            }
         );
+    }
+    if !s.waiting.is_empty() {
+        let _ = writeln!(o, "\nCREATES WAITING FOR OTHER HOSTS");
+        for (owner, w) in &s.waiting {
+            let _ = writeln!(
+                o,
+                "  create {:<24} owner {:<10} waits for {} (on another commit under which it owns the VM, or silent; `flotilla host forget` if gone for good)",
+                w.vm,
+                owner,
+                w.for_hosts.join(", ")
+            );
+        }
     }
     if !s.in_flight.is_empty() {
         let _ = writeln!(o, "\nIN FLIGHT");
@@ -418,6 +463,7 @@ mod tests {
             hosts: vec![],
             vms: vec![],
             in_flight: vec![],
+            waiting: vec![],
             failures: vec![],
             identity_conflicts: found,
             unverified: None,

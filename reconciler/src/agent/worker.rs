@@ -280,6 +280,28 @@ async fn run(
             None,
         );
     }
+    if let Some(left) = shared.left_cluster() {
+        // Safety rule 9: a host that left cluster.yaml builds, changes and destroys
+        // nothing; the owner hears so and plans the create for a host that is listed.
+        let reason = format!(
+            "{} left cluster.yaml at {left}; it acts on nothing",
+            shared.me()
+        );
+        let r = origin_of(&env.body).map(|o| {
+            let vm = env.body.vm().unwrap_or_default().to_string();
+            let r = result(
+                &env,
+                &vm,
+                shared.me(),
+                &o.commit,
+                Outcome::Refused {
+                    reason: reason.clone(),
+                },
+            );
+            (o, r)
+        });
+        return End::Delete(r);
+    }
     let attempts = attempts.max(1);
     let ttr = snap.cluster.policies.ttr;
     let every = (ttr / 2).max(Duration::from_millis(500));

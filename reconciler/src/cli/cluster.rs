@@ -324,3 +324,94 @@ pub fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `flotilla host …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum HostCommand {
+    /// Declare a host gone for good, after it was removed from cluster.yaml or when it
+    /// will never answer again: the VMs its last inventory showed may then be created
+    /// elsewhere, and creates no longer wait for it. Every other host is told (a signed
+    /// message) and logs it. If the host still runs its VMs, they will exist twice: stop
+    /// or destroy them there first.
+    ///
+    /// Exit 0 when every other host got it, 1 otherwise.
+    Forget(ForgetArgs),
+}
+
+/// Arguments of `host forget`.
+#[derive(Debug, clap::Args)]
+pub struct ForgetArgs {
+    /// The host.
+    host: String,
+    #[command(flatten)]
+    agent: AgentArgs,
+    /// Time limit per host.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_dur)]
+    timeout: Dur,
+}
+
+pub fn host_forget(args: ForgetArgs) -> anyhow::Result<ExitCode> {
+    let hosts = args.agent.hosts()?;
+    let known = hosts.hosts.contains_key(&args.host) || hosts.departed.contains_key(&args.host);
+    if !known {
+        anyhow::bail!(
+            "host `{}` is neither in cluster.yaml nor among the hosts that left it (known: {})",
+            args.host,
+            hosts
+                .hosts
+                .keys()
+                .chain(hosts.departed.keys())
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let keys = flotilla::auth::Keys::load(&AgentConfig::load(&args.agent.config)?.key_file)?;
+    let by = format!(
+        "{}@{}",
+        std::env::var("USER").unwrap_or_else(|_| "?".into()),
+        hostname()
+    );
+    let to: Vec<(String, String)> = hosts
+        .hosts
+        .iter()
+        .chain(hosts.departed.iter())
+        .filter(|(h, _)| **h != args.host)
+        .map(|(h, a)| (h.clone(), a.clone()))
+        .collect();
+    let failed = runtime()?.block_on(async {
+        let peers = flotilla::agent::peers::Peers::new();
+        let mut failed = Vec::new();
+        for (host, addr) in &to {
+            let mut env = Envelope::new(
+                &hosts.cluster,
+                &hostname(),
+                host,
+                Message::Forget(message::Forget {
+                    host: args.host.clone(),
+                    by: by.clone(),
+                }),
+            );
+            keys.seal(&mut env);
+            let params = beanstalk::PutParams {
+                pri: 0,
+                delay: 0,
+                ttr: 10,
+            };
+            let put = peers.put(addr, tubes::CONTROL, &env, params);
+            match tokio::time::timeout(args.timeout.0, put).await {
+                Ok(Ok(_)) => println!("{host}: told that {} is gone", args.host),
+                Ok(Err(e)) => failed.push(format!("{host} ({addr}): {e}")),
+                Err(_) => failed.push(format!(
+                    "{host} ({addr}): no answer within {:?}",
+                    args.timeout.0
+                )),
+            }
+        }
+        failed
+    });
+    for f in &failed {
+        eprintln!("flotilla: not told: {f}; run the command again once it answers");
+    }
+    Ok(ExitCode::from(if failed.is_empty() { 0 } else { 1 }))
+}

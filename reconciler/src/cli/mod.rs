@@ -50,6 +50,9 @@ enum Command {
     ///
     /// Exit 0 when every host got it, 1 otherwise.
     Trigger(cluster::TriggerArgs),
+    /// Hosts as the cluster's agents know them.
+    #[command(subcommand)]
+    Host(cluster::HostCommand),
     /// Run this host's agent: source, reconciler, worker, inbox, inventory. Exit 0 on
     /// SIGTERM, 78 on a bad configuration.
     Agent(agent::Args),
@@ -93,6 +96,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => cluster::status(args),
         Command::Events(args) => cluster::events(args),
         Command::Trigger(args) => cluster::trigger(args),
+        Command::Host(cluster::HostCommand::Forget(args)) => cluster::host_forget(args),
         Command::Agent(args) => agent::run(args),
         Command::Demo(args) => demo::run(args),
     };

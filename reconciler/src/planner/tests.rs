@@ -901,3 +901,29 @@ proptest! {
         }
     }
 }
+
+/// Issue 11, hole 1: a desired VM on a host that left cluster.yaml (its last inventory
+/// is known) exists: it is not created elsewhere, and the plan says who holds it.
+#[test]
+fn a_vm_on_a_host_that_left_the_cluster_is_held_not_created() {
+    let snap = snapshot(&s(&["name: web1\nprofile: CS0\n"]), 0.5);
+    let vm = built(&snap.vms["web1"]);
+    let p = plan(
+        &snap,
+        &[HostActual {
+            host: "host9".into(),
+            vms: vec![vm],
+        }],
+        &[],
+        &PlanOptions::default(),
+    );
+    assert!(p.actions().next().is_none(), "{p:#?}");
+    assert_eq!(
+        blocked(&p),
+        [(
+            "host9".into(),
+            "web1".into(),
+            BlockReason::HeldByRemovedHost
+        )]
+    );
+}
