@@ -20,7 +20,7 @@ use crate::actual::{ActualVm, Marker, RunState};
 use crate::backend::{Backend, BackendError, CreateSpec};
 use crate::capacity::Usage;
 use crate::message::{
-    self, tubes, CreateJob, Envelope, JobResult, Message, Outcome, UpdateJob, VmJob,
+    self, tubes, CreateJob, Envelope, JobResult, Message, Outcome, UpdateJob,
 };
 use crate::placement::{self, Decision, HostView};
 use crate::planner::config_changes;
@@ -824,6 +824,26 @@ fn op(shared: &Shared, env: &Envelope) -> End {
             reason: format!("{vm} is protected (its marker says so); clear protect first"),
         });
     }
+    // Just before it runs (issue 14): the op means this very build of the VM, and the
+    // newest desired state still asks for it; else it is dropped, and the next pass
+    // plans from the newest state.
+    let Some(snap) = shared.snapshot() else {
+        return End::Release(Duration::from_secs(1), "no desired state read yet".into());
+    };
+    if let Err(why) = super::recheck::recheck(&env.body, &marker, &snap) {
+        shared.count(&format!(
+            "flotilla_jobs_total{{kind=\"{}\",outcome=\"dropped\"}}",
+            env.body.kind()
+        ));
+        shared.event(
+            "dropped",
+            Some(vm),
+            Some(&env.id),
+            Some(&origin.commit),
+            format!("{} {vm} dropped: {why}", env.body.kind()),
+        );
+        return done(Outcome::Dropped { reason: why });
+    }
     let r: Result<(), BackendError> = (|| match &env.body {
         Message::Destroy(_) => {
             if found.state != RunState::Stopped {
@@ -899,15 +919,6 @@ fn update(
         backend.start(&u.vm)?;
     }
     Ok(())
-}
-
-/// A job body for an op on `vm`.
-pub(super) fn vm_job(vm: &str, host: &str, origin: Origin) -> VmJob {
-    VmJob {
-        vm: vm.to_string(),
-        host: host.to_string(),
-        origin,
-    }
 }
 
 /// Parameters of a put of a job.
