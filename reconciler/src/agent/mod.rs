@@ -116,6 +116,9 @@ pub enum StartError {
 struct Admission {
     reserved: Usage,
     building: BTreeSet<String>,
+    /// VMs an op (destroy, start, stop, update) is running on: one at a time per VM
+    /// (safety rule 10), whatever reached the queue.
+    operating: BTreeSet<String>,
     /// What the guests claim, between listings.
     usage: usage::UsageView,
 }

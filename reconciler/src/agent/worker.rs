@@ -305,11 +305,26 @@ async fn run(
             }
         }
         Message::Destroy(_) | Message::Start(_) | Message::Stop(_) | Message::Update(_) => {
-            touching(client, id, every, move || op(&shared2, &env2))
+            // Safety rule 10 here too: whatever reached the queue (a copy kept over an
+            // agent restart, say), two ops never run on one VM at once. vm-bhyve's own
+            // start is check-then-lock: two at once kill the first guest.
+            let vm = env.body.vm().unwrap_or_default().to_string();
+            {
+                let mut adm = shared.admission();
+                if adm.building.contains(&vm) || !adm.operating.insert(vm.clone()) {
+                    return End::Release(
+                        Duration::from_secs(1),
+                        format!("{vm} is being built or changed by another slot"),
+                    );
+                }
+            }
+            let end = touching(client, id, every, move || op(&shared2, &env2))
                 .await
                 .unwrap_or_else(|| {
                     End::Release(Duration::from_secs(1), "worker thread failed".into())
-                })
+                });
+            shared.admission().operating.remove(&vm);
+            end
         }
         other => End::Bury(format!("a `{}` message is not a job", other.kind()), None),
     };
@@ -440,10 +455,10 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
     let mut resume = false;
     {
         let mut adm = shared.admission();
-        if adm.building.contains(&job.vm) {
+        if adm.building.contains(&job.vm) || adm.operating.contains(&job.vm) {
             return ended(End::Release(
                 Duration::from_secs(2),
-                format!("{} is being built by another slot", job.vm),
+                format!("{} is being built or changed by another slot", job.vm),
             ));
         }
         // The name check reads the guest's own files: exact, whatever the usage view says.
@@ -844,6 +859,7 @@ fn op(shared: &Shared, env: &Envelope) -> End {
         );
         return done(Outcome::Dropped { reason: why });
     }
+    let running = matches!(found.state, RunState::Running | RunState::Bootloader);
     let r: Result<(), BackendError> = (|| match &env.body {
         Message::Destroy(_) => {
             if found.state != RunState::Stopped {
@@ -853,6 +869,11 @@ fn op(shared: &Shared, env: &Envelope) -> End {
         }
         Message::Start(_) => {
             backend.set_autostart(vm, true)?;
+            // Started already (by an earlier copy of this op, say): a second `vm start`
+            // could kill the guest.
+            if running {
+                return Ok(());
+            }
             backend.start(vm)
         }
         Message::Stop(_) => {
