@@ -78,10 +78,8 @@ fn a_revert_drops_the_destroys_still_queued() {
 
     // Nothing is taken from the ops tube until it is unpaused.
     on_beanstalkd(&c, 0, async |b| b.pause_tube(tubes::OPS, 3600).await);
-    let deleted: Vec<(&str, Option<&str>)> = files[..6]
-        .iter()
-        .map(|(p, _)| (p.as_str(), None))
-        .collect();
+    let deleted: Vec<(&str, Option<&str>)> =
+        files[..6].iter().map(|(p, _)| (p.as_str(), None)).collect();
     c.commit(&deleted, "six VM files deleted by mistake");
     c.wait_until("six destroys queued", CONVERGE, |c| {
         c.tube_stats(0, tubes::OPS)

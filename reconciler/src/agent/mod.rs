@@ -1298,8 +1298,7 @@ async fn emit_op(
                     ops.remove(&vm);
                 } else if let Some(o) = ops.get_mut(&vm) {
                     // It may be on the queue: held like a failed op, until its retry time.
-                    o.retry_at =
-                        Some(message::now() + shared.cfg.worker.retry_failed.0.as_secs());
+                    o.retry_at = Some(message::now() + shared.cfg.worker.retry_failed.0.as_secs());
                 }
             }
             drop(ops);

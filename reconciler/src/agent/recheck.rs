@@ -42,9 +42,9 @@ pub fn recheck(op: &Message, marker: &Marker, snap: &Snapshot) -> Result<(), Str
         // A replace destroys the VM to build it again from the spec it was planned from.
         Message::Destroy(j) => match spec {
             None => Err(not_desired()),
-            Some(s) if s.replace != ReplacePolicy::Allow => Err(format!(
-                "{vm} does not allow a replace at {at} any more"
-            )),
+            Some(s) if s.replace != ReplacePolicy::Allow => {
+                Err(format!("{vm} does not allow a replace at {at} any more"))
+            }
             Some(s) if j.spec_hash.as_deref() != Some(s.spec_hash.as_str()) => Err(format!(
                 "the spec of {vm} changed at {at} since the replace was planned"
             )),

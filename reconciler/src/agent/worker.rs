@@ -19,9 +19,7 @@ use beanstalk::{Client, Job, PutParams};
 use crate::actual::{ActualVm, Marker, RunState};
 use crate::backend::{Backend, BackendError, CreateSpec};
 use crate::capacity::Usage;
-use crate::message::{
-    self, tubes, CreateJob, Envelope, JobResult, Message, Outcome, UpdateJob,
-};
+use crate::message::{self, tubes, CreateJob, Envelope, JobResult, Message, Outcome, UpdateJob};
 use crate::placement::{self, Decision, HostView};
 use crate::planner::config_changes;
 use crate::size::Size;
