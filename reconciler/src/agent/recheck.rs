@@ -40,9 +40,11 @@ pub fn recheck(op: &Message, marker: &Marker, snap: &Snapshot) -> Result<(), Str
             None => Ok(()),
         },
         // A replace destroys the VM to build it again from the spec it was planned from.
+        // A half-made VM is rebuilt where it belongs whatever `replace` says (as the
+        // planner does): nothing in it is worth keeping.
         Message::Destroy(j) => match spec {
             None => Err(not_desired()),
-            Some(s) if s.replace != ReplacePolicy::Allow => {
+            Some(s) if s.replace != ReplacePolicy::Allow && marker.complete => {
                 Err(format!("{vm} does not allow a replace at {at} any more"))
             }
             Some(s) if j.spec_hash.as_deref() != Some(s.spec_hash.as_str()) => Err(format!(
@@ -204,6 +206,11 @@ mod tests {
             ..job("db2", "j1")
         });
         assert!(recheck(&denied, &marker("j1"), &s).is_err());
+        let half_made = Marker {
+            complete: false,
+            ..marker("j1")
+        };
+        assert_eq!(recheck(&denied, &half_made, &s), Ok(()));
         assert_eq!(
             recheck(&Message::Start(job("db1", "j1")), &marker("j1"), &s),
             Err("db1 is desired stopped at c2".into())
