@@ -250,6 +250,10 @@ pub struct Refusal {
 }
 
 /// Destroy, start or stop one VM.
+///
+/// An op names the VM it means, not only its name: the worker drops it, just before it
+/// runs, when the VM's marker or the newest desired state no longer asks for it (a VM
+/// built again since by another job, a destroyed VM desired again).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmJob {
@@ -257,6 +261,16 @@ pub struct VmJob {
     pub vm: String,
     /// The host that holds it (the worker refuses a job meant for another host).
     pub host: String,
+    /// The job id in the VM's marker when the op was planned: a VM built by another job
+    /// is not the one it means.
+    pub expect_job: String,
+    /// The desired spec hash the op was planned from; absent when the VM was not desired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec_hash: Option<String>,
+    /// Set on the destroy of a replace: the VM is desired, and is destroyed to be built
+    /// again from that spec.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replace: bool,
     /// Who asked.
     pub origin: Origin,
 }
@@ -269,6 +283,9 @@ pub struct UpdateJob {
     pub vm: String,
     /// The host that holds it.
     pub host: String,
+    /// The job id in the VM's marker when the update was planned (see
+    /// [`VmJob::expect_job`]).
+    pub expect_job: String,
     /// Config keys to set.
     #[serde(default)]
     pub set: BTreeMap<String, String>,
@@ -284,7 +301,8 @@ pub struct UpdateJob {
     /// The new `protect` flag for the marker, when it changes.
     #[serde(default)]
     pub protect: Option<bool>,
-    /// The new spec hash, recorded in the marker once done.
+    /// The new spec hash, recorded in the marker once done; the update is dropped when
+    /// the newest desired spec has another.
     pub spec_hash: String,
     /// Who asked.
     pub origin: Origin,
@@ -310,6 +328,12 @@ pub enum Outcome {
     },
     /// Not acted on (an unmanaged VM, a protected VM, a job for another host…).
     Refused {
+        /// Why.
+        reason: String,
+    },
+    /// Not run, and not a failure: just before it ran, the VM's marker or the newest
+    /// desired state no longer asked for it (see [`VmJob`]).
+    Dropped {
         /// Why.
         reason: String,
     },
@@ -584,6 +608,9 @@ mod tests {
         let job = VmJob {
             vm: "web01".into(),
             host: "host2".into(),
+            expect_job: "4f1c7a52".into(),
+            spec_hash: Some("ab12".into()),
+            replace: true,
             origin: origin(),
         };
         let bodies = vec![
@@ -594,6 +621,7 @@ mod tests {
             Message::Update(UpdateJob {
                 vm: "web01".into(),
                 host: "host2".into(),
+                expect_job: "4f1c7a52".into(),
                 set: BTreeMap::from([("memory".into(), "1G".into())]),
                 unset: vec!["graphics".into()],
                 grow_disk: Some(Size::gib(40)),

@@ -22,6 +22,9 @@
 //!   [`PlanOptions::allow_prune`]. Refused destroys are reported as blocked.
 //! - A VM whose marker says `complete: false` is a half-made create: desired, it gets a
 //!   create again (which finishes or cleans it up); not desired, it is destroyed.
+//! - A VM with any job in flight, of whatever kind, gets no action (safety rule 10), and
+//!   no VM gets more than one action in a plan: what is left is planned once the job in
+//!   flight has ended.
 //!
 //! The planner trusts the caller to pass every host's actual state. A cluster host with
 //! no actual state is named in [`Plan::warnings`]: VMs it holds are unseen, so creates
@@ -55,8 +58,8 @@ pub enum Kind {
     Destroy,
 }
 
-/// A job already on its way; the planner does not plan the same again. The caller drops
-/// intents whose deadline has passed before calling [`plan`].
+/// A job already on its way; the planner plans nothing else for its VM until it has
+/// ended. The caller drops intents whose deadline has passed before calling [`plan`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InFlight {
     /// The VM.
@@ -521,11 +524,9 @@ pub fn plan(
     let mut warnings = Vec::new();
     let mut pending: Vec<InFlight> = Vec::new();
 
-    let flying = |vm: &str, kinds: &[Kind]| {
-        in_flight
-            .iter()
-            .find(|f| f.vm == vm && kinds.contains(&f.kind))
-    };
+    // Safety rule 10: one job in flight per VM, whatever its kind, so the lookup is by
+    // VM alone.
+    let flying = |vm: &str| busy(in_flight, vm);
 
     // Index the actual state by VM name. Several entries for one name mean duplicates
     // or name clashes; hosts are visited in name order so the index is deterministic.
@@ -581,7 +582,7 @@ pub fn plan(
                             spec.name
                         ),
                     );
-                } else if let Some(f) = flying(&spec.name, &[Kind::Create, Kind::Replace]) {
+                } else if let Some(f) = flying(&spec.name) {
                     pending.push(f.clone());
                 } else {
                     b.act(Action::Create {
@@ -648,7 +649,7 @@ pub fn plan(
                     BlockReason::Protected,
                     "not desired any more, but protected (recorded in its marker); clear protect first".to_string(),
                 );
-            } else if let Some(f) = flying(&vm.name, &[Kind::Destroy]) {
+            } else if let Some(f) = flying(&vm.name) {
                 pending.push(f.clone());
             } else {
                 destroys.push(vm);
@@ -706,7 +707,16 @@ pub fn plan(
     }
 }
 
-/// Plans for a desired VM that exists, managed, on `host`.
+/// The job in flight for `vm`, of whatever kind: the first in sorted order, so the plan
+/// does not depend on the order of `in_flight`.
+fn busy<'a>(in_flight: &'a [InFlight], vm: &str) -> Option<&'a InFlight> {
+    in_flight
+        .iter()
+        .filter(|f| f.vm == vm)
+        .min_by(|x, y| x.kind.cmp(&y.kind).then(x.host.cmp(&y.host)))
+}
+
+/// Plans for a desired VM that exists, managed, on `host`: at most one action.
 fn plan_existing(
     b: &mut Builder,
     pending: &mut Vec<InFlight>,
@@ -716,11 +726,10 @@ fn plan_existing(
     vm: &ActualVm,
     owner: String,
 ) {
-    let flying = |kind: Kind| {
-        in_flight
-            .iter()
-            .find(|f| f.vm == spec.name && f.kind == kind)
-    };
+    if let Some(f) = busy(in_flight, &spec.name) {
+        pending.push(f.clone());
+        return;
+    }
     let marker = vm.marker.as_ref();
     if marker.is_some_and(|m| !m.complete) {
         let action = match spec.host.as_deref() {
@@ -753,14 +762,7 @@ fn plan_existing(
                 spec: Box::new(spec.clone()),
             },
         };
-        match flying(Kind::Create).or_else(|| flying(Kind::Replace)) {
-            Some(f) => pending.push(f.clone()),
-            None => b.act(action),
-        }
-        return;
-    }
-    if let Some(f) = flying(Kind::Replace) {
-        pending.push(f.clone());
+        b.act(action);
         return;
     }
 
@@ -832,7 +834,8 @@ fn plan_existing(
         _ => None,
     };
     let wants_running = spec.state == DesiredState::Running;
-    if (!changes.is_empty() || protect.is_some()) && flying(Kind::Update).is_none() {
+    // One action at a time: the rest is planned once it is done (safety rule 10).
+    if !changes.is_empty() || protect.is_some() {
         b.act(Action::Update {
             host: host.to_string(),
             vm: spec.name.clone(),
@@ -842,23 +845,18 @@ fn plan_existing(
             spec_hash: spec.spec_hash.clone(),
             config: spec.config.clone(),
         });
-    } else if let Some(f) = flying(Kind::Update) {
-        pending.push(f.clone());
+        return;
     }
-    if let Some(d) = disk0 {
-        if d.size < spec.disk {
-            match flying(Kind::GrowDisk) {
-                Some(f) => pending.push(f.clone()),
-                None => b.act(Action::GrowDisk {
-                    host: host.to_string(),
-                    vm: spec.name.clone(),
-                    disk: d.name.clone(),
-                    from: d.size,
-                    to: spec.disk,
-                    restart: running && wants_running,
-                }),
-            }
-        }
+    if let Some(d) = disk0.filter(|d| d.size < spec.disk) {
+        b.act(Action::GrowDisk {
+            host: host.to_string(),
+            vm: spec.name.clone(),
+            disk: d.name.clone(),
+            from: d.size,
+            to: spec.disk,
+            restart: running && wants_running,
+        });
+        return;
     }
     if vm.state == RunState::Locked {
         b.block(
@@ -874,20 +872,17 @@ fn plan_existing(
         (false, true) => Kind::Stop,
         _ => return,
     };
-    match flying(kind) {
-        Some(f) => pending.push(f.clone()),
-        None => b.act(if kind == Kind::Start {
-            Action::Start {
-                host: host.to_string(),
-                vm: spec.name.clone(),
-            }
-        } else {
-            Action::Stop {
-                host: host.to_string(),
-                vm: spec.name.clone(),
-            }
-        }),
-    }
+    b.act(if kind == Kind::Start {
+        Action::Start {
+            host: host.to_string(),
+            vm: spec.name.clone(),
+        }
+    } else {
+        Action::Stop {
+            host: host.to_string(),
+            vm: spec.name.clone(),
+        }
+    });
 }
 
 #[cfg(test)]

@@ -447,6 +447,9 @@ fn forged_tampered_and_replayed_jobs_are_buried_and_nothing_is_done() {
             Message::Destroy(VmJob {
                 vm: vm.into(),
                 host: "host1".into(),
+                expect_job: "any".into(),
+                spec_hash: None,
+                replace: false,
                 origin: Origin {
                     commit: "0".into(),
                     owner: "host1".into(),

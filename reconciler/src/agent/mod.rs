@@ -26,6 +26,7 @@ pub mod identity;
 pub mod lease;
 pub mod metrics;
 pub mod peers;
+mod recheck;
 mod replay;
 pub mod status;
 pub mod usage;
@@ -47,7 +48,7 @@ use crate::desired::{self, Snapshot};
 use crate::intents::{Intent, IntentStatus, IntentStore};
 use crate::message::{
     self, tubes, Envelope, InFlightCreate, Inventory, JobResult, Message, Origin, Outcome,
-    RecentFailure, UpdateJob,
+    RecentFailure, UpdateJob, VmJob,
 };
 use crate::planner::{self, Action, InFlight, Kind, PlanOptions};
 use crate::source::{self, GitSource};
@@ -174,6 +175,9 @@ pub enum StartError {
 struct Admission {
     reserved: Usage,
     building: BTreeSet<String>,
+    /// VMs an op (destroy, start, stop, update) is running on: one at a time per VM
+    /// (safety rule 10), whatever reached the queue.
+    operating: BTreeSet<String>,
     /// What the guests claim, between listings.
     usage: usage::UsageView,
 }
@@ -1235,7 +1239,7 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
             Emit::Create(action) => {
                 emit_create(shared, snap, action, &origin, &inventories, &mut unsent).await
             }
-            Emit::Op(action) => emit_op(shared, snap, action, &origin).await,
+            Emit::Op(action) => emit_op(shared, snap, action, &origin, &local).await,
         }
     }
     // One line per unreachable first hop, not one per create.
@@ -1399,16 +1403,44 @@ async fn emit_create(
     }
 }
 
-async fn emit_op(shared: &Arc<Shared>, snap: &Snapshot, action: &Action, origin: &Origin) {
+/// Queues `action` on this host's ops tube, naming the VM it means by the job id in its
+/// marker (`local` is the listing the action was planned from), and records it in
+/// flight first: at most one op per VM is in flight on this host (safety rule 10).
+async fn emit_op(
+    shared: &Arc<Shared>,
+    snap: &Snapshot,
+    action: &Action,
+    origin: &Origin,
+    local: &[ActualVm],
+) {
     let me = shared.me().to_string();
     let vm = action.vm().to_string();
-    let job = |vm: &str| worker::vm_job(vm, &me, origin.clone());
+    let Some(expect_job) = local
+        .iter()
+        .find(|v| v.name == vm)
+        .and_then(|v| v.marker.as_ref())
+        .map(|m| m.job_id.clone())
+    else {
+        // The planner plans ops on managed VMs only, which have a marker.
+        tracing::warn!(%vm, "no marker to name the VM by; the op is not queued");
+        return;
+    };
+    let spec_hash = snap.vms.get(&vm).map(|s| s.spec_hash.clone());
+    let job = |replace| VmJob {
+        vm: vm.clone(),
+        host: me.clone(),
+        expect_job: expect_job.clone(),
+        spec_hash: spec_hash.clone(),
+        replace,
+        origin: origin.clone(),
+    };
     let (body, kind, pri) = match action {
-        Action::Destroy { .. } | Action::Replace { .. } => {
-            (Message::Destroy(job(&vm)), Kind::Destroy, 100)
-        }
-        Action::Start { .. } => (Message::Start(job(&vm)), Kind::Start, 500),
-        Action::Stop { .. } => (Message::Stop(job(&vm)), Kind::Stop, 500),
+        Action::Destroy { .. } => (Message::Destroy(job(false)), Kind::Destroy, 100),
+        // A replace is in flight as a replace: its destroy says so, and the planner holds
+        // the VM back until it has ended.
+        Action::Replace { .. } => (Message::Destroy(job(true)), Kind::Replace, 100),
+        Action::Start { .. } => (Message::Start(job(false)), Kind::Start, 500),
+        Action::Stop { .. } => (Message::Stop(job(false)), Kind::Stop, 500),
         Action::Update {
             changes,
             protect,
@@ -1419,6 +1451,7 @@ async fn emit_op(shared: &Arc<Shared>, snap: &Snapshot, action: &Action, origin:
             Message::Update(UpdateJob {
                 vm: vm.clone(),
                 host: me.clone(),
+                expect_job: expect_job.clone(),
                 set: changes
                     .iter()
                     .filter_map(|c| c.to.clone().map(|v| (c.key.clone(), v)))
@@ -1441,16 +1474,13 @@ async fn emit_op(shared: &Arc<Shared>, snap: &Snapshot, action: &Action, origin:
             Message::Update(UpdateJob {
                 vm: vm.clone(),
                 host: me.clone(),
+                expect_job: expect_job.clone(),
                 set: BTreeMap::new(),
                 unset: Vec::new(),
                 grow_disk: Some(*to),
                 restart: *restart,
                 protect: None,
-                spec_hash: snap
-                    .vms
-                    .get(&vm)
-                    .map(|s| s.spec_hash.clone())
-                    .unwrap_or_default(),
+                spec_hash: spec_hash.clone().unwrap_or_default(),
                 origin: origin.clone(),
             }),
             Kind::GrowDisk,
@@ -1462,20 +1492,29 @@ async fn emit_op(shared: &Arc<Shared>, snap: &Snapshot, action: &Action, origin:
         return;
     };
     let env = shared.sealed(Envelope::new(&snap.cluster.id, &me, &me, body));
+    // In flight before it is on the queue: its result can come before `put` returns, and
+    // must find it. One entry per VM, so a VM with an op in flight gets no second one.
+    {
+        let mut ops = shared.ops.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(o) = ops.get(&vm) {
+            tracing::warn!(%vm, kind = ?o.kind, job = %o.job_id, "an op is in flight already; no second one is queued");
+            return;
+        }
+        ops.insert(
+            vm.clone(),
+            OpInFlight {
+                kind,
+                job_id: env.id.clone(),
+                retry_at: None,
+            },
+        );
+    }
     match shared
         .peers
         .put(&addr, tubes::OPS, &env, shared.put_params(pri))
         .await
     {
         Ok(_) => {
-            shared.ops.lock().unwrap_or_else(|p| p.into_inner()).insert(
-                vm.clone(),
-                OpInFlight {
-                    kind,
-                    job_id: env.id.clone(),
-                    retry_at: None,
-                },
-            );
             shared.count(&format!(
                 "flotilla_emitted_total{{kind=\"{}\"}}",
                 env.body.kind()
@@ -1488,13 +1527,25 @@ async fn emit_op(shared: &Arc<Shared>, snap: &Snapshot, action: &Action, origin:
                 format!("{} {vm} queued", env.body.kind()),
             );
         }
-        Err(e) => shared.event(
-            "error",
-            Some(&vm),
-            None,
-            None,
-            format!("cannot queue {} {vm}: {e}", env.body.kind()),
-        ),
+        Err(e) => {
+            let mut ops = shared.ops.lock().unwrap_or_else(|p| p.into_inner());
+            if ops.get(&vm).is_some_and(|o| o.job_id == env.id) {
+                if e.nothing_sent() {
+                    ops.remove(&vm);
+                } else if let Some(o) = ops.get_mut(&vm) {
+                    // It may be on the queue: held like a failed op, until its retry time.
+                    o.retry_at = Some(message::now() + shared.cfg.worker.retry_failed.0.as_secs());
+                }
+            }
+            drop(ops);
+            shared.event(
+                "error",
+                Some(&vm),
+                None,
+                None,
+                format!("cannot queue {} {vm}: {e}", env.body.kind()),
+            )
+        }
     }
 }
 
@@ -1673,6 +1724,7 @@ fn outcome_name(o: &Outcome) -> &'static str {
         Outcome::Unplaceable { .. } => "unplaceable",
         Outcome::Failed { .. } => "failed",
         Outcome::Refused { .. } => "refused",
+        Outcome::Dropped { .. } => "dropped",
     }
 }
 
@@ -1683,6 +1735,7 @@ fn on_result(shared: &Arc<Shared>, r: JobResult) {
         Outcome::Unplaceable { reason } => format!("unplaceable: {reason}"),
         Outcome::Failed { reason, attempts } => format!("failed after {attempts} tries: {reason}"),
         Outcome::Refused { reason } => format!("refused: {reason}"),
+        Outcome::Dropped { reason } => format!("dropped: {reason}"),
     };
     shared.count(&format!(
         "flotilla_results_total{{kind=\"{}\",outcome=\"{}\"}}",
@@ -1696,7 +1749,8 @@ fn on_result(shared: &Arc<Shared>, r: JobResult) {
         Some(&r.commit),
         format!("{} {} on {}: {text}", r.job_kind, r.vm, r.host),
     );
-    if r.outcome != Outcome::Done {
+    // A dropped op is not a failure: the desired state moved on before it ran.
+    if !matches!(r.outcome, Outcome::Done | Outcome::Dropped { .. }) {
         let mut local = shared.local.lock().unwrap_or_else(|p| p.into_inner());
         local.failures.push_back(RecentFailure {
             vm: r.vm.clone(),
@@ -1724,7 +1778,7 @@ fn on_result(shared: &Arc<Shared>, r: JobResult) {
                             retry_at,
                         })
                     }
-                    Outcome::Refused { .. } => None,
+                    Outcome::Refused { .. } | Outcome::Dropped { .. } => None,
                 };
                 let res = match update {
                     Some(status) => {

@@ -19,9 +19,7 @@ use beanstalk::{Client, Job, PutParams};
 use crate::actual::{ActualVm, Marker, RunState};
 use crate::backend::{Backend, BackendError, CreateSpec};
 use crate::capacity::Usage;
-use crate::message::{
-    self, tubes, CreateJob, Envelope, JobResult, Message, Outcome, UpdateJob, VmJob,
-};
+use crate::message::{self, tubes, CreateJob, Envelope, JobResult, Message, Outcome, UpdateJob};
 use crate::placement::{self, Decision, HostView};
 use crate::planner::config_changes;
 use crate::size::Size;
@@ -327,11 +325,26 @@ async fn run(
             }
         }
         Message::Destroy(_) | Message::Start(_) | Message::Stop(_) | Message::Update(_) => {
-            touching(client, id, every, move || op(&shared2, &env2))
+            // Safety rule 10 here too: whatever reached the queue (a copy kept over an
+            // agent restart, say), two ops never run on one VM at once. vm-bhyve's own
+            // start is check-then-lock: two at once kill the first guest.
+            let vm = env.body.vm().unwrap_or_default().to_string();
+            {
+                let mut adm = shared.admission();
+                if adm.building.contains(&vm) || !adm.operating.insert(vm.clone()) {
+                    return End::Release(
+                        Duration::from_secs(1),
+                        format!("{vm} is being built or changed by another slot"),
+                    );
+                }
+            }
+            let end = touching(client, id, every, move || op(&shared2, &env2))
                 .await
                 .unwrap_or_else(|| {
                     End::Release(Duration::from_secs(1), "worker thread failed".into())
-                })
+                });
+            shared.admission().operating.remove(&vm);
+            end
         }
         other => End::Bury(format!("a `{}` message is not a job", other.kind()), None),
     };
@@ -462,10 +475,10 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
     let mut resume = false;
     {
         let mut adm = shared.admission();
-        if adm.building.contains(&job.vm) {
+        if adm.building.contains(&job.vm) || adm.operating.contains(&job.vm) {
             return ended(End::Release(
                 Duration::from_secs(2),
-                format!("{} is being built by another slot", job.vm),
+                format!("{} is being built or changed by another slot", job.vm),
             ));
         }
         // The name check reads the guest's own files: exact, whatever the usage view says.
@@ -846,6 +859,27 @@ fn op(shared: &Shared, env: &Envelope) -> End {
             reason: format!("{vm} is protected (its marker says so); clear protect first"),
         });
     }
+    // Just before it runs (issue 14): the op means this very build of the VM, and the
+    // newest desired state still asks for it; else it is dropped, and the next pass
+    // plans from the newest state.
+    let Some(snap) = shared.snapshot() else {
+        return End::Release(Duration::from_secs(1), "no desired state read yet".into());
+    };
+    if let Err(why) = super::recheck::recheck(&env.body, &marker, &snap) {
+        shared.count(&format!(
+            "flotilla_jobs_total{{kind=\"{}\",outcome=\"dropped\"}}",
+            env.body.kind()
+        ));
+        shared.event(
+            "dropped",
+            Some(vm),
+            Some(&env.id),
+            Some(&origin.commit),
+            format!("{} {vm} dropped: {why}", env.body.kind()),
+        );
+        return done(Outcome::Dropped { reason: why });
+    }
+    let running = matches!(found.state, RunState::Running | RunState::Bootloader);
     let r: Result<(), BackendError> = (|| match &env.body {
         Message::Destroy(_) => {
             if found.state != RunState::Stopped {
@@ -855,6 +889,11 @@ fn op(shared: &Shared, env: &Envelope) -> End {
         }
         Message::Start(_) => {
             backend.set_autostart(vm, true)?;
+            // Started already (by an earlier copy of this op, say): a second `vm start`
+            // could kill the guest.
+            if running {
+                return Ok(());
+            }
             backend.start(vm)
         }
         Message::Stop(_) => {
@@ -921,15 +960,6 @@ fn update(
         backend.start(&u.vm)?;
     }
     Ok(())
-}
-
-/// A job body for an op on `vm`.
-pub(super) fn vm_job(vm: &str, host: &str, origin: Origin) -> VmJob {
-    VmJob {
-        vm: vm.to_string(),
-        host: host.to_string(),
-        origin,
-    }
 }
 
 /// Parameters of a put of a job.

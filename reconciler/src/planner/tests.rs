@@ -927,3 +927,100 @@ fn a_vm_on_a_host_that_left_the_cluster_is_held_not_created() {
         )]
     );
 }
+
+fn arb_in_flight(n: usize) -> impl Strategy<Value = Vec<InFlight>> {
+    let kind = prop_oneof![
+        Just(Kind::Create),
+        Just(Kind::Update),
+        Just(Kind::GrowDisk),
+        Just(Kind::Replace),
+        Just(Kind::Start),
+        Just(Kind::Stop),
+        Just(Kind::Destroy),
+    ];
+    proptest::collection::vec(
+        (0..n, kind, proptest::option::of(0usize..3)).prop_map(|(vm, kind, host)| InFlight {
+            vm: format!("vm{vm}"),
+            kind,
+            host: host.map(|h| HOSTS[h].to_string()),
+        }),
+        0..6,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Guards issue 12, item 2 and issue 14, case 2 (safety rule 10): in-flight work
+    /// was tracked per action kind, so an update in flight let a start of the same VM
+    /// through (two `vm start` at once killed the guest), and a replace recorded as a
+    /// destroy was planned again on every pass. A VM with any operation in flight, of
+    /// whatever kind, gets no action at all, and no VM gets two actions on one host in
+    /// one plan.
+    #[test]
+    fn a_vm_with_an_operation_in_flight_gets_no_action_and_none_gets_two(
+        ((yaml, mask, seeds, share, overrides), flying) in arb_world()
+            .prop_flat_map(|w| { let n = w.0.len(); (Just(w), arb_in_flight(n)) }),
+    ) {
+        let (desired, actual) = world(&yaml, &mask, &seeds, share);
+        let opts = PlanOptions { allow_prune: overrides, allow_empty: overrides };
+        let p = plan(&desired, &actual, &flying, &opts);
+        let mut seen = std::collections::BTreeSet::new();
+        for a in p.actions() {
+            prop_assert!(
+                !flying.iter().any(|f| f.vm == a.vm()),
+                "{:?} of {} planned while {:?} is in flight", a.kind(), a.vm(), flying
+            );
+            // A VM left on two hosts is two VMs: each host destroys its own.
+            prop_assert!(seen.insert((a.host().to_string(), a.vm().to_string())), "two actions for {} on {}: {:#?}", a.vm(), a.host(), p);
+        }
+    }
+}
+
+/// Guards issue 14, case 2: a replace in flight (its destroy queued) was not seen by the
+/// planner, which looked for a replace while the agent had recorded a destroy, so every
+/// pass queued another destroy. A replace in flight holds back a second replace, and a
+/// destroy when the VM is not desired any more; an update in flight holds back a start
+/// (issue 12, item 2).
+#[test]
+fn any_operation_in_flight_holds_its_vm_back() {
+    let snap = snapshot(
+        &s(&[
+            "name: ci1\nprofile: CS2\nhost: host1\nreplace: allow\n",
+            "name: web1\nprofile: CS2\nhost: host1\ncpu: 4\n",
+        ]),
+        1.0,
+    );
+    let mut ci = built(&snap.vms["ci1"]);
+    ci.disks[0].size = Size::gib(500);
+    let mut web = built(&snap.vms["web1"]);
+    web.state = RunState::Stopped;
+    let mut gone = built(&snap.vms["web1"]);
+    gone.name = "old1".into();
+    let actual = vec![HostActual {
+        host: "host1".into(),
+        vms: vec![ci, gone, web],
+    }];
+    let free = plan(&snap, &actual, &[], &PlanOptions::default());
+    assert_eq!(
+        all(&free),
+        [
+            ("host1".into(), "ci1".into(), Kind::Replace),
+            ("host1".into(), "old1".into(), Kind::Destroy),
+            ("host1".into(), "web1".into(), Kind::Start),
+        ]
+    );
+    let flying = |vm: &str, kind| InFlight {
+        vm: vm.into(),
+        kind,
+        host: Some("host1".into()),
+    };
+    let in_flight = [
+        flying("ci1", Kind::Replace),
+        flying("old1", Kind::Replace),
+        flying("web1", Kind::Update),
+    ];
+    let p = plan(&snap, &actual, &in_flight, &PlanOptions::default());
+    assert_eq!(all(&p), [], "{p:#?}");
+    assert_eq!(p.pending, in_flight);
+}
