@@ -113,9 +113,9 @@ pub enum StartError {
 /// What the worker holds while it builds.
 #[derive(Debug, Default)]
 struct Admission {
-    reserved: Usage,
     building: BTreeSet<String>,
-    /// What the guests claim, between listings.
+    /// What the guests claim, between listings, and what builds and changes in progress
+    /// hold (each VM once).
     usage: usage::UsageView,
 }
 
@@ -1479,11 +1479,14 @@ fn inventory(shared: &Shared, snap: &Snapshot, vms: Vec<ActualVm>, listed_at: u6
         .get(shared.me())
         .map(|h| Limits::from(&h.limits))
         .unwrap_or_default();
+    // Beyond what the listing shows of the same VMs: `used + reserved` counts each VM
+    // once (issue 14, case 8).
     let reserved = shared
         .admission
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .reserved;
+        .usage
+        .reserved_beyond(&vms);
     let local = shared.local.lock().unwrap_or_else(|p| p.into_inner());
     let in_flight = shared
         .intents

@@ -436,7 +436,6 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
     let limits = crate::capacity::Limits::from(&host.limits);
     let cluster = snap.cluster.id.clone();
     let backend = shared.backend.clone();
-    let reserve;
     let mut resume = false;
     {
         let mut adm = shared.admission();
@@ -484,27 +483,19 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
                 }
             }
         }
-        let claims = match adm.usage.claims(Instant::now()) {
-            Some(c) => c,
-            None => {
-                // Listed under the lock, so no other slot admits against the same room.
-                let listing = adm.usage.begin(Instant::now());
-                match backend.list() {
-                    Ok(vms) => {
-                        adm.usage.listed(listing, &vms);
-                        Claims::of(&vms)
-                    }
-                    Err(e) => return ended(End::Failed(e.to_string())),
-                }
-            }
+        let claims = match claims_now(&mut adm, backend.as_ref()) {
+            Ok(c) => c,
+            Err(e) => return ended(End::Failed(e.to_string())),
         };
         let overload = shared.overload(claims.running_memory, &limits);
-        // A half-made VM of this VM's earlier create is rebuilt in place: its room is
-        // already counted in `used`.
+        // Every guest once, builds and changes in progress at what they will claim: the
+        // view's holds are the reservations (issue 14, case 8).
         let used = claims.used;
         let decision = if resume {
+            // A half-made VM of this VM's earlier create is rebuilt in place: it is
+            // already counted, and its hold replaces what the listing shows of it.
             Decision::Admit {
-                reserve: Usage::default(),
+                reserve: job.order.usage(),
             }
         } else {
             placement::decide(
@@ -513,16 +504,25 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
                     name: me,
                     next: host.next.as_deref(),
                     used,
-                    reserved: adm.reserved,
+                    reserved: Usage::default(),
                     limits: &limits,
                     overload: overload.as_deref(),
                 },
             )
         };
         match decision {
-            Decision::Admit { reserve: r } => {
-                reserve = r;
-                adm.reserved = adm.reserved + r;
+            Decision::Admit { reserve } => {
+                adm.usage.reserve(
+                    &job.vm,
+                    Claims {
+                        used: reserve,
+                        running_memory: if job.order.running {
+                            job.order.memory
+                        } else {
+                            Size(0)
+                        },
+                    },
+                );
                 adm.building.insert(job.vm.clone());
             }
             Decision::Forward { to, job } => return Built::Forward(job, to),
@@ -541,7 +541,7 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
     );
     if let Err(e) = journal(shared, &job.vm, Some(&env.id)) {
         let mut adm = shared.admission();
-        adm.reserved = adm.reserved - reserve;
+        adm.usage.release(&job.vm);
         adm.building.remove(&job.vm);
         return ended(End::Failed(format!("cannot write the build journal: {e}")));
     }
@@ -561,7 +561,6 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
     }
     {
         let mut adm = shared.admission();
-        adm.reserved = adm.reserved - reserve;
         adm.building.remove(&job.vm);
         match &outcome {
             // What it claims now that it is built: known, so no listing is needed.
@@ -577,7 +576,7 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
                 },
             ),
             // Half-made, cleaned up or not: the next admission lists.
-            Err(_) => adm.usage.changed(),
+            Err(_) => adm.usage.release(&job.vm),
         }
     }
     ended(match outcome {
@@ -604,6 +603,22 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
             End::Failed(e.to_string())
         }
     })
+}
+
+/// What this host's guests claim now, each once, from the view or else from a listing
+/// taken under the admission lock (so no other slot admits against the same room).
+fn claims_now(adm: &mut super::Admission, backend: &dyn Backend) -> Result<Claims, BackendError> {
+    if let Some(c) = adm.usage.claims(Instant::now()) {
+        return Ok(c);
+    }
+    let listing = adm.usage.begin(Instant::now());
+    let vms = backend.list()?;
+    adm.usage.listed(listing, &vms);
+    // Just listed, so the view serves; the listing alone is the fallback.
+    Ok(adm
+        .usage
+        .claims(Instant::now())
+        .unwrap_or_else(|| Claims::of(&vms)))
 }
 
 /// Builds the VM; on any failure removes what it made (safety rule 6).
