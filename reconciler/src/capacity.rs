@@ -209,6 +209,19 @@ pub fn fits(
     }
 }
 
+/// Whether a change in place that claims `grows` more fits next to `used` (everything
+/// claimed, reservations included) under `limits`: admitted like a create, but only the
+/// limits it adds to are checked, so a host already past a limit (lowered since) still
+/// takes changes that do not add to it.
+pub fn fits_growth(used: Usage, grows: Usage, limits: &Limits) -> Result<(), DoesNotFit> {
+    let raised = Limits {
+        memory: limits.memory.filter(|_| grows.memory.0 > 0),
+        storage: limits.storage.filter(|_| grows.storage.0 > 0),
+        vms: limits.vms.filter(|_| grows.vms > 0),
+    };
+    fits(used, Usage::default(), grows, &raised)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -147,6 +147,9 @@ pub struct Shared {
     snapshot: watch::Sender<Option<Arc<Snapshot>>>,
     admission: Mutex<Admission>,
     ops: Mutex<BTreeMap<String, OpInFlight>>,
+    /// Ops that failed (or found no room), per VM and kind: not planned again before
+    /// this time, whatever other op of the VM is sent meanwhile (issue 14, case 3).
+    waiting: Mutex<BTreeMap<(String, Kind), u64>>,
     inventories: Mutex<BTreeMap<String, Inventory>>,
     latencies: Mutex<BTreeMap<String, Duration>>,
     local: Mutex<Local>,
@@ -223,6 +226,7 @@ impl Shared {
             snapshot: watch::channel(None).0,
             admission: Mutex::default(),
             ops: Mutex::default(),
+            waiting: Mutex::default(),
             inventories: Mutex::default(),
             latencies: Mutex::default(),
             local: Mutex::default(),
@@ -954,6 +958,15 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
                 host: Some(me.clone()),
             });
         }
+        let mut waiting = shared.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        waiting.retain(|_, t| now < *t);
+        for (vm, kind) in waiting.keys() {
+            in_flight.push(InFlight {
+                vm: vm.clone(),
+                kind: *kind,
+                host: Some(me.clone()),
+            });
+        }
     }
     // Another host's open create (it owned the VM under an earlier host set or pin) holds
     // the VM back here too: a second create now could build it twice.
@@ -1455,6 +1468,18 @@ fn on_result(shared: &Arc<Shared>, r: JobResult) {
         }
     } else {
         let mut ops = shared.ops.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(o) = ops.get(&r.vm).filter(|o| o.job_id == r.job_id) {
+            if matches!(
+                r.outcome,
+                Outcome::Failed { .. } | Outcome::Unplaceable { .. }
+            ) {
+                shared
+                    .waiting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert((r.vm.clone(), o.kind), retry_at);
+            }
+        }
         if ops.get(&r.vm).is_some_and(|o| o.job_id == r.job_id) {
             match &r.outcome {
                 Outcome::Failed { .. } => {

@@ -172,11 +172,8 @@ impl UsageView {
         }
         // Each guest once: a hold (what it will claim) over a build since the listing
         // (what it claimed when built) over what the listing showed.
-        let mut each: BTreeMap<&str, Claims> = base
-            .vms
-            .iter()
-            .map(|(n, c)| (n.as_str(), *c))
-            .collect();
+        let mut each: BTreeMap<&str, Claims> =
+            base.vms.iter().map(|(n, c)| (n.as_str(), *c)).collect();
         for b in &self.built {
             each.insert(&b.vm, b.claims);
         }
@@ -312,7 +309,12 @@ mod tests {
         };
         let used = w.claims(t0).unwrap().used;
         assert_eq!(
-            crate::capacity::fits(used, Usage::default(), Usage::one(Size(0), Size(0)), &limits),
+            crate::capacity::fits(
+                used,
+                Usage::default(),
+                Usage::one(Size(0), Size(0)),
+                &limits
+            ),
             Ok(())
         );
     }

@@ -839,6 +839,25 @@ fn op(shared: &Shared, env: &Envelope) -> End {
             reason: format!("{vm} is protected (its marker says so); clear protect first"),
         });
     }
+    // A change in place is admitted like a create (issue 14, case 6); what it will claim
+    // is held until it ends.
+    let held = match &env.body {
+        Message::Update(u) => match admit_change(shared, &found, u) {
+            Ok(held) => held,
+            Err(Admit::NoRoom(reason)) => {
+                shared.event(
+                    "job",
+                    Some(vm),
+                    Some(&env.id),
+                    Some(&origin.commit),
+                    format!("update {vm} not applied: {reason}"),
+                );
+                return done(Outcome::Unplaceable { reason });
+            }
+            Err(Admit::Failed(why)) => return End::Failed(why),
+        },
+        _ => false,
+    };
     let r: Result<(), BackendError> = (|| match &env.body {
         Message::Destroy(_) => {
             if found.state != RunState::Stopped {
@@ -858,7 +877,11 @@ fn op(shared: &Shared, env: &Envelope) -> End {
         _ => Ok(()),
     })();
     // Room freed or claimed, done or half done: admission lists before it trusts its view.
-    shared.admission().usage.changed();
+    if held {
+        shared.admission().usage.release(vm);
+    } else {
+        shared.admission().usage.changed();
+    }
     match r {
         Ok(()) => {
             shared.count(&format!(
@@ -887,6 +910,57 @@ fn op(shared: &Shared, env: &Envelope) -> End {
     }
 }
 
+/// Why a change in place is not admitted.
+enum Admit {
+    /// It does not fit the host's limits: reported, not applied.
+    NoRoom(String),
+    /// Admission could not tell (no desired state, a listing failed): tried again.
+    Failed(String),
+}
+
+/// Admits the change `u` of `found` like a create: what it adds (more memory, a larger
+/// disk0) must fit next to everything the host's guests claim and the builds and
+/// changes in progress hold. True when admitted with a hold on the VM's new claim, which
+/// the caller releases when the change ends; false when it adds nothing.
+fn admit_change(shared: &Shared, found: &ActualVm, u: &UpdateJob) -> Result<bool, Admit> {
+    let mut after = found.clone();
+    if let Some(m) = u.set.get("memory").and_then(|m| m.parse::<Size>().ok()) {
+        after.memory = m;
+    }
+    if let (Some(size), Some(d)) = (u.grow_disk, after.disks.first_mut()) {
+        d.size = d.size.max(size);
+    }
+    let claim = Claims::of(std::slice::from_ref(&after));
+    let grows = claim.used - Usage::of(std::slice::from_ref(found));
+    if grows == Usage::default() {
+        return Ok(false);
+    }
+    let snap = shared
+        .snapshot()
+        .ok_or_else(|| Admit::Failed("no desired state read yet".into()))?;
+    let limits = snap
+        .cluster
+        .hosts
+        .get(shared.me())
+        .map(|h| crate::capacity::Limits::from(&h.limits))
+        .ok_or_else(|| {
+            Admit::Failed(format!(
+                "this host `{}` is not in cluster.yaml",
+                shared.me()
+            ))
+        })?;
+    let mut adm = shared.admission();
+    let claims =
+        claims_now(&mut adm, shared.backend.as_ref()).map_err(|e| Admit::Failed(e.to_string()))?;
+    crate::capacity::fits_growth(claims.used, grows, &limits)
+        .map_err(|e| Admit::NoRoom(e.to_string()))?;
+    adm.usage.reserve(&found.name, claim);
+    Ok(true)
+}
+
+/// Changes the VM in place. A change that fails part way puts the VM back as it was:
+/// the config keys it set or removed are restored and a VM that ran runs again, so a
+/// failed change never leaves a VM stopped (issue 14, case 3).
 fn update(
     backend: &dyn Backend,
     found: &ActualVm,
@@ -894,26 +968,58 @@ fn update(
     u: &UpdateJob,
     stop_timeout: Duration,
 ) -> Result<(), BackendError> {
+    if let (Some(_), Some(d)) = (u.grow_disk, found.disks.first()) {
+        if !d.growable() {
+            // Before anything is stopped: the backend would refuse it anyway.
+            return Err(BackendError::Invalid {
+                what: "disk".into(),
+                reason: format!(
+                    "disk0 of `{}` is a {} device; only file images are grown",
+                    u.vm, d.dev
+                ),
+            });
+        }
+    }
     let running = found.state != RunState::Stopped;
     let changes_config = !u.set.is_empty() || !u.unset.is_empty() || u.grow_disk.is_some();
-    if running && u.restart && changes_config {
+    let restart = running && u.restart && changes_config;
+    if restart {
         backend.stop(&u.vm, stop_timeout)?;
     }
-    if !u.set.is_empty() || !u.unset.is_empty() {
-        backend.configure(&u.vm, &u.set, &u.unset)?;
+    let mut configured = false;
+    let r = (|| {
+        if !u.set.is_empty() || !u.unset.is_empty() {
+            configured = true;
+            backend.configure(&u.vm, &u.set, &u.unset)?;
+        }
+        if let Some(size) = u.grow_disk {
+            backend.grow_disk(&u.vm, 0, size)?;
+        }
+        if let Some(p) = u.protect {
+            marker.protect = p;
+        }
+        marker.spec_hash = u.spec_hash.clone();
+        backend.write_marker(&u.vm, &marker)
+    })();
+    if r.is_err() && configured {
+        // Back to the keys as they were; a failure here is reported with the first.
+        let touched = u.set.keys().chain(u.unset.iter());
+        let (set, unset): (Vec<_>, Vec<_>) = touched.partition(|k| found.config.contains_key(*k));
+        let set = set
+            .into_iter()
+            .map(|k| (k.clone(), found.config[k].clone()))
+            .collect();
+        let unset: Vec<String> = unset.into_iter().cloned().collect();
+        if let Err(e) = backend.configure(&u.vm, &set, &unset) {
+            tracing::warn!(vm = %u.vm, error = %e, "cannot restore the config of a failed change");
+        }
     }
-    if let Some(size) = u.grow_disk {
-        backend.grow_disk(&u.vm, 0, size)?;
+    if restart {
+        // The change's own failure, if any, is the one reported.
+        let started = backend.start(&u.vm);
+        return r.and(started);
     }
-    if let Some(p) = u.protect {
-        marker.protect = p;
-    }
-    marker.spec_hash = u.spec_hash.clone();
-    backend.write_marker(&u.vm, &marker)?;
-    if running && u.restart && changes_config {
-        backend.start(&u.vm)?;
-    }
-    Ok(())
+    r
 }
 
 /// A job body for an op on `vm`.
