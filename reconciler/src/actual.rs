@@ -36,6 +36,15 @@ pub struct Disk {
     pub size: Size,
 }
 
+impl Disk {
+    /// True for a file image: the only kind of disk flotilla can size and grow. A device
+    /// (`custom`, a zvol, iSCSI) reads as 0 or as what its owner made it, and is never
+    /// compared by size.
+    pub fn growable(&self) -> bool {
+        self.dev.is_empty() || self.dev == "file"
+    }
+}
+
 /// flotilla's ownership marker, kept in the guest's directory. A VM without one (or with
 /// one for another cluster) is unmanaged and never touched.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

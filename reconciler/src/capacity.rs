@@ -45,6 +45,41 @@ impl Usage {
     }
 }
 
+/// What `vm create` size a disk without `diskN_size` gets.
+const DEFAULT_DISK: Size = Size::gib(20);
+
+/// The disk space a VM built from `template_conf` with `disk0` of this size takes: disk0
+/// with the guest builder's pad ([`crate::planner::BUILDER_PAD`]), and every further disk
+/// `vm create` makes from the template (`diskN_name` with no gap; a file image or a zvol
+/// of `diskN_size`). A custom or iSCSI device is made by someone else and takes nothing
+/// from the host's storage here. disk0 counts even when the template does not name it:
+/// too much is safe, too little is not.
+pub fn storage_of(template_conf: &str, disk0: Size) -> Size {
+    let conf = crate::conf::Conf::parse(template_conf);
+    let mut total = disk0
+        .bytes()
+        .saturating_add(crate::planner::BUILDER_PAD.bytes());
+    for n in 1u32.. {
+        if conf
+            .get(&format!("disk{n}_name"))
+            .is_none_or(|d| d.is_empty())
+        {
+            break;
+        }
+        let dev = conf.get(&format!("disk{n}_dev")).unwrap_or("");
+        if matches!(dev, "custom" | "iscsi") {
+            continue;
+        }
+        // An unreadable size makes `vm create` fail: then nothing is taken at all.
+        let size = match conf.get(&format!("disk{n}_size")) {
+            None | Some("") => DEFAULT_DISK,
+            Some(s) => s.parse().unwrap_or(Size(0)),
+        };
+        total = total.saturating_add(size.bytes());
+    }
+    Size(total)
+}
+
 impl std::ops::Add for Usage {
     type Output = Usage;
     /// Saturating, so absurd inputs fail admission instead of wrapping round to "fits".
@@ -174,6 +209,19 @@ pub fn fits(
     }
 }
 
+/// Whether a change in place that claims `grows` more fits next to `used` (everything
+/// claimed, reservations included) under `limits`: admitted like a create, but only the
+/// limits it adds to are checked, so a host already past a limit (lowered since) still
+/// takes changes that do not add to it.
+pub fn fits_growth(used: Usage, grows: Usage, limits: &Limits) -> Result<(), DoesNotFit> {
+    let raised = Limits {
+        memory: limits.memory.filter(|_| grows.memory.0 > 0),
+        storage: limits.storage.filter(|_| grows.storage.0 > 0),
+        vms: limits.vms.filter(|_| grows.vms > 0),
+    };
+    fits(used, Usage::default(), grows, &raised)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,6 +305,36 @@ mod tests {
                 limit: 3
             }]
         );
+    }
+
+    /// Guards issue 14, case 7: storage counted disk0 only, so three 10G VMs whose
+    /// template adds `disk1_size="100G"` ended at 330G on a 150G host. A VM's request is
+    /// every disk `vm create` makes from its template (file images and zvols; a custom or
+    /// iSCSI device takes nothing here) plus the guest builder's pad on disk0.
+    #[test]
+    fn a_request_counts_every_disk_the_template_adds_and_the_builder_pad() {
+        let mut order = crate::message::sample_create().order;
+        order.disk = Size::gib(10);
+        order.template_conf = "loader=\"bhyveload\"\n\
+            disk0_type=\"nvme\"\ndisk0_name=\"disk0.img\"\ndisk0_size=\"50G\"\n\
+            disk1_type=\"nvme\"\ndisk1_name=\"disk1.img\"\ndisk1_size=\"100G\"\n\
+            disk2_type=\"virtio-blk\"\ndisk2_name=\"disk2.img\"\n\
+            disk3_type=\"virtio-blk\"\ndisk3_dev=\"custom\"\ndisk3_name=\"/dev/zvol/tank/x\"\ndisk3_size=\"1T\"\n\
+            disk5_name=\"after-a-gap.img\"\ndisk5_size=\"1T\"\n"
+            .into();
+        let u = order.usage();
+        // disk0 from the order (`-s` wins over the template), disk1 as the template
+        // says, disk2 at vm create's default of 20G, disk3 a device, disk5 never made.
+        let want = Size::gib(10 + 100 + 20).bytes() + crate::planner::BUILDER_PAD.bytes();
+        assert_eq!(u.storage, Size(want));
+        assert_eq!((u.memory, u.vms), (order.memory, 1));
+        // Three such VMs no longer fit a 150G host.
+        let limits = Limits {
+            storage: Some(Size::gib(150)),
+            ..Limits::default()
+        };
+        assert!(fits(u, Usage::default(), Usage::default(), &limits).is_ok());
+        assert!(fits(u, Usage::default(), u, &limits).is_err());
     }
 
     #[test]

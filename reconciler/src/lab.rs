@@ -112,6 +112,8 @@ pub struct Options {
     pub cluster: String,
     /// beanstalkd's time-to-run of a job (`policies.ttr`).
     pub ttr: &'static str,
+    /// `worker.retry_failed`: how long a failed job waits before it is planned again.
+    pub retry_failed: &'static str,
     /// The host to run in its own network namespace (see [`Cluster::cut`]). Every
     /// beanstalkd then listens on an address of the veth pair instead of the loopback
     /// address, which the namespace cannot reach: this host's on the namespace's end,
@@ -131,6 +133,7 @@ impl Default for Options {
             policies: String::new(),
             cluster: "e2e".into(),
             ttr: "60s",
+            retry_failed: "3s",
             isolate: None,
         }
     }
@@ -318,7 +321,7 @@ impl Cluster {
              state_dir: {state}\n\
              key_file: {key}\n\
              secrets_dir: {secrets}\n\
-             worker:\n  max_creates: {mc}\n  retries: 2\n  backoff: 200ms\n  stop_timeout: 2s\n  retry_failed: 3s\n\
+             worker:\n  max_creates: {mc}\n  retries: 2\n  backoff: 200ms\n  stop_timeout: 2s\n  retry_failed: {retry_failed}\n\
              {extra}",
             name = h.name,
             repo = self.repo.display(),
@@ -330,6 +333,7 @@ impl Cluster {
             key = self.key_file().display(),
             secrets = h.secrets_dir().display(),
             mc = self.options.max_creates,
+            retry_failed = self.options.retry_failed,
             extra = self.options.extra_config,
         )
     }

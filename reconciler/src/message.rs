@@ -201,11 +201,12 @@ pub struct VmOrder {
 }
 
 impl VmOrder {
-    /// What the VM claims from a host's capacity.
+    /// What the VM claims from a host's capacity: its memory, and every disk it will
+    /// take (see [`crate::capacity::storage_of`]).
     pub fn usage(&self) -> Usage {
         Usage {
             memory: self.memory,
-            storage: self.disk,
+            storage: crate::capacity::storage_of(&self.template_conf, self.disk),
             vms: 1,
         }
     }

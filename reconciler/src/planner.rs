@@ -777,7 +777,9 @@ fn plan_existing(
             (None, None) => c.key.clone(),
         })
         .collect();
-    let disk0 = vm.disks.first();
+    // Only a file image can be sized and grown (issue 14, case 3): a device's size says
+    // nothing about drift, and a grow of it would stop the VM for nothing.
+    let disk0 = vm.disks.first().filter(|d| d.growable());
     if let Some(d) = disk0 {
         // The FreeBSD guest builder (host/provision/provision.sh) grows the image by
         // BUILDER_PAD for the partition table and boot partition: that is not drift.

@@ -125,6 +125,7 @@ fn main() {
             ttr: "60s",
             cluster: "e2e".into(),
             isolate: None,
+            ..Options::default()
         },
     );
     // The trigger is the only news of a commit.

@@ -173,12 +173,12 @@ pub enum StartError {
 /// What the worker holds while it builds.
 #[derive(Debug, Default)]
 struct Admission {
-    reserved: Usage,
     building: BTreeSet<String>,
     /// VMs an op (destroy, start, stop, update) is running on: one at a time per VM
     /// (safety rule 10), whatever reached the queue.
     operating: BTreeSet<String>,
-    /// What the guests claim, between listings.
+    /// What the guests claim, between listings, and what builds and changes in progress
+    /// hold (each VM once).
     usage: usage::UsageView,
 }
 
@@ -214,6 +214,9 @@ pub struct Shared {
     snapshot: watch::Sender<Option<Arc<Snapshot>>>,
     admission: Mutex<Admission>,
     ops: Mutex<BTreeMap<String, OpInFlight>>,
+    /// Ops that failed (or found no room), per VM and kind: not planned again before
+    /// this time, whatever other op of the VM is sent meanwhile (issue 14, case 3).
+    retry_at: Mutex<BTreeMap<(String, Kind), u64>>,
     inventories: Mutex<BTreeMap<String, Inventory>>,
     latencies: Mutex<BTreeMap<String, Duration>>,
     local: Mutex<Local>,
@@ -297,6 +300,7 @@ impl Shared {
             snapshot: watch::channel(None).0,
             admission: Mutex::default(),
             ops: Mutex::default(),
+            retry_at: Mutex::default(),
             inventories: Mutex::default(),
             latencies: Mutex::default(),
             local: Mutex::default(),
@@ -1156,6 +1160,15 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
                 host: Some(me.clone()),
             });
         }
+        let mut retry = shared.retry_at.lock().unwrap_or_else(|p| p.into_inner());
+        retry.retain(|_, t| now < *t);
+        for (vm, kind) in retry.keys() {
+            in_flight.push(InFlight {
+                vm: vm.clone(),
+                kind: *kind,
+                host: Some(me.clone()),
+            });
+        }
     }
     // Another host's open create (it owned the VM under an earlier host set or pin) holds
     // the VM back here too: a second create now could build it twice.
@@ -1800,6 +1813,18 @@ fn on_result(shared: &Arc<Shared>, r: JobResult) {
         }
     } else {
         let mut ops = shared.ops.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(o) = ops.get(&r.vm).filter(|o| o.job_id == r.job_id) {
+            if matches!(
+                r.outcome,
+                Outcome::Failed { .. } | Outcome::Unplaceable { .. }
+            ) {
+                shared
+                    .retry_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert((r.vm.clone(), o.kind), retry_at);
+            }
+        }
         if ops.get(&r.vm).is_some_and(|o| o.job_id == r.job_id) {
             match &r.outcome {
                 Outcome::Failed { .. } => {
@@ -1824,11 +1849,14 @@ fn inventory(shared: &Shared, snap: &Snapshot, vms: Vec<ActualVm>, listed_at: u6
         .get(shared.me())
         .map(|h| Limits::from(&h.limits))
         .unwrap_or_default();
+    // Beyond what the listing shows of the same VMs: `used + reserved` counts each VM
+    // once (issue 14, case 8).
     let reserved = shared
         .admission
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .reserved;
+        .usage
+        .reserved_beyond(&vms);
     let local = shared.local.lock().unwrap_or_else(|p| p.into_inner());
     let in_flight = shared
         .intents

@@ -14,6 +14,7 @@
 //! generation `g` shows every change up to `g`, and may or may not show later ones, which
 //! are kept until a listing shows their VM or begins after them.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::actual::{ActualVm, RunState};
@@ -57,7 +58,8 @@ impl Claims {
 #[derive(Debug)]
 struct Base {
     began: Instant,
-    claims: Claims,
+    /// Per guest name (summed should a name appear twice).
+    vms: BTreeMap<String, Claims>,
 }
 
 #[derive(Debug)]
@@ -67,12 +69,15 @@ struct Built {
     claims: Claims,
 }
 
-/// The last listing's claims plus this host's own builds since.
+/// The last listing's claims plus this host's own builds since, and what admitted
+/// builds and changes still in progress hold.
 #[derive(Debug, Default)]
 pub struct UsageView {
     base: Option<Base>,
     generation: u64,
     built: Vec<Built>,
+    /// Per VM, what an admitted build or change in progress will claim once done.
+    holds: BTreeMap<String, Claims>,
     /// The generation of the latest change whose effect is unknown.
     stale_at: Option<u64>,
 }
@@ -99,25 +104,58 @@ impl UsageView {
             // A newer listing finished first.
             return;
         }
-        self.built
-            .retain(|b| b.generation > l.generation && !vms.iter().any(|v| v.name == b.vm));
+        // A build the listing began after is in it, whole; one that ended later may show
+        // half-made or not at all, so the build's own claim stands in for it.
+        self.built.retain(|b| b.generation > l.generation);
         if self.stale_at.is_some_and(|s| s <= l.generation) {
             self.stale_at = None;
         }
+        let mut by_name = BTreeMap::new();
+        for v in vms {
+            let c: &mut Claims = by_name.entry(v.name.clone()).or_default();
+            *c = c.plus(Claims::of(std::slice::from_ref(v)));
+        }
         self.base = Some(Base {
             began: l.began,
-            claims: Claims::of(vms),
+            vms: by_name,
         });
     }
 
     /// This host's worker finished building `vm`, which claims `claims`.
     pub fn built(&mut self, vm: &str, claims: Claims) {
+        self.holds.remove(vm);
         self.generation += 1;
         self.built.push(Built {
             generation: self.generation,
             vm: vm.to_string(),
             claims,
         });
+    }
+
+    /// A build or change of `vm` was admitted: until it ends, `vm` claims `claims`.
+    pub fn reserve(&mut self, vm: &str, claims: Claims) {
+        self.holds.insert(vm.to_string(), claims);
+    }
+
+    /// The build or change of `vm` ended in a way the view cannot follow (failed, or
+    /// done with an effect only a listing shows).
+    pub fn release(&mut self, vm: &str) {
+        self.holds.remove(vm);
+        self.changed();
+    }
+
+    /// What the builds and changes in progress hold beyond what `vms` (a listing) shows
+    /// of the same VMs: a listing's claims plus this count each VM once.
+    pub fn reserved_beyond(&self, vms: &[ActualVm]) -> Usage {
+        self.holds.iter().fold(Usage::default(), |acc, (vm, c)| {
+            let listed = Usage::of(
+                &vms.iter()
+                    .filter(|v| &v.name == vm)
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            );
+            acc + (c.used - listed)
+        })
     }
 
     /// This host's worker changed guests in a way the view cannot follow.
@@ -132,7 +170,17 @@ impl UsageView {
         if self.stale_at.is_some() || now.saturating_duration_since(base.began) > MAX_AGE {
             return None;
         }
-        Some(self.built.iter().fold(base.claims, |c, b| c.plus(b.claims)))
+        // Each guest once: a hold (what it will claim) over a build since the listing
+        // (what it claimed when built) over what the listing showed.
+        let mut each: BTreeMap<&str, Claims> =
+            base.vms.iter().map(|(n, c)| (n.as_str(), *c)).collect();
+        for b in &self.built {
+            each.insert(&b.vm, b.claims);
+        }
+        for (vm, c) in &self.holds {
+            each.insert(vm, *c);
+        }
+        Some(each.values().fold(Claims::default(), |acc, c| acc.plus(*c)))
     }
 }
 
@@ -225,5 +273,202 @@ mod tests {
         v.listed(new, &[vm("a", 512, true)]);
         v.listed(old, &[]);
         assert_eq!(v.claims(t0 + Duration::from_millis(5)).unwrap().used.vms, 1);
+    }
+
+    /// Guards issue 14, case 8: a VM being built counted twice (in the listing's `used`
+    /// and in the reservations), so with `vms: 2` and one VM building a second create
+    /// was refused as "3 VMs would exceed the limit of 2".
+    #[test]
+    fn a_vm_being_built_counts_once_whatever_the_listing_shows() {
+        let t0 = Instant::now();
+        let mut v = UsageView::default();
+        let l = v.begin(t0);
+        v.listed(l, &[vm("a", 512, true)]);
+        v.reserve("b", one(256));
+        // Half-made b in a listing: still one b, at its full claim.
+        let l = v.begin(t0);
+        let half = vm("b", 0, false);
+        v.listed(l, &[vm("a", 512, true), half.clone()]);
+        let c = v.claims(t0).unwrap();
+        assert_eq!((c.used.vms, c.used.memory), (2, Size(768 << 20)));
+        assert_eq!(v.reserved_beyond(&[vm("a", 512, true), half]).vms, 0);
+        // A listing that began while b was half-made, and ends after the build.
+        let early = v.begin(t0);
+        v.built("b", one(256));
+        v.listed(early, &[vm("a", 512, true), vm("b", 0, false)]);
+        let c = v.claims(t0).unwrap();
+        assert_eq!((c.used.vms, c.used.memory), (2, Size(768 << 20)));
+        // With `vms: 2` and b building, a third fits only when the limit is 3.
+        let mut w = UsageView::default();
+        let l = w.begin(t0);
+        w.reserve("b", one(256));
+        w.listed(l, &[vm("a", 512, true), vm("b", 0, false)]);
+        let limits = crate::capacity::Limits {
+            vms: Some(3),
+            ..Default::default()
+        };
+        let used = w.claims(t0).unwrap().used;
+        assert_eq!(
+            crate::capacity::fits(
+                used,
+                Usage::default(),
+                Usage::one(Size(0), Size(0)),
+                &limits
+            ),
+            Ok(())
+        );
+    }
+
+    /// One step of the admission model below.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A create of VM `n` asks for room (memory units `m`, storage units `s`).
+        Admit(u8, u8, u8),
+        /// VM `n`, being built, appears half-made on the host.
+        Appear(u8),
+        /// VM `n`'s build ends well.
+        Finish(u8),
+        /// VM `n`'s build fails and its leftovers are removed.
+        Fail(u8),
+        /// VM `n`, built, is destroyed.
+        Destroy(u8),
+        /// A listing begins.
+        Begin,
+        /// The `k`-th open listing reads the host.
+        Read(u8),
+        /// The `k`-th open listing ends.
+        End(u8),
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (0u8..6, 1u8..4, 1u8..4).prop_map(|(n, m, s)| Step::Admit(n, m, s)),
+            2 => (0u8..6).prop_map(Step::Appear),
+            2 => (0u8..6).prop_map(Step::Finish),
+            1 => (0u8..6).prop_map(Step::Fail),
+            1 => (0u8..6).prop_map(Step::Destroy),
+            2 => Just(Step::Begin),
+            2 => (0u8..4).prop_map(Step::Read),
+            2 => (0u8..4).prop_map(Step::End),
+        ]
+    }
+
+    /// Where a VM of the model is.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Stage {
+        Admitted,
+        HalfMade,
+        Built,
+    }
+
+    const UNIT: u64 = 1 << 30;
+
+    fn guest(name: &str, claims: Usage, stage: Stage) -> ActualVm {
+        let mut v = crate::actual::sample_vm(name, "1M", &["1M"], RunState::Stopped);
+        // A half-made guest shows less than it will take: no disk grown yet, no memory.
+        let full = stage == Stage::Built;
+        v.memory = if full { claims.memory } else { Size(0) };
+        v.disks[0].size = if full { claims.storage } else { Size(4096) };
+        v
+    }
+
+    proptest::proptest! {
+        /// Guards issue 14, cases 6 to 8, as a property of admission: under any
+        /// interleaving of listings, builds, failures and destroys, the view counts each
+        /// VM once at what it will take (a half-made VM at its full claim), and nothing
+        /// is admitted past a limit.
+        #[test]
+        fn admission_counts_each_vm_once_and_never_admits_past_a_limit(
+            steps in proptest::collection::vec(step(), 1..60)
+        ) {
+            let t0 = Instant::now();
+            let limits = crate::capacity::Limits {
+                memory: Some(Size(6 * UNIT)),
+                storage: Some(Size(7 * UNIT)),
+                vms: Some(3),
+            };
+            let mut view = UsageView::default();
+            let mut host: BTreeMap<String, (Usage, Stage)> = BTreeMap::new();
+            let mut open: Vec<(Listing, Option<Vec<ActualVm>>)> = Vec::new();
+            let listing = |host: &BTreeMap<String, (Usage, Stage)>| -> Vec<ActualVm> {
+                host.iter()
+                    .filter(|(_, (_, st))| *st != Stage::Admitted)
+                    .map(|(n, (u, st))| guest(n, *u, *st))
+                    .collect()
+            };
+            for (i, st) in steps.into_iter().enumerate() {
+                let now = t0 + Duration::from_micros(i as u64);
+                match st {
+                    Step::Admit(n, m, s) => {
+                        let name = format!("v{n}");
+                        if host.contains_key(&name) {
+                            continue;
+                        }
+                        let claims = match view.claims(now) {
+                            Some(c) => c,
+                            None => {
+                                let l = view.begin(now);
+                                let vms = listing(&host);
+                                view.listed(l, &vms);
+                                view.claims(now).expect("a fresh listing serves")
+                            }
+                        };
+                        let want = Usage::one(Size(m as u64 * UNIT), Size(s as u64 * UNIT));
+                        if crate::capacity::fits(claims.used, Usage::default(), want, &limits).is_ok() {
+                            view.reserve(&name, Claims { used: want, running_memory: Size(0) });
+                            host.insert(name, (want, Stage::Admitted));
+                        }
+                    }
+                    Step::Appear(n) => {
+                        if let Some((_, st @ Stage::Admitted)) = host.get_mut(&format!("v{n}")) {
+                            *st = Stage::HalfMade;
+                        }
+                    }
+                    Step::Finish(n) => {
+                        let name = format!("v{n}");
+                        if let Some((u, st @ (Stage::Admitted | Stage::HalfMade))) = host.get_mut(&name) {
+                            *st = Stage::Built;
+                            let u = *u;
+                            view.built(&name, Claims { used: u, running_memory: Size(0) });
+                        }
+                    }
+                    Step::Fail(n) => {
+                        let name = format!("v{n}");
+                        if matches!(host.get(&name), Some((_, Stage::Admitted | Stage::HalfMade))) {
+                            host.remove(&name);
+                            view.release(&name);
+                        }
+                    }
+                    Step::Destroy(n) => {
+                        let name = format!("v{n}");
+                        if matches!(host.get(&name), Some((_, Stage::Built))) {
+                            host.remove(&name);
+                            view.changed();
+                        }
+                    }
+                    Step::Begin => open.push((view.begin(now), None)),
+                    Step::Read(k) => {
+                        if let Some((_, seen @ None)) = open.get_mut(k as usize) {
+                            *seen = Some(listing(&host));
+                        }
+                    }
+                    Step::End(k) => {
+                        if matches!(open.get(k as usize), Some((_, Some(_)))) {
+                            let (l, seen) = open.remove(k as usize);
+                            view.listed(l, &seen.unwrap_or_default());
+                        }
+                    }
+                }
+                let truth = host.values().fold(Usage::default(), |acc, (u, _)| acc + *u);
+                proptest::prop_assert!(
+                    crate::capacity::fits(truth, Usage::default(), Usage::default(), &limits).is_ok(),
+                    "admitted past a limit: {truth:?}"
+                );
+                if let Some(c) = view.claims(now) {
+                    proptest::prop_assert_eq!(c.used, truth, "each VM once, at its full claim");
+                }
+            }
+        }
     }
 }

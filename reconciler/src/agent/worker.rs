@@ -471,7 +471,6 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
     let limits = crate::capacity::Limits::from(&host.limits);
     let cluster = snap.cluster.id.clone();
     let backend = shared.backend.clone();
-    let reserve;
     let mut resume = false;
     {
         let mut adm = shared.admission();
@@ -519,27 +518,19 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
                 }
             }
         }
-        let claims = match adm.usage.claims(Instant::now()) {
-            Some(c) => c,
-            None => {
-                // Listed under the lock, so no other slot admits against the same room.
-                let listing = adm.usage.begin(Instant::now());
-                match backend.list() {
-                    Ok(vms) => {
-                        adm.usage.listed(listing, &vms);
-                        Claims::of(&vms)
-                    }
-                    Err(e) => return ended(End::Failed(e.to_string())),
-                }
-            }
+        let claims = match claims_now(&mut adm, backend.as_ref()) {
+            Ok(c) => c,
+            Err(e) => return ended(End::Failed(e.to_string())),
         };
         let overload = shared.overload(claims.running_memory, &limits);
-        // A half-made VM of this VM's earlier create is rebuilt in place: its room is
-        // already counted in `used`.
+        // Every guest once, builds and changes in progress at what they will claim: the
+        // view's holds are the reservations (issue 14, case 8).
         let used = claims.used;
         let decision = if resume {
+            // A half-made VM of this VM's earlier create is rebuilt in place: it is
+            // already counted, and its hold replaces what the listing shows of it.
             Decision::Admit {
-                reserve: Usage::default(),
+                reserve: job.order.usage(),
             }
         } else {
             placement::decide(
@@ -548,16 +539,25 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
                     name: me,
                     next: host.next.as_deref(),
                     used,
-                    reserved: adm.reserved,
+                    reserved: Usage::default(),
                     limits: &limits,
                     overload: overload.as_deref(),
                 },
             )
         };
         match decision {
-            Decision::Admit { reserve: r } => {
-                reserve = r;
-                adm.reserved = adm.reserved + r;
+            Decision::Admit { reserve } => {
+                adm.usage.reserve(
+                    &job.vm,
+                    Claims {
+                        used: reserve,
+                        running_memory: if job.order.running {
+                            job.order.memory
+                        } else {
+                            Size(0)
+                        },
+                    },
+                );
                 adm.building.insert(job.vm.clone());
             }
             Decision::Forward { to, job } => return Built::Forward(job, to),
@@ -576,7 +576,7 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
     );
     if let Err(e) = journal(shared, &job.vm, Some(&env.id)) {
         let mut adm = shared.admission();
-        adm.reserved = adm.reserved - reserve;
+        adm.usage.release(&job.vm);
         adm.building.remove(&job.vm);
         return ended(End::Failed(format!("cannot write the build journal: {e}")));
     }
@@ -596,7 +596,6 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
     }
     {
         let mut adm = shared.admission();
-        adm.reserved = adm.reserved - reserve;
         adm.building.remove(&job.vm);
         match &outcome {
             // What it claims now that it is built: known, so no listing is needed.
@@ -612,7 +611,7 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
                 },
             ),
             // Half-made, cleaned up or not: the next admission lists.
-            Err(_) => adm.usage.changed(),
+            Err(_) => adm.usage.release(&job.vm),
         }
     }
     ended(match outcome {
@@ -639,6 +638,22 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
             End::Failed(e.to_string())
         }
     })
+}
+
+/// What this host's guests claim now, each once, from the view or else from a listing
+/// taken under the admission lock (so no other slot admits against the same room).
+fn claims_now(adm: &mut super::Admission, backend: &dyn Backend) -> Result<Claims, BackendError> {
+    if let Some(c) = adm.usage.claims(Instant::now()) {
+        return Ok(c);
+    }
+    let listing = adm.usage.begin(Instant::now());
+    let vms = backend.list()?;
+    adm.usage.listed(listing, &vms);
+    // Just listed, so the view serves; the listing alone is the fallback.
+    Ok(adm
+        .usage
+        .claims(Instant::now())
+        .unwrap_or_else(|| Claims::of(&vms)))
 }
 
 /// Builds the VM; on any failure removes what it made (safety rule 6).
@@ -880,6 +895,25 @@ fn op(shared: &Shared, env: &Envelope) -> End {
         return done(Outcome::Dropped { reason: why });
     }
     let running = matches!(found.state, RunState::Running | RunState::Bootloader);
+    // A change in place is admitted like a create (issue 14, case 6); what it will claim
+    // is held until it ends.
+    let held = match &env.body {
+        Message::Update(u) => match admit_change(shared, &found, u) {
+            Ok(held) => held,
+            Err(Admit::NoRoom(reason)) => {
+                shared.event(
+                    "job",
+                    Some(vm),
+                    Some(&env.id),
+                    Some(&origin.commit),
+                    format!("update {vm} not applied: {reason}"),
+                );
+                return done(Outcome::Unplaceable { reason });
+            }
+            Err(Admit::Failed(why)) => return End::Failed(why),
+        },
+        _ => false,
+    };
     let r: Result<(), BackendError> = (|| match &env.body {
         Message::Destroy(_) => {
             if found.state != RunState::Stopped {
@@ -904,7 +938,11 @@ fn op(shared: &Shared, env: &Envelope) -> End {
         _ => Ok(()),
     })();
     // Room freed or claimed, done or half done: admission lists before it trusts its view.
-    shared.admission().usage.changed();
+    if held {
+        shared.admission().usage.release(vm);
+    } else {
+        shared.admission().usage.changed();
+    }
     match r {
         Ok(()) => {
             shared.count(&format!(
@@ -933,6 +971,57 @@ fn op(shared: &Shared, env: &Envelope) -> End {
     }
 }
 
+/// Why a change in place is not admitted.
+enum Admit {
+    /// It does not fit the host's limits: reported, not applied.
+    NoRoom(String),
+    /// Admission could not tell (no desired state, a listing failed): tried again.
+    Failed(String),
+}
+
+/// Admits the change `u` of `found` like a create: what it adds (more memory, a larger
+/// disk0) must fit next to everything the host's guests claim and the builds and
+/// changes in progress hold. True when admitted with a hold on the VM's new claim, which
+/// the caller releases when the change ends; false when it adds nothing.
+fn admit_change(shared: &Shared, found: &ActualVm, u: &UpdateJob) -> Result<bool, Admit> {
+    let mut after = found.clone();
+    if let Some(m) = u.set.get("memory").and_then(|m| m.parse::<Size>().ok()) {
+        after.memory = m;
+    }
+    if let (Some(size), Some(d)) = (u.grow_disk, after.disks.first_mut()) {
+        d.size = d.size.max(size);
+    }
+    let claim = Claims::of(std::slice::from_ref(&after));
+    let grows = claim.used - Usage::of(std::slice::from_ref(found));
+    if grows == Usage::default() {
+        return Ok(false);
+    }
+    let snap = shared
+        .snapshot()
+        .ok_or_else(|| Admit::Failed("no desired state read yet".into()))?;
+    let limits = snap
+        .cluster
+        .hosts
+        .get(shared.me())
+        .map(|h| crate::capacity::Limits::from(&h.limits))
+        .ok_or_else(|| {
+            Admit::Failed(format!(
+                "this host `{}` is not in cluster.yaml",
+                shared.me()
+            ))
+        })?;
+    let mut adm = shared.admission();
+    let claims =
+        claims_now(&mut adm, shared.backend.as_ref()).map_err(|e| Admit::Failed(e.to_string()))?;
+    crate::capacity::fits_growth(claims.used, grows, &limits)
+        .map_err(|e| Admit::NoRoom(e.to_string()))?;
+    adm.usage.reserve(&found.name, claim);
+    Ok(true)
+}
+
+/// Changes the VM in place. A change that fails part way puts the VM back as it was:
+/// the config keys it set or removed are restored and a VM that ran runs again, so a
+/// failed change never leaves a VM stopped (issue 14, case 3).
 fn update(
     backend: &dyn Backend,
     found: &ActualVm,
@@ -940,26 +1029,58 @@ fn update(
     u: &UpdateJob,
     stop_timeout: Duration,
 ) -> Result<(), BackendError> {
+    if let (Some(_), Some(d)) = (u.grow_disk, found.disks.first()) {
+        if !d.growable() {
+            // Before anything is stopped: the backend would refuse it anyway.
+            return Err(BackendError::Invalid {
+                what: "disk".into(),
+                reason: format!(
+                    "disk0 of `{}` is a {} device; only file images are grown",
+                    u.vm, d.dev
+                ),
+            });
+        }
+    }
     let running = found.state != RunState::Stopped;
     let changes_config = !u.set.is_empty() || !u.unset.is_empty() || u.grow_disk.is_some();
-    if running && u.restart && changes_config {
+    let restart = running && u.restart && changes_config;
+    if restart {
         backend.stop(&u.vm, stop_timeout)?;
     }
-    if !u.set.is_empty() || !u.unset.is_empty() {
-        backend.configure(&u.vm, &u.set, &u.unset)?;
+    let mut configured = false;
+    let r = (|| {
+        if !u.set.is_empty() || !u.unset.is_empty() {
+            configured = true;
+            backend.configure(&u.vm, &u.set, &u.unset)?;
+        }
+        if let Some(size) = u.grow_disk {
+            backend.grow_disk(&u.vm, 0, size)?;
+        }
+        if let Some(p) = u.protect {
+            marker.protect = p;
+        }
+        marker.spec_hash = u.spec_hash.clone();
+        backend.write_marker(&u.vm, &marker)
+    })();
+    if r.is_err() && configured {
+        // Back to the keys as they were; a failure here is reported with the first.
+        let touched = u.set.keys().chain(u.unset.iter());
+        let (set, unset): (Vec<_>, Vec<_>) = touched.partition(|k| found.config.contains_key(*k));
+        let set = set
+            .into_iter()
+            .map(|k| (k.clone(), found.config[k].clone()))
+            .collect();
+        let unset: Vec<String> = unset.into_iter().cloned().collect();
+        if let Err(e) = backend.configure(&u.vm, &set, &unset) {
+            tracing::warn!(vm = %u.vm, error = %e, "cannot restore the config of a failed change");
+        }
     }
-    if let Some(size) = u.grow_disk {
-        backend.grow_disk(&u.vm, 0, size)?;
+    if restart {
+        // The change's own failure, if any, is the one reported.
+        let started = backend.start(&u.vm);
+        return r.and(started);
     }
-    if let Some(p) = u.protect {
-        marker.protect = p;
-    }
-    marker.spec_hash = u.spec_hash.clone();
-    backend.write_marker(&u.vm, &marker)?;
-    if running && u.restart && changes_config {
-        backend.start(&u.vm)?;
-    }
-    Ok(())
+    r
 }
 
 /// Parameters of a put of a job.

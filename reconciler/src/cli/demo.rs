@@ -224,6 +224,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             ttr: "60s",
             cluster: example.cluster.id.clone(),
             isolate: None,
+            ..Options::default()
         },
     );
     for h in &lab.hosts {

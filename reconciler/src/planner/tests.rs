@@ -771,6 +771,41 @@ fn the_guest_builders_pad_is_not_drift_but_more_is() {
     assert_eq!(all(&p), [("host1".into(), "ci1".into(), Kind::Replace)]);
 }
 
+/// Guards issue 14, case 3: a disk0 that is a device (`disk0_dev: custom`, e.g. a zvol
+/// node) or iSCSI reads as size 0, so a grow was planned, the worker stopped the VM,
+/// the grow was refused and the VM stayed stopped. Disks flotilla cannot size or grow
+/// (anything but a file image) are not compared by size: no grow, no shrink.
+#[test]
+fn a_disk_flotilla_cannot_grow_is_not_compared_by_size() {
+    for (dev, size) in [
+        ("custom", Size(0)),
+        ("iscsi", Size(0)),
+        ("zvol", Size::gib(1)),
+        ("sparse-zvol", Size::gib(4000)),
+    ] {
+        let snap = snapshot(
+            &s(&[&format!(
+                "name: db1\nprofile: CS2\nhost: host1\nreplace: allow\nconfig:\n  disk0_dev: {dev}\n"
+            )]),
+            0.5,
+        );
+        let mut db = built(&snap.vms["db1"]);
+        db.disks[0].dev = dev.into();
+        db.disks[0].size = size;
+        let p = plan(
+            &snap,
+            &[HostActual {
+                host: "host1".into(),
+                vms: vec![db],
+            }],
+            &[],
+            &PlanOptions::default(),
+        );
+        assert_eq!(all(&p), [], "{dev} of {size}");
+        assert_eq!(blocked(&p), [], "{dev} of {size}");
+    }
+}
+
 // ---- placement along the hop chain (issue 11, hole 5) ----
 
 /// A chain over `order` (host indexes); the last host's `next` is the first (a loop)
