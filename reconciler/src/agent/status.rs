@@ -41,6 +41,9 @@ pub struct HostStatus {
     /// The host identity its inventory shows (safety rule 8).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// A peer clock it sees beyond `max_clock_skew`: no creates are sent meanwhile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock_skew: Option<String>,
 }
 
 /// A host name seen under two identities: two agents claim it, and no create goes to or
@@ -164,6 +167,7 @@ pub async fn gather(hosts: &HostsFile, verify: Verify<'_>) -> (ClusterStatus, Ve
             limits: None,
             overload: None,
             identity: None,
+            clock_skew: None,
         };
         match r {
             Ok(Ok((Some(inv), _))) => {
@@ -174,6 +178,7 @@ pub async fn gather(hosts: &HostsFile, verify: Verify<'_>) -> (ClusterStatus, Ve
                 h.reserved = Some(inv.reserved);
                 h.limits = Some(inv.limits);
                 h.overload = inv.overload.clone();
+                h.clock_skew = inv.clock_skew.clone();
                 h.identity = inv.agent.as_ref().map(|a| a.identity.clone());
                 for vm in &inv.vms {
                     out.vms.push(VmStatus {
@@ -266,7 +271,7 @@ pub fn render_text(s: &ClusterStatus) -> String {
         };
         let _ = writeln!(
             o,
-            "  {:<10} {:<21} applied {:<10}  {}  {}{}",
+            "  {:<10} {:<21} applied {:<10}  {}  {}{}{}",
             h.host,
             h.beanstalkd,
             short(h.applied_commit.as_deref()),
@@ -275,6 +280,10 @@ pub fn render_text(s: &ClusterStatus) -> String {
             h.overload
                 .as_ref()
                 .map(|x| format!("  OVERLOADED: {x}"))
+                .unwrap_or_default(),
+            h.clock_skew
+                .as_ref()
+                .map(|x| format!("  CLOCK SKEW, no creates: {x}"))
                 .unwrap_or_default()
         );
     }
