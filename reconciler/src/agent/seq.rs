@@ -75,7 +75,6 @@ mod tests {
         assert!(first.next() > a);
         assert_eq!(first.current(), a + 1);
         let last = first.current();
-        drop(first);
         let again = InventorySeq::open(dir.path()).unwrap();
         assert!(again.current() > last);
         assert!(again.next() > last);
