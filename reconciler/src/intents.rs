@@ -49,13 +49,18 @@ pub enum IntentStatus {
     /// Sent; no result yet.
     #[default]
     Sent,
-    /// Built on `host` at `at`; closes once an inventory of `host` listed after `at`
-    /// shows the VM.
+    /// Built on `host`; closes once an inventory of `host` listed after the build (its
+    /// sequence number above `seq`) shows the VM or its absence.
     Placed {
         /// Where.
         host: String,
-        /// When the result arrived (seconds since the Unix epoch).
+        /// When the result arrived (seconds since the Unix epoch, by the owner's clock).
         at: u64,
+        /// The builder's inventory sequence number when it sent the result
+        /// ([`crate::message::JobResult::inventory_seq`]). Absent from older builders
+        /// and intents: then only an inventory listed well after `at` decides.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
     },
     /// Not built (unplaceable, failed or refused); planned again after `retry_at`, or at
     /// once when the spec changes.

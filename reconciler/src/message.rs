@@ -357,6 +357,11 @@ pub struct JobResult {
     /// What happened.
     #[serde(flatten)]
     pub outcome: Outcome,
+    /// The acting host's inventory sequence number ([`Inventory::seq`]) when it sent this
+    /// result, after the job's work was done: any inventory of that host with a greater
+    /// number was listed after the work, whatever either host's clock says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inventory_seq: Option<u64>,
 }
 
 /// A create this host owns and has sent, as shown in its inventory.
@@ -409,8 +414,18 @@ pub struct Inventory {
     /// on its own commit (ownership can move between commits).
     #[serde(default)]
     pub commit: Option<String>,
-    /// When this host last listed its VMs (seconds since the Unix epoch).
+    /// When this host last listed its VMs (seconds since the Unix epoch, by this host's
+    /// clock: for display and for its peers' check of clock skew, never for ordering).
     pub listed_at: u64,
+    /// This inventory's place among the host's inventories: taken before the listing,
+    /// greater than every earlier one, across restarts too (the order that `listed_at`
+    /// cannot give across hosts' clocks). 0 from older agents.
+    #[serde(default)]
+    pub seq: u64,
+    /// Set when this host sees a peer's clock beyond its `max_clock_skew`: it sends no
+    /// creates meanwhile, and nor do the hosts that read this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_skew: Option<String>,
     /// What all its VMs claim.
     pub used: Usage,
     /// What admitted creates in progress hold.
@@ -640,12 +655,15 @@ mod tests {
                 outcome: Outcome::Unplaceable {
                     reason: "host1: memory 9G would exceed the limit 8G".into(),
                 },
+                inventory_seq: Some(7),
             }),
             Message::Inventory(Inventory {
                 host: "host1".into(),
                 applied_commit: None,
                 commit: None,
                 listed_at: 1_790_000_000,
+                seq: (3 << 32) | 12,
+                clock_skew: None,
                 used: Usage::default(),
                 reserved: Usage::default(),
                 limits: Limits::default(),

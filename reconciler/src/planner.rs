@@ -20,6 +20,10 @@
 //!   snapshot lists no VMs at all, unless [`PlanOptions::allow_empty`]; and not when a
 //!   host would lose more than the prune-guard share of its managed VMs, unless
 //!   [`PlanOptions::allow_prune`]. Refused destroys are reported as blocked.
+//! - A create whose unique resources (a disk device or path outside its directory, a
+//!   MAC, a fixed VNC port: [`unique_resources`]) another actual VM holds, on any host,
+//!   managed or not, is not planned until that VM is gone: a rename destroys the old VM
+//!   first. A protected or unmanaged holder blocks it for good, with the reason.
 //! - A VM whose marker says `complete: false` is a half-made create: desired, it gets a
 //!   create again (which finishes or cleans it up); not desired, it is destroyed.
 //! - A VM with any job in flight, of whatever kind, gets no action (safety rule 10), and
@@ -248,6 +252,9 @@ pub enum BlockReason {
     /// exists, so it is not created elsewhere until that host shows it gone or an
     /// operator says the host is gone for good (`flotilla host forget`).
     HeldByRemovedHost,
+    /// A create whose unique resource (a disk device or path outside its directory, a
+    /// MAC, a VNC port) another VM holds: it waits until that VM is gone, and says so.
+    ResourceTaken,
 }
 
 /// A difference the plan leaves alone, and why.
@@ -425,6 +432,79 @@ fn network_key(key: &str) -> Option<(u32, &str)> {
 /// partition); an image up to this much larger than desired matches.
 pub const BUILDER_PAD: Size = Size::mib(8);
 
+/// The resources in a vm-bhyve config that no two VMs may share, as `(key, value)`: a
+/// disk named by an absolute path or as a custom device (outside the VM's own
+/// directory), a MAC address (any case), a fixed VNC port (`graphics_port`). Two VMs
+/// holding one would run on one disk, or fight over an address or a port.
+pub fn unique_resources(config: &BTreeMap<String, String>) -> Vec<(&str, String)> {
+    let mut out = Vec::new();
+    for (key, value) in config {
+        match (disk_key(key), network_key(key)) {
+            (Some((n, "name")), _) => {
+                let custom = config
+                    .get(&format!("disk{n}_dev"))
+                    .is_some_and(|d| d == "custom");
+                if value.starts_with('/') || custom {
+                    out.push((key.as_str(), value.clone()));
+                }
+            }
+            (_, Some((_, "mac"))) => out.push((key.as_str(), value.to_ascii_lowercase())),
+            _ if key == "graphics_port" => out.push((key.as_str(), value.trim().to_string())),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The VM other than `spec` holding one of the unique resources `spec` would be built
+/// with, as a block reason's detail, or `None` when all are free.
+fn resource_holder(
+    spec: &VmSpec,
+    held: &HashMap<(&str, String), Vec<(&str, &ActualVm)>>,
+    cluster: &str,
+) -> Option<String> {
+    for (key, value) in unique_resources(&spec.config) {
+        let kind = resource_kind(key);
+        let holders = held
+            .get(&(kind, value.clone()))
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let Some((host, vm)) = holders.iter().find(|(_, vm)| vm.name != spec.name) else {
+            continue;
+        };
+        let what = format!("{key} {value} is held by");
+        return Some(if !vm.is_managed_by(cluster) {
+            format!(
+                "{what} the unmanaged VM {} on {host}; flotilla does not touch it, so `{}` is not created while it holds it",
+                vm.name, spec.name
+            )
+        } else if vm.marker.as_ref().is_some_and(|m| m.protect) {
+            format!(
+                "{what} {} on {host}, which is protected (recorded in its marker); `{}` is not created while it holds it",
+                vm.name, spec.name
+            )
+        } else {
+            format!(
+                "{what} {} on {host}; `{}` is created once that VM is gone",
+                vm.name, spec.name
+            )
+        });
+    }
+    None
+}
+
+/// What kind of resource a key of [`unique_resources`] names: disks, MACs and VNC
+/// ports are compared among their own kind, whatever the key's index.
+fn resource_kind(key: &str) -> &'static str {
+    if disk_key(key).is_some() {
+        "disk"
+    } else if network_key(key).is_some() {
+        "mac"
+    } else {
+        "vnc"
+    }
+}
+
 /// Keys whose change needs a new VM: another loader, or another disk layout.
 fn needs_rebuild(key: &str) -> bool {
     key == "loader" || matches!(disk_key(key), Some((_, "type" | "dev" | "name")))
@@ -554,6 +634,18 @@ pub fn plan(
             }
         }
     }
+    // Issue 14, case 5: the unique resources every actual VM holds, on any host,
+    // managed or not: a create that would share one waits for the holder to be gone.
+    let mut held: HashMap<(&str, String), Vec<(&str, &ActualVm)>> = HashMap::new();
+    for h in &sorted_actual {
+        for vm in &h.vms {
+            for (key, value) in unique_resources(&vm.config) {
+                held.entry((resource_kind(key), value))
+                    .or_default()
+                    .push((&h.host, vm));
+            }
+        }
+    }
     for name in &host_names {
         if !sorted_actual.iter().any(|h| h.host == *name) {
             warnings.push(format!(
@@ -584,6 +676,8 @@ pub fn plan(
                     );
                 } else if let Some(f) = flying(&spec.name) {
                     pending.push(f.clone());
+                } else if let Some(detail) = resource_holder(spec, &held, &cluster.id) {
+                    b.block(&owner, &spec.name, BlockReason::ResourceTaken, detail);
                 } else {
                     b.act(Action::Create {
                         host: owner.clone(),

@@ -89,6 +89,17 @@ pub fn default_window() -> Dur {
     Dur(Duration::from_secs(3 * 3600))
 }
 
+/// The default clock skew the hosts may have: a few seconds, which NTP keeps to well
+/// under one.
+pub fn default_max_clock_skew() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+
+/// The largest `max_clock_skew` accepted: well under the grace a create's deadline gets
+/// on its owner ([`super::decide::DEADLINE_GRACE`]), so a worker whose clock is behind
+/// never builds a create its owner has given up on.
+pub const MAX_CLOCK_SKEW_LIMIT: Duration = Duration::from_secs(30);
+
 fn default_branch() -> String {
     "main".into()
 }
@@ -259,6 +270,13 @@ pub struct AgentConfig {
     /// Messages sent longer ago than this (or this far in the future) are refused.
     #[serde(default = "default_window")]
     pub message_window: Dur,
+    /// The most the hosts' clocks may disagree (default 5 s, at most
+    /// [`MAX_CLOCK_SKEW_LIMIT`]): deadlines are set by one host's clock and checked by
+    /// another's. A peer's inventory stamped further ahead of this host's clock, or a
+    /// peer reporting such a skew itself, stops this host sending creates until it is
+    /// back within it.
+    #[serde(default = "default_max_clock_skew")]
+    pub max_clock_skew: Dur,
     /// `pre.sh`, `local.sh`, `post.sh`.
     #[serde(default)]
     pub hooks_dir: Option<PathBuf>,
@@ -327,6 +345,13 @@ impl AgentConfig {
                 )));
             }
         }
+        if cfg.max_clock_skew.0 > MAX_CLOCK_SKEW_LIMIT {
+            return Err(invalid(format!(
+                "`max_clock_skew` must be at most {}s: deadlines have {}s of grace",
+                MAX_CLOCK_SKEW_LIMIT.as_secs(),
+                super::decide::DEADLINE_GRACE
+            )));
+        }
         if let Some(share) = cfg.overload.memory_in_use {
             if !(0.0..=1.0).contains(&share) {
                 return Err(invalid(format!(
@@ -354,6 +379,23 @@ mod tests {
         assert_eq!(cfg.backend.vm_command, PathBuf::from("/usr/local/sbin/vm"));
         assert_eq!(cfg.first_hop, FirstHop::Owner);
         assert!(cfg.http.is_none());
+    }
+
+    /// Guards issue 14, case 4: the skew the cluster runs with must stay within the
+    /// grace a create's deadline has, or a worker behind could build a create its owner
+    /// gave up on.
+    #[test]
+    fn the_clock_skew_defaults_to_a_few_seconds_and_is_bounded() {
+        let base = "host: h\ndesired: {url: x}\nstate_dir: /s\nkey_file: /k\n";
+        let cfg = AgentConfig::parse(Path::new("agent.yaml"), base).unwrap();
+        assert_eq!(cfg.max_clock_skew.0, Duration::from_secs(5));
+        let e = AgentConfig::parse(
+            Path::new("agent.yaml"),
+            &format!("{base}max_clock_skew: 2m\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`max_clock_skew` must be at most 30s"), "{e}");
     }
 
     /// Guards the shipped sample against drifting from the parser.

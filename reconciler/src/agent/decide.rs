@@ -59,10 +59,12 @@ pub fn intent_fate(
             }
         }
         // A placed VM is awaited in its host's inventory; until that host lists its VMs
-        // after the result, an inventory without it proves nothing, so there is no
+        // after the build, an inventory without it proves nothing, so there is no
         // deadline here: closing early could build the VM a second time elsewhere.
-        IntentStatus::Placed { host, at } => match inventories.get(host) {
-            Some(inv) if inv.listed_at > *at => {
+        // "After" is by the builder's own inventory sequence, never by comparing its
+        // clock with this host's (issue 14, case 4).
+        IntentStatus::Placed { host, at, seq } => match inventories.get(host) {
+            Some(inv) if listed_after_build(inv, *at, *seq) => {
                 if inv.vms.iter().any(|v| v.name == intent.vm) {
                     IntentFate::Close(format!("built on {host}, seen in its inventory"))
                 } else {
@@ -84,6 +86,18 @@ pub fn intent_fate(
                 IntentFate::Open
             }
         }
+    }
+}
+
+/// Whether `inv` was listed after the build whose result arrived at `at` (this host's
+/// clock) carrying the builder's inventory sequence `seq`. With a sequence, causality
+/// decides: the builder took `seq` after the build and numbers each inventory before
+/// listing it. Without one (a result from an older agent), only an inventory stamped
+/// later than `at` by more than any clock skew the cluster runs with may decide.
+fn listed_after_build(inv: &Inventory, at: u64, seq: Option<u64>) -> bool {
+    match seq {
+        Some(seq) => inv.seq > seq,
+        None => inv.listed_at > at.saturating_add(DEADLINE_GRACE),
     }
 }
 
@@ -321,6 +335,43 @@ pub fn reply_to(snap: &Snapshot, me: &str, local: Option<&str>) -> String {
         .unwrap_or_default()
 }
 
+/// The peers whose clocks this host sees beyond `max_skew` seconds ahead of its own
+/// (`now`): their inventories are stamped later than this host's clock allows. A clock
+/// behind this host's cannot be told from an old inventory here; the host that is behind
+/// sees this one ahead, reports it ([`Inventory::clock_skew`]) and [`skew_reports`]
+/// carries the report to everyone.
+pub fn clocks_ahead(
+    inventories: &BTreeMap<String, Inventory>,
+    me: &str,
+    now: u64,
+    max_skew: u64,
+) -> Vec<String> {
+    inventories
+        .iter()
+        .filter(|(host, inv)| host.as_str() != me && inv.listed_at > now.saturating_add(max_skew))
+        .map(|(host, inv)| {
+            format!(
+                "{host}'s clock is {}s ahead of {me}'s (at most {max_skew}s allowed)",
+                inv.listed_at - now
+            )
+        })
+        .collect()
+}
+
+/// The clock skews other hosts report having seen themselves. Only first-hand sightings
+/// are published, so a report cannot echo between hosts after the clocks agree again.
+pub fn skew_reports(inventories: &BTreeMap<String, Inventory>, me: &str) -> Vec<String> {
+    inventories
+        .iter()
+        .filter(|(host, _)| host.as_str() != me)
+        .filter_map(|(host, inv)| {
+            inv.clock_skew
+                .as_ref()
+                .map(|s| format!("{host} reports: {s}"))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,6 +398,8 @@ mod tests {
             applied_commit: None,
             commit: None,
             listed_at,
+            seq: 0,
+            clock_skew: None,
             used: Usage::default(),
             reserved: Usage::default(),
             limits: Limits {
@@ -400,15 +453,104 @@ mod tests {
         let i = intent(IntentStatus::Placed {
             host: "host2".into(),
             at: 500,
+            seq: Some(10),
         });
         let mut invs = BTreeMap::new();
-        invs.insert("host2".into(), inventory("host2", 499, &[], 8));
+        let mut before = inventory("host2", 499, &[], 8);
+        before.seq = 10;
+        invs.insert("host2".into(), before);
         assert_eq!(intent_fate(&i, Some("h1"), &invs, 10_000), IntentFate::Open);
-        invs.insert("host2".into(), inventory("host2", 501, &["web1"], 8));
+        let mut after = inventory("host2", 501, &["web1"], 8);
+        after.seq = 11;
+        invs.insert("host2".into(), after);
         assert!(matches!(
             intent_fate(&i, Some("h1"), &invs, 600),
             IntentFate::Close(_)
         ));
+    }
+
+    /// Guards issue 14, case 4 (clock skew builds a VM twice): the builder's clock ran 30 s
+    /// ahead and its beanstalkd stalled during the build, so its last inventory, listed
+    /// before the build, carried a time later than the result's arrival on the owner's
+    /// clock; the intent closed as "gone" and the VM was built again elsewhere. Only an
+    /// inventory published after the build may say the VM is gone.
+    #[test]
+    fn an_inventory_from_before_the_build_never_closes_a_placed_intent_whatever_its_clock() {
+        let i = intent(IntentStatus::Placed {
+            host: "host2".into(),
+            at: 1000,
+            seq: Some(7),
+        });
+        // Listed before the build (no VM yet), stamped 30 s ahead by host2's clock.
+        let mut before = inventory("host2", 1030, &[], 8);
+        before.seq = 6;
+        let invs = BTreeMap::from([("host2".to_string(), before)]);
+        assert_eq!(intent_fate(&i, Some("h1"), &invs, 1001), IntentFate::Open);
+        // A result from an older builder has no sequence: the same inventory still
+        // cannot close the intent (its time is within the grace of any allowed skew).
+        let legacy = intent(IntentStatus::Placed {
+            host: "host2".into(),
+            at: 1000,
+            seq: None,
+        });
+        assert_eq!(
+            intent_fate(&legacy, Some("h1"), &invs, 1001),
+            IntentFate::Open
+        );
+    }
+
+    /// Guards issue 14, case 4 (the same-second stall): the result and the next inventory
+    /// of the builder fell in the same second, so `listed_at > at` never held and the
+    /// intent stayed open until the next poll, 60 s later. An inventory published after
+    /// the build decides at once, whatever second it was listed in.
+    #[test]
+    fn an_inventory_published_after_the_build_decides_in_the_same_second() {
+        let i = intent(IntentStatus::Placed {
+            host: "host2".into(),
+            at: 1000,
+            seq: Some(7),
+        });
+        // Listed after the result (the VM was destroyed since), in the same second.
+        let mut after = inventory("host2", 1000, &[], 8);
+        after.seq = 8;
+        let invs = BTreeMap::from([("host2".to_string(), after)]);
+        assert!(matches!(
+            intent_fate(&i, Some("h1"), &invs, 1000),
+            IntentFate::Close(why) if why.contains("gone")
+        ));
+    }
+
+    /// Guards issue 14, case 4: beyond the clock skew the cluster is built for, deadlines
+    /// set on one host and checked on another no longer hold, so creates stop. A host
+    /// sees a peer ahead by its inventory's time; a peer behind sees this host ahead and
+    /// says so in its own inventory.
+    #[test]
+    fn a_clock_beyond_the_allowed_skew_is_seen_first_hand_or_by_report() {
+        let ahead = inventory("host2", 1030, &[], 8);
+        let fine = inventory("host3", 1005, &[], 8);
+        let mut behind = inventory("host4", 990, &[], 8);
+        behind.clock_skew = Some("host1's clock is 10s ahead of host4's".into());
+        let mut mine = inventory("host1", 2000, &[], 8);
+        mine.clock_skew = Some("an old sighting of my own".into());
+        let invs: BTreeMap<String, Inventory> = [
+            ("host1".to_string(), mine),
+            ("host2".to_string(), ahead),
+            ("host3".to_string(), fine),
+            ("host4".to_string(), behind),
+        ]
+        .into();
+        let seen = clocks_ahead(&invs, "host1", 1000, 5);
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert!(
+            seen[0].starts_with("host2's clock is 30s ahead"),
+            "{seen:?}"
+        );
+        assert!(clocks_ahead(&invs, "host1", 1000, 30).is_empty());
+        let reported = skew_reports(&invs, "host1");
+        assert_eq!(
+            reported,
+            vec!["host4 reports: host1's clock is 10s ahead of host4's".to_string()]
+        );
     }
 
     /// Guards issue 11, hole 7: host3's beanstalkd was killed during builds, the VMs were

@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod peers;
 mod recheck;
 mod replay;
+mod seq;
 pub mod status;
 pub mod usage;
 mod worker;
@@ -202,6 +203,8 @@ struct Local {
     left_cluster: Option<String>,
     /// Creates that wait for other hosts, as of the last pass.
     waiting: Vec<message::WaitingCreate>,
+    /// Peers' clocks this host saw beyond `max_clock_skew` in its last pass.
+    clock_skew: Option<String>,
 }
 
 /// State shared by the agent's tasks.
@@ -243,6 +246,8 @@ pub struct Shared {
     /// Who owns which VM under each commit seen, for creates that wait for hosts on
     /// other commits.
     owners: Mutex<BTreeMap<String, decide::CommitOwners>>,
+    /// Numbers this host's inventories (issue 14, case 4).
+    inventory_seq: seq::InventorySeq,
 }
 
 /// The backend the config describes: vm-bhyve's `vm`, or the simulator when `sim_dir` is
@@ -286,6 +291,8 @@ impl Shared {
             IntentStore::open(cfg.state_dir.join("intents")).map_err(|e| state(e.to_string()))?;
         let departed =
             departed::Departed::open(&cfg.state_dir).map_err(|e| state(e.to_string()))?;
+        let inventory_seq =
+            seq::InventorySeq::open(&cfg.state_dir).map_err(|e| state(e.to_string()))?;
         let acted = replay::ReplayCache::open(
             &cfg.state_dir.join(ACTED_FILE),
             cfg.message_window.0.as_secs(),
@@ -318,6 +325,7 @@ impl Shared {
             identities: Mutex::default(),
             departed: Mutex::new(departed),
             owners: Mutex::default(),
+            inventory_seq,
         }))
     }
 
@@ -500,11 +508,17 @@ impl Shared {
     }
 
     async fn send_result(&self, origin: &Origin, r: &JobResult) {
+        // Taken now, after the job's work: this host's inventories numbered above it
+        // were listed after the work (issue 14, case 4).
+        let r = JobResult {
+            inventory_seq: Some(self.inventory_seq.current()),
+            ..r.clone()
+        };
         let env = self.sealed(Envelope::new(
             &self.cluster_id(),
             self.me(),
             &origin.owner,
-            Message::Result(r.clone()),
+            Message::Result(r),
         ));
         if let Err(e) = self
             .peers
@@ -1072,6 +1086,7 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
         return Ok(false);
     }
     let me = shared.me().to_string();
+    let seq = shared.inventory_seq.next();
     let listed_at = message::now();
     let local = list_local(shared)
         .await
@@ -1098,7 +1113,7 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
     // close on it).
     inventories.insert(
         me.clone(),
-        inventory(shared, snap, local.clone(), listed_at),
+        inventory(shared, snap, local.clone(), listed_at, seq),
     );
     let mut actual = vec![HostActual {
         host: me.clone(),
@@ -1206,7 +1221,8 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
             }
         }
     }
-    let emits = decide::select(&plan, &me, unseen.is_empty(), &waiting);
+    let skews = clock_skews(shared, &inventories, &me, now);
+    let emits = decide::select(&plan, &me, unseen.is_empty() && skews.is_empty(), &waiting);
     let waiting_creates = plan
         .actions()
         .filter(|a| matches!(a, Action::Create { owner, .. } if owner == &me))
@@ -1310,6 +1326,40 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
     tracing::debug!(took = ?started.elapsed(), "reconciled");
     shared.wake_publish.notify_one();
     Ok(!unseen.is_empty() || catching_up)
+}
+
+/// Issue 14, case 4: the clock skews beyond `max_clock_skew` that stop this host's
+/// creates, first-hand or reported by peers. A change in what this host sees itself is
+/// an error event; the sighting goes into its inventory, for `flotilla status` and for
+/// the peers, which stop too.
+fn clock_skews(
+    shared: &Shared,
+    inventories: &BTreeMap<String, Inventory>,
+    me: &str,
+    now: u64,
+) -> Vec<String> {
+    let max = shared.cfg.max_clock_skew.0.as_secs();
+    let seen = decide::clocks_ahead(inventories, me, now, max);
+    let sighting = (!seen.is_empty()).then(|| seen.join("; "));
+    let changed = {
+        let mut local = shared.local.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = local.clock_skew != sighting;
+        local.clock_skew = sighting.clone();
+        changed
+    };
+    if changed {
+        let text = match &sighting {
+            Some(s) => format!("{s}: this host sends no creates until the clocks agree"),
+            None => "clocks agree again within max_clock_skew".to_string(),
+        };
+        shared.event("error", None, None, None, text);
+    }
+    let mut all = seen;
+    all.extend(decide::skew_reports(inventories, me));
+    if !all.is_empty() {
+        tracing::warn!(skews = ?all, "creates held back: clocks disagree beyond max_clock_skew");
+    }
+    all
 }
 
 /// First hops that could not be reached in this pass: how many creates were not sent
@@ -1784,6 +1834,7 @@ fn on_result(shared: &Arc<Shared>, r: JobResult) {
                     Outcome::Done => Some(IntentStatus::Placed {
                         host: r.host.clone(),
                         at: now,
+                        seq: r.inventory_seq,
                     }),
                     Outcome::Unplaceable { .. } | Outcome::Failed { .. } => {
                         Some(IntentStatus::Failed {
@@ -1841,8 +1892,14 @@ fn on_result(shared: &Arc<Shared>, r: JobResult) {
     shared.results_in.notify_one();
 }
 
-/// This host's inventory, now.
-fn inventory(shared: &Shared, snap: &Snapshot, vms: Vec<ActualVm>, listed_at: u64) -> Inventory {
+/// This host's inventory, now: `seq` was taken before `vms` were listed.
+fn inventory(
+    shared: &Shared,
+    snap: &Snapshot,
+    vms: Vec<ActualVm>,
+    listed_at: u64,
+    seq: u64,
+) -> Inventory {
     let limits = snap
         .cluster
         .hosts
@@ -1885,6 +1942,8 @@ fn inventory(shared: &Shared, snap: &Snapshot, vms: Vec<ActualVm>, listed_at: u6
         // every create it sent is among them.
         commit: local.reconciled_commit.clone(),
         listed_at,
+        seq,
+        clock_skew: local.clock_skew.clone(),
         used: Usage::of(&vms),
         reserved,
         overload: shared.overload(usage::Claims::of(&vms).running_memory, &limits),
@@ -1960,6 +2019,7 @@ async fn publish_loop(shared: Arc<Shared>) {
             continue;
         }
         check_own_tube(&shared, &addr).await;
+        let seq = shared.inventory_seq.next();
         let listed_at = message::now();
         let vms = match list_local(&shared).await {
             Ok(v) => v,
@@ -1968,7 +2028,7 @@ async fn publish_loop(shared: Arc<Shared>) {
                 continue;
             }
         };
-        let inv = inventory(&shared, &snap, vms, listed_at);
+        let inv = inventory(&shared, &snap, vms, listed_at, seq);
         let env = shared.sealed(Envelope::new(
             &snap.cluster.id,
             shared.me(),

@@ -45,6 +45,9 @@ pub struct HostStatus {
     /// until it shows them gone or `flotilla host forget` says it is gone for good.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub left_cluster: bool,
+    /// A peer clock it sees beyond `max_clock_skew`: no creates are sent meanwhile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock_skew: Option<String>,
 }
 
 /// A host name seen under two identities: two agents claim it, and no create goes to or
@@ -183,6 +186,7 @@ pub async fn gather(hosts: &HostsFile, verify: Verify<'_>) -> (ClusterStatus, Ve
             overload: None,
             identity: None,
             left_cluster,
+            clock_skew: None,
         };
         match r {
             Ok(Ok((Some(inv), _))) => {
@@ -193,6 +197,7 @@ pub async fn gather(hosts: &HostsFile, verify: Verify<'_>) -> (ClusterStatus, Ve
                 h.reserved = Some(inv.reserved);
                 h.limits = Some(inv.limits);
                 h.overload = inv.overload.clone();
+                h.clock_skew = inv.clock_skew.clone();
                 h.identity = inv.agent.as_ref().map(|a| a.identity.clone());
                 for vm in &inv.vms {
                     out.vms.push(VmStatus {
@@ -290,7 +295,7 @@ pub fn render_text(s: &ClusterStatus) -> String {
         };
         let _ = writeln!(
             o,
-            "  {:<10} {:<21} applied {:<10}  {}  {}{}{}",
+            "  {:<10} {:<21} applied {:<10}  {}  {}{}{}{}",
             h.host,
             h.beanstalkd,
             short(h.applied_commit.as_deref()),
@@ -299,6 +304,10 @@ pub fn render_text(s: &ClusterStatus) -> String {
             h.overload
                 .as_ref()
                 .map(|x| format!("  OVERLOADED: {x}"))
+                .unwrap_or_default(),
+            h.clock_skew
+                .as_ref()
+                .map(|x| format!("  CLOCK SKEW, no creates: {x}"))
                 .unwrap_or_default(),
             if h.left_cluster {
                 "  LEFT cluster.yaml: its VMs are held there until it shows them gone or `flotilla host forget`"

@@ -63,6 +63,8 @@ fn result(env: &Envelope, vm: &str, host: &str, commit: &str, outcome: Outcome) 
         host: host.to_string(),
         commit: commit.to_string(),
         outcome,
+        // Set when it is sent, after the work (see `Shared::send_result`).
+        inventory_seq: None,
     }
 }
 

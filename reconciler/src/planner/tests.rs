@@ -1059,3 +1059,269 @@ fn any_operation_in_flight_holds_its_vm_back() {
     assert_eq!(all(&p), [], "{p:#?}");
     assert_eq!(p.pending, in_flight);
 }
+
+// ---- unique resources (issue 14, case 5) ----
+
+/// A database VM on a device of its own, with a fixed MAC.
+fn db_yaml(name: &str, protect: bool) -> String {
+    format!(
+        "name: {name}\nprofile: CS0\nhost: host1\nprotect: {protect}\nconfig:\n  disk0_dev: custom\n  disk0_name: /dev/zvol/tank/db\n  network0_mac: 02:00:00:00:00:01\n"
+    )
+}
+
+/// Guards issue 14, case 5: renaming `dbold` to `dbnew` (same `disk0_name` device, same
+/// MAC) planned the destroy and the create independently, and both VMs ran on one disk
+/// for the whole stop time. The create waits until the old VM is gone.
+#[test]
+fn a_rename_waits_for_the_old_vm_to_be_gone_before_the_new_one_is_created() {
+    let old = snapshot(&[db_yaml("dbold", false)], 1.0);
+    let new = snapshot(&[db_yaml("dbnew", false)], 1.0);
+    let mut actual = vec![HostActual {
+        host: "host1".into(),
+        vms: vec![built(&old.vms["dbold"])],
+    }];
+    let p = plan(&new, &actual, &[], &PlanOptions::default());
+    assert_eq!(
+        all(&p),
+        [("host1".into(), "dbold".into(), Kind::Destroy)],
+        "{p:#?}"
+    );
+    let held: Vec<&Blocked> = p.blocked().collect();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(
+        (held[0].vm.as_str(), held[0].reason),
+        ("dbnew", BlockReason::ResourceTaken)
+    );
+    assert!(held[0].detail.contains("dbold"), "{}", held[0].detail);
+    assert!(
+        held[0].detail.contains("/dev/zvol/tank/db"),
+        "{}",
+        held[0].detail
+    );
+    // Once the old VM is gone, the new one is created.
+    apply(&p, &mut actual);
+    let next = plan(&new, &actual, &[], &PlanOptions::default());
+    assert_eq!(all(&next), [("host1".into(), "dbnew".into(), Kind::Create)]);
+}
+
+/// Guards issue 14, case 5: with `protect: true` on the old VM the destroy is refused,
+/// and the two VMs ran on one disk indefinitely. A protected or unmanaged holder blocks
+/// the create, with the reason.
+#[test]
+fn a_protected_or_unmanaged_holder_blocks_the_create_with_the_reason() {
+    let old = snapshot(&[db_yaml("dbold", true)], 1.0);
+    let new = snapshot(&[db_yaml("dbnew", false)], 1.0);
+    let actual = vec![HostActual {
+        host: "host2".into(),
+        vms: vec![built(&old.vms["dbold"])],
+    }];
+    let p = plan(&new, &actual, &[], &PlanOptions::default());
+    assert_eq!(all(&p), []);
+    // dbnew is pinned to host1, which would send its create.
+    assert_eq!(
+        blocked(&p),
+        [
+            ("host1".into(), "dbnew".into(), BlockReason::ResourceTaken),
+            ("host2".into(), "dbold".into(), BlockReason::Protected),
+        ]
+    );
+    let why = &p.blocked().find(|b| b.vm == "dbnew").unwrap().detail;
+    assert!(
+        why.contains("protected") && why.contains("dbold on host2"),
+        "{why}"
+    );
+
+    // An unmanaged VM on another host with the same MAC (and nothing else in common).
+    let mut stranger = built(&old.vms["dbold"]);
+    stranger.name = "legacy".into();
+    stranger.marker = None;
+    stranger.config.remove("disk0_name");
+    stranger.config.remove("disk0_dev");
+    // Written in upper case, as another tool might: still the same address.
+    stranger
+        .config
+        .insert("network0_mac".into(), "02:00:00:00:00:01".to_uppercase());
+    let actual = vec![HostActual {
+        host: "host3".into(),
+        vms: vec![stranger],
+    }];
+    let p = plan(&new, &actual, &[], &PlanOptions::default());
+    assert_eq!(all(&p), []);
+    let why = &p.blocked().find(|b| b.vm == "dbnew").unwrap().detail;
+    assert!(
+        why.contains("unmanaged") && why.contains("02:00:00:00:00:01"),
+        "{why}"
+    );
+}
+
+/// Guards issue 14, case 5: a fixed VNC port is as unique as a disk.
+#[test]
+fn a_fixed_vnc_port_in_use_holds_the_create_back() {
+    let new = snapshot(
+        &s(&["name: desk\nprofile: CS0\nconfig:\n  graphics: yes\n  graphics_port: 5901\n"]),
+        1.0,
+    );
+    let mut other = built(&new.vms["desk"]);
+    other.name = "olddesk".into();
+    let actual = vec![HostActual {
+        host: "host1".into(),
+        vms: vec![other],
+    }];
+    let p = plan(&new, &actual, &[], &PlanOptions::default());
+    assert!(!all(&p).iter().any(|(_, v, _)| v == "desk"), "{p:#?}");
+    assert!(blocked(&p)
+        .iter()
+        .any(|(_, v, r)| v == "desk" && *r == BlockReason::ResourceTaken));
+}
+
+/// One VM of the rename property: the disk device and MAC it holds (if any).
+#[derive(Debug, Clone)]
+struct Holder {
+    name: usize,
+    disk: Option<usize>,
+    mac: Option<usize>,
+    protect: bool,
+    host: usize,
+    unmanaged: bool,
+}
+
+fn holder_yaml(h: &Holder) -> String {
+    let mut y = format!(
+        "name: r{}\nprofile: CS0\nhost: {}\nprotect: {}\nconfig:\n  network0_switch: lan\n",
+        h.name, HOSTS[h.host], h.protect
+    );
+    if let Some(d) = h.disk {
+        y += &format!("  disk0_dev: custom\n  disk0_name: /dev/zvol/tank/d{d}\n");
+    }
+    if let Some(m) = h.mac {
+        y += &format!("  network0_mac: 02:00:00:00:00:0{m}\n");
+    }
+    y
+}
+
+/// The holders whose names and resources are all distinct from the ones before them.
+fn disjoint(hs: &[Holder]) -> Vec<Holder> {
+    let mut out: Vec<Holder> = Vec::new();
+    for h in hs {
+        let clash = out.iter().any(|o| {
+            o.name == h.name
+                || (h.disk.is_some() && o.disk == h.disk)
+                || (h.mac.is_some() && o.mac == h.mac)
+        });
+        if !clash {
+            out.push(h.clone());
+        }
+    }
+    out
+}
+
+fn arb_holder() -> impl Strategy<Value = Holder> {
+    (
+        0usize..6,
+        proptest::option::of(0usize..3),
+        proptest::option::of(0usize..3),
+        proptest::bool::weighted(0.2),
+        0usize..3,
+        proptest::bool::weighted(0.1),
+    )
+        .prop_map(|(name, disk, mac, protect, host, unmanaged)| Holder {
+            name,
+            disk,
+            mac,
+            protect,
+            host,
+            unmanaged,
+        })
+}
+
+/// The unique resources of every VM `actual` has plus every VM `plan` creates, each
+/// with the names holding it, where more than one does.
+fn shared_resources(plan: &Plan, actual: &[HostActual]) -> Vec<(String, Vec<String>)> {
+    let mut by: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    let mut claim = |name: &str, config: &BTreeMap<String, String>| {
+        for (key, value) in unique_resources(config) {
+            by.entry(format!("{} {value}", resource_kind(key)))
+                .or_default()
+                .insert(name.to_string());
+        }
+    };
+    for h in actual {
+        for vm in &h.vms {
+            claim(&vm.name, &vm.config);
+        }
+    }
+    for a in plan.actions() {
+        if let Action::Create { vm, spec, .. } | Action::Replace { vm, spec, .. } = a {
+            claim(vm, &spec.config);
+        }
+    }
+    by.into_iter()
+        .filter(|(_, names)| names.len() > 1)
+        .map(|(r, names)| (r, names.into_iter().collect()))
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Guards issue 14, case 5: whatever VMs hold which disks and MACs, and whatever the
+    /// desired state renames, no plan ever has two VMs with one disk device or MAC: the
+    /// creates it holds are checked against every VM any host has (creates and destroys
+    /// of one plan run independently, so the old VM may still run while the new one is
+    /// built). Renames settle within a few passes unless a protected or unmanaged VM
+    /// holds the resource.
+    #[test]
+    fn no_plan_ever_has_two_vms_with_one_disk_or_mac(
+        old in proptest::collection::vec(arb_holder(), 0..6),
+        new in proptest::collection::vec(arb_holder(), 0..6),
+    ) {
+        let old = disjoint(&old);
+        let new = disjoint(&new);
+        let desired = snapshot(&new.iter().map(holder_yaml).collect::<Vec<_>>(), 1.0);
+        let mut actual: Vec<HostActual> = HOSTS
+            .iter()
+            .map(|h| HostActual { host: h.to_string(), vms: vec![] })
+            .collect();
+        for h in &old {
+            // A VM of a desired name is as desired, resources included: the case is
+            // renames, not resources changing in place.
+            let spec_yaml = new
+                .iter()
+                .find(|n| n.name == h.name)
+                .map_or_else(|| holder_yaml(h), holder_yaml);
+            let universe = snapshot(&[spec_yaml], 1.0);
+            let spec = &universe.vms[&format!("r{}", h.name)];
+            let mut vm = built(spec);
+            // built() gives every VM one generated MAC; keep the spec's, or one of its own.
+            let mac = spec
+                .config
+                .get("network0_mac")
+                .cloned()
+                .unwrap_or_else(|| format!("58:9c:fc:00:01:{:02x}", h.name));
+            vm.config.insert("network0_mac".into(), mac);
+            if h.unmanaged {
+                vm.marker = None;
+            }
+            let host = HOSTS.iter().position(|x| *x == spec.host.as_deref().unwrap_or("host1")).unwrap_or(0);
+            actual[host].vms.push(vm);
+        }
+        prop_assume!(shared_resources(&Plan { commit: None, cluster: String::new(), hosts: vec![], pending: vec![], warnings: vec![] }, &actual).is_empty());
+        for _pass in 0..4 {
+            let p = plan(&desired, &actual, &[], &PlanOptions { allow_prune: true, allow_empty: true });
+            let shared = shared_resources(&p, &actual);
+            prop_assert!(shared.is_empty(), "shared: {:?}\nplan: {:#?}", shared, p);
+            apply(&p, &mut actual);
+            for h in actual.iter_mut() {
+                for vm in h.vms.iter_mut() {
+                    let spec_mac = desired.vms.get(&vm.name).and_then(|s| s.config.get("network0_mac")).cloned();
+                    if let Some(m) = spec_mac {
+                        vm.config.insert("network0_mac".into(), m);
+                    } else if vm.config.get("network0_mac").is_some_and(|m| m == "58:9c:fc:00:00:01") {
+                        let n: usize = vm.name.trim_start_matches('r').parse().unwrap_or(99);
+                        vm.config.insert("network0_mac".into(), format!("58:9c:fc:00:01:{n:02x}"));
+                    }
+                }
+            }
+        }
+    }
+}
