@@ -20,6 +20,9 @@
 //!   snapshot lists no VMs at all, unless [`PlanOptions::allow_empty`]; and not when a
 //!   host would lose more than the prune-guard share of its managed VMs, unless
 //!   [`PlanOptions::allow_prune`]. Refused destroys are reported as blocked.
+//! - A managed VM that runs as desired but is missing from the host's autostart list
+//!   (`vm_list`), or is stopped as desired but still in it, gets an update of its
+//!   autostart entry alone: after a reboot it must come up as it is now.
 //! - A VM whose marker says `complete: false` is a half-made create: desired, it gets a
 //!   create again (which finishes or cleans it up); not desired, it is destroyed.
 //!
@@ -118,6 +121,10 @@ pub enum Action {
         changes: Vec<Change>,
         /// The new `protect` flag for the marker, when it changes.
         protect: Option<bool>,
+        /// Whether the VM must be added to (`true`) or removed from (`false`) the
+        /// host's autostart list, when that differs from its desired state.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        autostart: Option<bool>,
         /// True when the VM runs and must restart for the change to take effect.
         restart: bool,
         /// The spec hash recorded in the marker once done.
@@ -820,13 +827,23 @@ fn plan_existing(
         _ => None,
     };
     let wants_running = spec.state == DesiredState::Running;
-    if (!changes.is_empty() || protect.is_some()) && flying(Kind::Update).is_none() {
+    // Autostart is drift only where the run state is as desired: a start or stop sets
+    // it anyway, and a locked VM's state is unknown.
+    let autostart = match (wants_running, vm.state, vm.autostart.is_some()) {
+        (true, RunState::Running | RunState::Bootloader, false) => Some(true),
+        (false, RunState::Stopped, true) => Some(false),
+        _ => None,
+    };
+    if (!changes.is_empty() || protect.is_some() || autostart.is_some())
+        && flying(Kind::Update).is_none()
+    {
         b.act(Action::Update {
             host: host.to_string(),
             vm: spec.name.clone(),
             restart: running && wants_running && !changes.is_empty(),
             changes,
             protect,
+            autostart,
             spec_hash: spec.spec_hash.clone(),
             config: spec.config.clone(),
         });

@@ -1176,6 +1176,7 @@ async fn emit_op(shared: &Arc<Shared>, snap: &Snapshot, action: &Action, origin:
         Action::Update {
             changes,
             protect,
+            autostart,
             restart,
             spec_hash,
             ..
@@ -1195,6 +1196,7 @@ async fn emit_op(shared: &Arc<Shared>, snap: &Snapshot, action: &Action, origin:
                 grow_disk: None,
                 restart: *restart,
                 protect: *protect,
+                autostart: *autostart,
                 spec_hash: spec_hash.clone(),
                 origin: origin.clone(),
             }),
@@ -1210,6 +1212,7 @@ async fn emit_op(shared: &Arc<Shared>, snap: &Snapshot, action: &Action, origin:
                 grow_disk: Some(*to),
                 restart: *restart,
                 protect: None,
+                autostart: None,
                 spec_hash: snap
                     .vms
                     .get(&vm)

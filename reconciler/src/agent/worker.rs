@@ -676,6 +676,11 @@ fn remove_half_made(shared: &Shared, vm: &str) -> Result<(), StepError> {
         None if journaled(shared, vm).is_some() => {}
         _ => return Ok(()),
     }
+    // Out of vm_list first: should the rest fail (a stale vmm makes `vm destroy`
+    // refuse), nothing half-made is started at the next boot.
+    if found.autostart.is_some() {
+        backend.set_autostart(vm, false)?;
+    }
     if found.state != RunState::Stopped {
         backend.stop(vm, Duration::from_secs(5))?;
     }
@@ -767,10 +772,12 @@ fn build_steps(shared: &Shared, env: &Envelope, job: &CreateJob) -> Result<(), S
         );
     }
     check(cancel)?;
-    backend.set_autostart(&job.vm, order.running)?;
+    // Into vm_list only once it runs: a VM whose start failed is half-made, and a
+    // half-made VM must not be started at the next boot.
     if order.running {
         backend.start(&job.vm)?;
     }
+    backend.set_autostart(&job.vm, order.running)?;
     backend.write_marker(&job.vm, &marker(true))?;
     Ok(())
 }
@@ -897,6 +904,9 @@ fn update(
     backend.write_marker(&u.vm, &marker)?;
     if running && u.restart && changes_config {
         backend.start(&u.vm)?;
+    }
+    if let Some(on) = u.autostart {
+        backend.set_autostart(&u.vm, on)?;
     }
     Ok(())
 }
