@@ -197,13 +197,14 @@ fn removing_resizing_and_stopping_through_git() {
         ],
         "remove one, resize one, stop one",
     );
-    c.wait_until("gone destroyed, grow at 1G, halt stopped", CONVERGE, |c| {
+    c.wait_until("gone destroyed, grow at 1G and running, halt stopped", CONVERGE, |c| {
         let gone = c.names(1).is_empty();
         let grow = c
             .vms(2)
             .into_iter()
             .find(|v| v.name == "grow")
-            .is_some_and(|v| v.memory.to_string() == "1G");
+            // Running again too: a restart takes its time (Locked, then Running).
+            .is_some_and(|v| v.memory.to_string() == "1G" && v.state == RunState::Running);
         let halt = c
             .vms(0)
             .into_iter()
