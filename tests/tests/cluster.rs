@@ -197,7 +197,7 @@ fn removing_resizing_and_stopping_through_git() {
         ],
         "remove one, resize one, stop one",
     );
-    c.wait_until("gone destroyed, grow at 1G and running, halt stopped", CONVERGE, |c| {
+    c.wait_until("gone destroyed, grow at 1G, halt stopped", CONVERGE, |c| {
         let gone = c.names(1).is_empty();
         let grow = c
             .vms(2)
