@@ -23,8 +23,9 @@ pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     // tempfile makes its files 0600; what is replaced here (templates, markers, state
     // files) is read by vm-bhyve, operators and `flotilla status` as vm-bhyve's own
     // files are: 0644.
-    tmp.as_file()
-        .set_permissions(<std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o644))?;
+    tmp.as_file().set_permissions(
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o644),
+    )?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     std::fs::File::open(dir).and_then(|d| d.sync_all())

@@ -345,7 +345,9 @@ fn two_starts_at_once_kill_the_first_guest() {
         assert!(text(&out.stdout).ends_with("  * booting...\n"), "{out:?}");
     }
     let end = Instant::now() + Duration::from_secs(10);
-    while !host.read("alpha/vm-bhyve.log").contains("bhyve exited with status 137")
+    while !host
+        .read("alpha/vm-bhyve.log")
+        .contains("bhyve exited with status 137")
         && Instant::now() < end
     {
         std::thread::sleep(Duration::from_millis(20));

@@ -763,7 +763,8 @@ impl VmListTurn {
             .open(path)
             .map_err(io_err(path))?;
         // Released when the file is closed, with the turn.
-        file.lock().map_err(io_err(path))?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io_err(path)(e.into()))?;
         Ok(VmListTurn {
             _file: file,
             _guard: guard,

@@ -959,5 +959,8 @@ fn autostart_entries_are_drift_the_planner_repairs() {
             other => panic!("{other:?}"),
         })
         .collect();
-    assert_eq!(got, vec![("web1", Some(true), false), ("web2", Some(false), false)]);
+    assert_eq!(
+        got,
+        vec![("web1", Some(true), false), ("web2", Some(false), false)]
+    );
 }

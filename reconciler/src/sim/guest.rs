@@ -194,7 +194,12 @@ fn child(host: &Host, role: &str, name: &str) -> std::io::Result<i32> {
 /// `bhyvectl --destroy`: the guest that owns the vmm dies. A bhyve records its pid a
 /// moment after it starts, so a vmm without a known process is given that moment.
 fn destroy_vmm(host: &Host, name: &str, patient: bool) {
-    let end = Instant::now() + if patient { Duration::from_secs(1) } else { Duration::ZERO };
+    let end = Instant::now()
+        + if patient {
+            Duration::from_secs(1)
+        } else {
+            Duration::ZERO
+        };
     while host.vmm_file(name).exists() {
         let pid = host
             .live_pid(name, "bhyve")

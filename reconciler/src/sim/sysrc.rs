@@ -116,7 +116,9 @@ fn sysrc_window() -> std::time::Duration {
         return std::time::Duration::from_millis(ms);
     }
     match std::env::var_os("VM_SIM_DIR") {
-        Some(d) if !d.is_empty() => super::host::Settings::load(std::path::Path::new(&d)).sysrc_window,
+        Some(d) if !d.is_empty() => {
+            super::host::Settings::load(std::path::Path::new(&d)).sysrc_window
+        }
         _ => super::host::Settings::load(std::path::Path::new("/nonexistent")).sysrc_window,
     }
 }
