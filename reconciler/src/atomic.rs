@@ -20,6 +20,12 @@ pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .suffix(".tmp")
         .tempfile_in(dir)?;
     tmp.write_all(bytes)?;
+    // tempfile makes its files 0600; what is replaced here (templates, markers, state
+    // files) is read by vm-bhyve, operators and `flotilla status` as vm-bhyve's own
+    // files are: 0644.
+    tmp.as_file().set_permissions(
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o644),
+    )?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     std::fs::File::open(dir).and_then(|d| d.sync_all())
@@ -54,5 +60,17 @@ mod tests {
             .filter(|e| e.file_name() != "CS0.conf")
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    /// Guards issue 12, item 5: templates and markers were written 0600 (tempfile's
+    /// mode), where vm-bhyve's own files are 0644.
+    #[test]
+    fn replaced_files_are_0644() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.conf");
+        write(&path, b"x").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(format!("{mode:o}"), "644");
     }
 }

@@ -100,6 +100,12 @@ impl HostSpec {
 pub struct Options {
     /// `create_delay_ms` and `start_delay_ms` of the simulator.
     pub sim_delay_ms: u64,
+    /// Keep the simulator's realistic slowness (a start locks late and takes about half
+    /// a second, `vm list`/`vm info` take tens of milliseconds, sysrc has a window that
+    /// loses concurrent edits). Off, the lab asks vm-sim for speed: tests that do not
+    /// care about these costs run faster. `FLOTILLA_LAB_SIM_REALISTIC=1` turns it on
+    /// for every test, to see the whole suite against the realistic simulator.
+    pub sim_realistic: bool,
     /// The agents' fetch interval (they also watch the local repo).
     pub poll: &'static str,
     /// `worker.max_creates`.
@@ -127,6 +133,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             sim_delay_ms: 0,
+            sim_realistic: false,
             poll: "1s",
             max_creates: 2,
             extra_config: String::new(),
@@ -198,7 +205,7 @@ fn git(repo: &Path, args: &[&str]) -> String {
 }
 
 /// Makes `<root>/vm`, a simulated vm-bhyve directory of host `name`, and `<root>/secrets`.
-fn init_sim(bin: &Path, root: &Path, name: &str, delay_ms: u64) {
+fn init_sim(bin: &Path, root: &Path, name: &str, delay_ms: u64, realistic: bool) {
     let vm_dir = root.join("vm");
     fs::create_dir_all(&vm_dir).unwrap();
     fs::create_dir_all(root.join("secrets")).unwrap();
@@ -212,7 +219,12 @@ fn init_sim(bin: &Path, root: &Path, name: &str, delay_ms: u64) {
     fs::write(
         vm_dir.join(".config/sim.conf"),
         format!(
-            "stop_resend_ms=20\nshutdown_ms=50\ncreate_delay_ms={delay_ms}\nstart_delay_ms={delay_ms}\n"
+            "stop_resend_ms=20\nshutdown_ms=50\ncreate_delay_ms={delay_ms}\nstart_delay_ms={delay_ms}\n{}",
+            if realistic || std::env::var_os("FLOTILLA_LAB_SIM_REALISTIC").is_some() {
+                ""
+            } else {
+                "start_lock_ms=0\nlocked_ms=0\nlist_delay_ms=0\nsysrc_window_ms=0\n"
+            }
         ),
     )
     .unwrap();
@@ -259,7 +271,13 @@ impl Cluster {
             let root = dir.path().join(&spec.name);
             let vm_dir = root.join("vm");
             let state_dir = root.join("state");
-            init_sim(&bin, &root, &spec.name, options.sim_delay_ms);
+            init_sim(
+                &bin,
+                &root,
+                &spec.name,
+                options.sim_delay_ms,
+                options.sim_realistic,
+            );
             let config = root.join("agent.yaml");
             let log = root.join("agent.log");
             hosts.push(Host {
@@ -520,6 +538,7 @@ impl Cluster {
             &root,
             &name,
             self.options.sim_delay_ms,
+            self.options.sim_realistic,
         );
         let twin = Twin {
             vm_dir: root.join("vm"),

@@ -302,6 +302,9 @@ pub struct UpdateJob {
     /// The new `protect` flag for the marker, when it changes.
     #[serde(default)]
     pub protect: Option<bool>,
+    /// Add the VM to (`true`) or remove it from (`false`) the autostart list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autostart: Option<bool>,
     /// The new spec hash, recorded in the marker once done; the update is dropped when
     /// the newest desired spec has another.
     pub spec_hash: String,
@@ -643,6 +646,7 @@ mod tests {
                 grow_disk: Some(Size::gib(40)),
                 restart: true,
                 protect: Some(true),
+                autostart: Some(true),
                 spec_hash: "cd34".into(),
                 origin: origin(),
             }),

@@ -24,6 +24,9 @@
 //!   MAC, a fixed VNC port: [`unique_resources`]) another actual VM holds, on any host,
 //!   managed or not, is not planned until that VM is gone: a rename destroys the old VM
 //!   first. A protected or unmanaged holder blocks it for good, with the reason.
+//! - A managed VM that runs as desired but is missing from the host's autostart list
+//!   (`vm_list`), or is stopped as desired but still in it, gets an update of its
+//!   autostart entry alone: after a reboot it must come up as it is now.
 //! - A VM whose marker says `complete: false` is a half-made create: desired, it gets a
 //!   create again (which finishes or cleans it up); not desired, it is destroyed.
 //! - A VM with any job in flight, of whatever kind, gets no action (safety rule 10), and
@@ -125,6 +128,10 @@ pub enum Action {
         changes: Vec<Change>,
         /// The new `protect` flag for the marker, when it changes.
         protect: Option<bool>,
+        /// Whether the VM must be added to (`true`) or removed from (`false`) the
+        /// host's autostart list, when that differs from its desired state.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        autostart: Option<bool>,
         /// True when the VM runs and must restart for the change to take effect.
         restart: bool,
         /// The spec hash recorded in the marker once done.
@@ -930,14 +937,22 @@ fn plan_existing(
         _ => None,
     };
     let wants_running = spec.state == DesiredState::Running;
+    // Autostart is drift only where the run state is as desired: a start or stop sets
+    // it anyway, and a locked VM's state is unknown.
+    let autostart = match (wants_running, vm.state, vm.autostart.is_some()) {
+        (true, RunState::Running | RunState::Bootloader, false) => Some(true),
+        (false, RunState::Stopped, true) => Some(false),
+        _ => None,
+    };
     // One action at a time: the rest is planned once it is done (safety rule 10).
-    if !changes.is_empty() || protect.is_some() {
+    if !changes.is_empty() || protect.is_some() || autostart.is_some() {
         b.act(Action::Update {
             host: host.to_string(),
             vm: spec.name.clone(),
             restart: running && wants_running && !changes.is_empty(),
             changes,
             protect,
+            autostart,
             spec_hash: spec.spec_hash.clone(),
             config: spec.config.clone(),
         });

@@ -140,6 +140,7 @@ fn action(out: &mut String, style: Style, a: &Action) {
             vm,
             changes,
             protect,
+            autostart,
             restart,
             config,
             ..
@@ -150,6 +151,11 @@ fn action(out: &mut String, style: Style, a: &Action) {
             }
             if let Some(p) = protect {
                 notes.push(format!("protect: {p}"));
+            }
+            match autostart {
+                Some(true) => notes.push("add to vm_list".to_string()),
+                Some(false) => notes.push("remove from vm_list".to_string()),
+                None => {}
             }
             let notes = if notes.is_empty() {
                 String::new()
@@ -448,6 +454,7 @@ mod tests {
                             },
                         ],
                         protect: None,
+                        autostart: None,
                         restart: true,
                         spec_hash: "h".into(),
                         config,

@@ -529,3 +529,62 @@ fn a_conf_with_invalid_utf8_and_odd_lines_still_lists() {
     );
     assert_eq!(a.config.get("note").map(String::as_str), Some("\u{fffd}"));
 }
+
+/// Guards issue 12, item 1: parallel creates each add their VM to `vm_list`; sysrc's
+/// unlocked read-modify-write lost entries, and those guests stayed down after a
+/// reboot. Every edit of the backend, from any clone in the process, takes its turn,
+/// and an operator's entries and their order are kept.
+#[test]
+fn parallel_autostart_edits_all_land_and_keep_other_entries() {
+    let host = SimHost::new();
+    host.write(".config/rc.conf", "vm_list=\"ops1 ops2\"\n");
+    let names: Vec<String> = (0..6).map(|i| format!("vm{i}")).collect();
+    for n in &names {
+        host.vm(&["create", "-s", "1M", n]);
+    }
+    // sysrc's read-to-write window, long enough that unordered edits overlap.
+    host.append(".config/sim.conf", "sysrc_window_ms=100\n");
+    let b = host.backend();
+    std::thread::scope(|s| {
+        for n in &names {
+            let b = b.clone();
+            s.spawn(move || b.set_autostart(n, true).unwrap());
+        }
+    });
+    let rc = host.read(".config/rc.conf");
+    let list = rc
+        .trim()
+        .strip_prefix("vm_list=\"")
+        .and_then(|r| r.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("{rc}"));
+    let words: Vec<&str> = list.split_whitespace().collect();
+    assert_eq!(&words[..2], &["ops1", "ops2"], "{rc}");
+    for n in &names {
+        assert!(words.contains(&n.as_str()), "{n} lost: {rc}");
+    }
+}
+
+/// Guards issue 12, item 3: a stale vmm entry (guest killed with -9, run.lock removed)
+/// makes `vm start` say the guest runs while `vm info` says stopped. The backend polled
+/// until its timeout; it must name the state and what the operator runs, at once.
+#[test]
+fn start_on_a_stale_vmm_entry_is_reported_by_name_without_waiting() {
+    let host = SimHost::new();
+    let b = host.backend();
+    b.create(&spec("alpha")).unwrap();
+    b.start("alpha").unwrap();
+    host.kill9("alpha");
+    std::fs::remove_file(host.path("alpha/run.lock")).unwrap();
+    let t = std::time::Instant::now();
+    let err = b.start("alpha").unwrap_err();
+    assert!(
+        matches!(err, BackendError::StaleVmm { .. }),
+        "{err:?} after {:?}",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(
+        err.to_string().contains("bhyvectl --destroy --vm=alpha"),
+        "{err}"
+    );
+}

@@ -285,3 +285,171 @@ fn guests_die_with_their_directory() {
     }
     assert!(!alive(pid), "a guest outlived its temporary vm_dir");
 }
+
+/// The `STATE` column of `name` sampled every 20 ms for `total`, without repeats.
+fn states_over(host: &SimHost, name: &str, total: Duration) -> Vec<String> {
+    let end = Instant::now() + total;
+    let mut seen: Vec<String> = Vec::new();
+    while Instant::now() < end {
+        let s = host.state(name);
+        let s = if s.starts_with("Running (") {
+            "Running".to_string()
+        } else {
+            s
+        };
+        if seen.last() != Some(&s) {
+            seen.push(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    seen
+}
+
+/// Guards issue 12, simulator: a start goes Stopped, then `Locked (host)`, then Running,
+/// over a configurable time, as the real script does (measured: Running after 0.3-0.7 s).
+#[test]
+fn a_start_goes_stopped_then_locked_then_running() {
+    let host = created("alpha");
+    host.write(
+        ".config/sim.conf",
+        "stop_resend_ms=20\nshutdown_ms=100\nstart_lock_ms=300\nlocked_ms=400\nlist_delay_ms=0\n",
+    );
+    let t = Instant::now();
+    assert!(host.vm(&["start", "alpha"]).status.success());
+    let seen = states_over(&host, "alpha", Duration::from_millis(1200));
+    assert_eq!(
+        seen,
+        vec![
+            "Stopped".to_string(),
+            format!("Locked ({})", host.hostname),
+            "Running".to_string()
+        ]
+    );
+    assert!(t.elapsed() >= Duration::from_millis(700));
+}
+
+/// Guards issue 12, item 2 and simulator: vm-bhyve checks that a guest is stopped long
+/// before it locks it, so two starts at once both go ahead; the second one's `bhyvectl
+/// --destroy` kills the first guest (bhyve exits 137) and the first supervisor's cleanup
+/// removes the survivor's `run.lock`.
+#[test]
+fn two_starts_at_once_kill_the_first_guest() {
+    let host = created("alpha");
+    host.write(
+        ".config/sim.conf",
+        "stop_resend_ms=20\nshutdown_ms=100\nstart_lock_ms=300\nlocked_ms=300\nlist_delay_ms=0\n",
+    );
+    let a = host.vm(&["start", "alpha"]);
+    let b = host.vm(&["start", "alpha"]);
+    for out in [&a, &b] {
+        assert!(text(&out.stdout).ends_with("  * booting...\n"), "{out:?}");
+    }
+    let end = Instant::now() + Duration::from_secs(10);
+    while !host
+        .read("alpha/vm-bhyve.log")
+        .contains("bhyve exited with status 137")
+        && Instant::now() < end
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = host.read("alpha/vm-bhyve.log");
+    assert!(log.contains("bhyve exited with status 137"), "{log}");
+    // The second guest runs on, without the lock the first supervisor removed.
+    host.bhyve_pid("alpha");
+    let end = Instant::now() + Duration::from_secs(5);
+    while host.path("alpha/run.lock").exists() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!host.path("alpha/run.lock").exists());
+    assert!(host.state("alpha").starts_with("Running ("));
+}
+
+/// Guards issue 12, item 1 and simulator: `sysrc` reads, edits and rewrites rc.conf
+/// without a lock; a second edit inside the window is lost.
+#[test]
+fn two_sysrc_edits_at_once_lose_one() {
+    let host = SimHost::new();
+    let rc = host.path(".config/rc.conf");
+    let rc = rc.to_str().unwrap();
+    let spawn = |name: &str| {
+        Command::new(&host.sysrc)
+            .args(["-f", rc, &format!("vm_list+={name}")])
+            .envs(host.env())
+            .env("VM_SIM_SYSRC_WINDOW_MS", "400")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let (mut a, mut b) = (spawn("alpha"), spawn("beta"));
+    assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
+    let out = Command::new(&host.sysrc)
+        .args(["-f", rc, "-n", "vm_list"])
+        .envs(host.env())
+        .output()
+        .unwrap();
+    let list = text(&out.stdout);
+    let words: Vec<&str> = list.split_whitespace().collect();
+    assert_eq!(words.len(), 1, "one edit must be lost: {list:?}");
+}
+
+/// Guards issue 12, item 3 and simulator: a guest killed with its supervisor (`kill -9`)
+/// and its `run.lock` removed leaves a stale vmm entry: `vm list` and `vm info` say
+/// stopped, `vm start` says it runs already, `vm destroy` refuses, until `bhyvectl
+/// --destroy --vm=NAME`.
+#[test]
+fn a_stale_vmm_entry_blocks_start_and_destroy() {
+    let host = created("alpha");
+    assert!(host.vm(&["start", "alpha"]).status.success());
+    host.kill9("alpha");
+    std::fs::remove_file(host.path("alpha/run.lock")).unwrap();
+    assert_eq!(host.state("alpha"), "Stopped");
+    let info = text(&host.vm(&["info", "alpha"]).stdout);
+    assert!(info.contains("  state: stopped\n"), "{info}");
+    let out = host.vm(&["start", "alpha"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stdout).ends_with("  ! guest appears to be running already\n"),
+        "{out:?}"
+    );
+    let out = host.vm(&["destroy", "-f", "alpha"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("alpha appears to be running locally (vmm exists)"),
+        "{out:?}"
+    );
+    let out = host.vm(&["bhyvectl", "--destroy", "--vm=alpha"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = host.vm(&["start", "alpha"]);
+    assert!(text(&out.stdout).ends_with("  * booting...\n"), "{out:?}");
+    host.bhyve_pid("alpha");
+}
+
+/// Guards issue 12, simulator: `vm info` of a running guest shows its network device as
+/// the real script prints it.
+#[test]
+fn info_shows_the_running_guests_network_device() {
+    let host = created("alpha");
+    assert!(host.vm(&["start", "alpha"]).status.success());
+    host.bhyve_pid("alpha");
+    let info = text(&host.vm(&["info", "alpha"]).stdout);
+    let want = "    active-device: tap0\n    desc: vmnet/alpha/0/public\n    mtu: 1500\n    \
+                bridge: vm-public\n    bytes-in: 0 (0.000B)\n    bytes-out: 0 (0.000B)\n";
+    assert!(info.contains(want), "{info}");
+}
+
+/// Guards issue 12, simulator: `vm list` and `vm info` take their time by default (tens
+/// of milliseconds), configurable, so the cost of calling them shows.
+#[test]
+fn list_and_info_take_time() {
+    let host = created("alpha");
+    host.write(".config/sim.conf", "stop_resend_ms=20\n");
+    for args in [&["list"][..], &["info", "alpha"][..]] {
+        let t = Instant::now();
+        assert!(host.vm(args).status.success());
+        assert!(t.elapsed() >= Duration::from_millis(20), "{args:?}");
+    }
+    host.write(".config/sim.conf", "list_delay_ms=300\n");
+    let t = Instant::now();
+    assert!(host.vm(&["list"]).status.success());
+    assert!(t.elapsed() >= Duration::from_millis(300));
+}

@@ -203,7 +203,8 @@ fn removing_resizing_and_stopping_through_git() {
             .vms(2)
             .into_iter()
             .find(|v| v.name == "grow")
-            .is_some_and(|v| v.memory.to_string() == "1G");
+            // Running again too: a restart takes its time (Locked, then Running).
+            .is_some_and(|v| v.memory.to_string() == "1G" && v.state == RunState::Running);
         let halt = c
             .vms(0)
             .into_iter()

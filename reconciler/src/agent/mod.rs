@@ -1507,6 +1507,7 @@ async fn emit_op(
         Action::Update {
             changes,
             protect,
+            autostart,
             restart,
             spec_hash,
             ..
@@ -1527,6 +1528,7 @@ async fn emit_op(
                 grow_disk: None,
                 restart: *restart,
                 protect: *protect,
+                autostart: *autostart,
                 spec_hash: spec_hash.clone(),
                 origin: origin.clone(),
             }),
@@ -1543,6 +1545,7 @@ async fn emit_op(
                 grow_disk: Some(*to),
                 restart: *restart,
                 protect: None,
+                autostart: None,
                 spec_hash: spec_hash.clone().unwrap_or_default(),
                 origin: origin.clone(),
             }),

@@ -176,6 +176,7 @@ mod tests {
             grow_disk: None,
             restart: false,
             protect: None,
+            autostart: None,
             spec_hash: hash,
             origin: job("db1", "j1").origin,
         });

@@ -728,6 +728,11 @@ fn remove_half_made(shared: &Shared, vm: &str) -> Result<(), StepError> {
         None if journaled(shared, vm).is_some() => {}
         _ => return Ok(()),
     }
+    // Out of vm_list first: should the rest fail (a stale vmm makes `vm destroy`
+    // refuse), nothing half-made is started at the next boot.
+    if found.autostart.is_some() {
+        backend.set_autostart(vm, false)?;
+    }
     if found.state != RunState::Stopped {
         backend.stop(vm, Duration::from_secs(5))?;
     }
@@ -819,10 +824,12 @@ fn build_steps(shared: &Shared, env: &Envelope, job: &CreateJob) -> Result<(), S
         );
     }
     check(cancel)?;
-    backend.set_autostart(&job.vm, order.running)?;
+    // Into vm_list only once it runs: a VM whose start failed is half-made, and a
+    // half-made VM must not be started at the next boot.
     if order.running {
         backend.start(&job.vm)?;
     }
+    backend.set_autostart(&job.vm, order.running)?;
     backend.write_marker(&job.vm, &marker(true))?;
     Ok(())
 }
@@ -1077,12 +1084,18 @@ fn update(
             tracing::warn!(vm = %u.vm, error = %e, "cannot restore the config of a failed change");
         }
     }
-    if restart {
+    let r = if restart {
         // The change's own failure, if any, is the one reported.
         let started = backend.start(&u.vm);
-        return r.and(started);
+        r.and(started)
+    } else {
+        r
+    };
+    // The autostart entry last: only a VM as it should be is registered to boot.
+    match (r, u.autostart) {
+        (Ok(()), Some(on)) => backend.set_autostart(&u.vm, on),
+        (r, _) => r,
     }
-    r
 }
 
 /// Parameters of a put of a job.

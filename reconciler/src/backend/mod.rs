@@ -126,6 +126,19 @@ pub enum BackendError {
         /// vm-bhyve's message without the `  ! ` marker.
         message: String,
     },
+    /// `vm start` says the guest runs already while `vm info` says it is stopped and
+    /// no `run.lock` exists: a stale `/dev/vmm/NAME` entry, left when a guest is killed
+    /// together with its supervisor. Nothing starts it until an operator destroys the
+    /// entry; a start, and `vm destroy` (`vmm exists`), are refused until then.
+    #[error(
+        "VM `{name}` has a stale vmm entry (/dev/vmm/{name}): vm-bhyve says the guest \
+         appears to be running already, but it is stopped and has no run.lock; check that \
+         no bhyve process of it is left, then run `bhyvectl --destroy --vm={name}`"
+    )]
+    StaleVmm {
+        /// The guest name.
+        name: String,
+    },
     /// The guest's supervisor logged a fatal error; vm-bhyve reports those only in the
     /// guest's `vm-bhyve.log`.
     #[error("`{name}` failed to boot: {log}")]

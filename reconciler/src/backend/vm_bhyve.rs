@@ -343,6 +343,14 @@ impl VmBhyve {
         &self.cfg
     }
 
+    /// The rc.conf holding `vm_list`.
+    fn rc_conf(&self) -> PathBuf {
+        self.cfg
+            .rc_conf
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/etc/rc.conf"))
+    }
+
     /// Runs `program args...` and returns its output whatever its status.
     fn exec(&self, program: &Path, args: &[String]) -> Result<(String, Output), BackendError> {
         let command = render(program, args);
@@ -498,6 +506,24 @@ impl VmBhyve {
         }
     }
 
+    /// After `vm start` said the guest runs already: a guest that `vm info` shows
+    /// stopped, without a `run.lock`, twice a poll interval apart, has a stale vmm
+    /// entry, and waiting for it to run would wait out the whole start timeout.
+    fn stale_vmm_check(&self, name: &str, dir: &Path) -> Result<(), BackendError> {
+        for look in 0..2 {
+            if look > 0 {
+                std::thread::sleep(self.cfg.poll_interval);
+            }
+            let (state, _) = self.info_state(name)?;
+            if state != RunState::Stopped || dir.join("run.lock").exists() {
+                return Ok(());
+            }
+        }
+        Err(BackendError::StaleVmm {
+            name: name.to_string(),
+        })
+    }
+
     /// The state line of `vm info NAME` (`running (pid)`, `stopped`, `bootloader (pid)`;
     /// never `Locked`), parsed, and its text.
     fn info_state(&self, name: &str) -> Result<(RunState, String), BackendError> {
@@ -589,6 +615,17 @@ impl VmBhyve {
             Err(e) => return Err(io_err(&conf_path)(e)),
         };
         let conf = Conf::parse_bytes(&bytes);
+        let marker = match read_marker_in(&dir) {
+            Ok(m) => m,
+            Err(e) => {
+                // Counted as unmanaged, which is the safe reading.
+                tracing::warn!(vm = %row.name, error = %e, "ignoring an unreadable marker");
+                None
+            }
+        };
+        // `vm create` writes the .conf before the disk images, and flotilla's marker
+        // comes after both: a missing image is news only for a VM that is finished.
+        let finished = marker.as_ref().is_some_and(|m| m.complete);
         let mut disks = Vec::new();
         for n in 0.. {
             let Some(disk) = conf.get(&format!("disk{n}_name")).filter(|d| !d.is_empty()) else {
@@ -599,21 +636,13 @@ impl VmBhyve {
                 .filter(|d| !d.is_empty())
                 .unwrap_or("file")
                 .to_string();
-            let size = self.disk_size(ds, &row.name, &dir, disk, &dev)?;
+            let size = self.disk_size(ds, &row.name, &dir, disk, &dev, finished)?;
             disks.push(Disk {
                 name: disk.to_string(),
                 dev,
                 size,
             });
         }
-        let marker = match read_marker_in(&dir) {
-            Ok(m) => m,
-            Err(e) => {
-                // Counted as unmanaged, which is the safe reading.
-                tracing::warn!(vm = %row.name, error = %e, "ignoring an unreadable marker");
-                None
-            }
-        };
         Ok(Some(ActualVm {
             name: row.name.clone(),
             datastore: row.datastore.clone(),
@@ -642,6 +671,7 @@ impl VmBhyve {
         dir: &Path,
         disk: &str,
         dev: &str,
+        finished: bool,
     ) -> Result<Size, BackendError> {
         let path = match dev {
             "zvol" | "sparse-zvol" => {
@@ -673,7 +703,11 @@ impl VmBhyve {
         match fs::metadata(&path) {
             Ok(md) => Ok(Size(md.len())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                tracing::warn!(vm, disk = %path.display(), "disk image missing");
+                if finished {
+                    tracing::warn!(vm, disk = %path.display(), "disk image missing");
+                } else {
+                    tracing::debug!(vm, disk = %path.display(), "disk image not there (yet)");
+                }
                 Ok(Size(0))
             }
             Err(e) => Err(io_err(&path)(e)),
@@ -694,6 +728,62 @@ impl VmBhyve {
             log: fatal.join("; "),
         })
     }
+}
+
+/// How often an edit of `vm_list` is made before the backend gives up.
+const VM_LIST_TRIES: u32 = 5;
+
+/// Serialises this process's edits of `vm_list`; [`VmListTurn`] adds the lock file for
+/// other processes.
+static VM_LIST_EDIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The advisory lock file beside rc.conf that every `vm_list` edit of flotilla holds
+/// (`/etc/rc.conf.vm_list.lock`). An operator takes the same turn with FreeBSD's
+/// `lockf -k /etc/rc.conf.vm_list.lock sysrc vm_list+=NAME` (flock semantics, as
+/// here).
+pub fn vm_list_lock_path(rc_conf: &Path) -> PathBuf {
+    let mut name = rc_conf.file_name().unwrap_or_default().to_os_string();
+    name.push(".vm_list.lock");
+    rc_conf.with_file_name(name)
+}
+
+/// One turn at editing `vm_list`: the process-wide mutex, then the lock file.
+struct VmListTurn {
+    _file: fs::File,
+    _guard: std::sync::MutexGuard<'static, ()>,
+}
+
+impl VmListTurn {
+    fn take(path: &Path) -> Result<VmListTurn, BackendError> {
+        let guard = VM_LIST_EDIT.lock().unwrap_or_else(|p| p.into_inner());
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        // Released when the file is closed, with the turn.
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io_err(path)(e.into()))?;
+        Ok(VmListTurn {
+            _file: file,
+            _guard: guard,
+        })
+    }
+}
+
+/// `vm_list` as rc.conf holds it now (empty when unset or when there is no rc.conf).
+fn read_vm_list(rc_conf: &Path) -> Result<Vec<String>, BackendError> {
+    let text = match fs::read(rc_conf) {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io_err(rc_conf)(e)),
+    };
+    Ok(crate::conf::shell_get(&text, "vm_list")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect())
 }
 
 fn read_marker_in(dir: &Path) -> Result<Option<Marker>, BackendError> {
@@ -880,8 +970,11 @@ impl Backend for VmBhyve {
         let log_from = fs::metadata(&log).map_or(0, |m| m.len());
         let (command, out) = self.vm(&["start", name])?;
         match out.lines().find_map(|l| l.strip_prefix("  ! ")) {
-            // vmm exists: it runs, or is in its loader.
-            Some("guest appears to be running already") => self.await_running(name, &dir, None),
+            // vmm exists: it runs, or is in its loader; or the vmm is stale.
+            Some("guest appears to be running already") => {
+                self.stale_vmm_check(name, &dir)?;
+                self.await_running(name, &dir, None)
+            }
             Some(msg) => Err(BackendError::StartRefused {
                 name: name.to_string(),
                 command,
@@ -962,12 +1055,43 @@ impl Backend for VmBhyve {
 
     fn set_autostart(&self, name: &str, on: bool) -> Result<(), BackendError> {
         check_name("VM name", name)?;
+        let rc = self.rc_conf();
         let mut args = Vec::new();
         if let Some(rc) = &self.cfg.rc_conf {
             args.extend(["-f".to_string(), rc.to_string_lossy().into_owned()]);
         }
         args.push(format!("vm_list{}={name}", if on { "+" } else { "-" }));
-        self.run_ok(&self.cfg.sysrc, &args).map(|_| ())
+        // sysrc reads, edits and rewrites rc.conf without a lock: two edits at once lose
+        // one. flotilla's own edits take turns (a process-wide mutex, and an advisory
+        // lock file that other flotilla processes and an operator's `lockf` honour);
+        // an edit of anyone else that lands meanwhile is caught by reading the list
+        // back, and the edit is made again. One that lands later is drift the planner
+        // repairs.
+        let _turn = VmListTurn::take(&vm_list_lock_path(&rc))?;
+        let mut last = String::new();
+        for attempt in 0..VM_LIST_TRIES {
+            if attempt > 0 {
+                std::thread::sleep(self.cfg.poll_interval * attempt);
+            }
+            if read_vm_list(&rc)?.iter().any(|v| v == name) == on {
+                return Ok(());
+            }
+            let (command, _) = self.run_ok(&self.cfg.sysrc, &args)?;
+            let now = read_vm_list(&rc)?;
+            if now.iter().any(|v| v == name) == on {
+                return Ok(());
+            }
+            tracing::warn!(vm = name, %command, vm_list = %now.join(" "), "vm_list edit lost to another writer; editing again");
+            last = command;
+        }
+        Err(BackendError::Output {
+            command: last,
+            reason: format!(
+                "vm_list of {} still {} {name} after {VM_LIST_TRIES} edits: something else rewrites it at the same time",
+                rc.display(),
+                if on { "lacks" } else { "has" }
+            ),
+        })
     }
 
     fn install_template(&self, name: &str, contents: &str) -> Result<(), BackendError> {

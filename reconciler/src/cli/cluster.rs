@@ -26,6 +26,9 @@ pub struct AgentArgs {
     pub config: PathBuf,
 }
 
+/// How long `apply`, `status` and `trigger` wait for a starting agent's hosts file.
+const HOSTS_FILE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
 impl AgentArgs {
     fn state_dir(&self) -> anyhow::Result<PathBuf> {
         let cfg = AgentConfig::load(&self.config)?;
@@ -34,12 +37,37 @@ impl AgentArgs {
 
     fn hosts(&self) -> anyhow::Result<HostsFile> {
         let path = self.state_dir()?.join(HostsFile::NAME);
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "reading {} (written by the agent once it has read the desired repo)",
-                path.display()
-            )
-        })?;
+        // An agent that has just started writes the file once it has read the desired
+        // repo: give it that moment rather than failing on "No such file".
+        let deadline = std::time::Instant::now() + HOSTS_FILE_WAIT;
+        let text = loop {
+            match std::fs::read_to_string(&path) {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    anyhow::bail!(
+                        "{} does not exist after {}s: the agent writes it once it has read \
+                         the desired repo. Is the agent running with --config {}? Its log \
+                         says why it has not read the repo yet",
+                        path.display(),
+                        HOSTS_FILE_WAIT.as_secs(),
+                        self.config.display()
+                    )
+                }
+                r => {
+                    break r.with_context(|| {
+                        format!(
+                            "reading {} (written by the agent once it has read the desired repo)",
+                            path.display()
+                        )
+                    })?
+                }
+            }
+        };
         serde_json::from_str(&text)
             .with_context(|| format!("{} is not a hosts file", path.display()))
     }

@@ -217,6 +217,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         &specs,
         Options {
             sim_delay_ms: args.sim_delay_ms,
+            // The demo shows vm-bhyve as it behaves.
+            sim_realistic: true,
             poll: "5s",
             max_creates: 2,
             extra_config: String::new(),

@@ -2,8 +2,9 @@
 //!
 //! Actual state comes from sources gathered here, so that more can be added without
 //! touching the planner: saved state files (`--inventory`), the local vm-bhyve
-//! (`--local`, `--vm-command`, `--vm-dir` for the simulator), and later the hosts'
-//! published inventories.
+//! (`--local`, `--vm-command`, `--vm-dir` for the simulator, `--agent-config` for the
+//! backend an agent uses, real or simulated), and later the hosts' published
+//! inventories.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -41,8 +42,15 @@ pub struct Args {
     vm_command: PathBuf,
 
     /// The simulator's vm_dir (sets VM_SIM_DIR for the `vm` command); implies --local.
+    /// The real `vm` reads its vm_dir from rc.conf: use --agent-config for it.
     #[arg(long, value_name = "DIR")]
     vm_dir: Option<PathBuf>,
+
+    /// Read this host's actual state through the backend an agent.yaml describes (its
+    /// `backend:` section: the real `vm` and `sysrc`, or the simulator), as that
+    /// agent sees it, and take the host name from it; implies --local.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["vm_dir", "vm_command"])]
+    agent_config: Option<PathBuf>,
 
     /// Which host of cluster.yaml the local state belongs to. Default: this machine's
     /// short host name.
@@ -99,10 +107,17 @@ fn gather(args: &Args, snapshot: &Snapshot) -> anyhow::Result<(Vec<HostActual>, 
         }
         in_flight.extend(file.in_flight);
     }
-    if args.local || args.vm_dir.is_some() {
-        let name = match &args.host {
-            Some(h) => h.clone(),
-            None => short_hostname().context("cannot tell this host's name; pass --host")?,
+    if args.local || args.vm_dir.is_some() || args.agent_config.is_some() {
+        let agent = match &args.agent_config {
+            Some(path) => Some(flotilla::agent::config::AgentConfig::load(path)?),
+            None => None,
+        };
+        let name = match (&args.host, &agent) {
+            (Some(h), _) => h.clone(),
+            (None, Some(a)) => a.host.clone(),
+            (None, None) => {
+                short_hostname().context("cannot tell this host's name; pass --host")?
+            }
         };
         if !snapshot.cluster.hosts.contains_key(&name) {
             bail!(
@@ -116,25 +131,32 @@ fn gather(args: &Args, snapshot: &Snapshot) -> anyhow::Result<(Vec<HostActual>, 
                     .join(", ")
             );
         }
-        let mut cfg = VmBhyveConfig {
-            vm: args.vm_command.clone(),
-            ..VmBhyveConfig::default()
+        let backend = match &agent {
+            Some(a) => flotilla::agent::backend_for(a),
+            None => {
+                let mut cfg = VmBhyveConfig {
+                    vm: args.vm_command.clone(),
+                    ..VmBhyveConfig::default()
+                };
+                if let Some(dir) = &args.vm_dir {
+                    let dir =
+                        std::fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
+                    cfg.env.push(("VM_SIM_DIR".into(), dir.clone().into()));
+                    cfg.rc_conf = Some(dir.join(".config/rc.conf"));
+                }
+                VmBhyve::new(cfg)
+            }
         };
-        if let Some(dir) = &args.vm_dir {
-            let dir = std::fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
-            cfg.env.push(("VM_SIM_DIR".into(), dir.clone().into()));
-            cfg.rc_conf = Some(dir.join(".config/rc.conf"));
-        }
-        let vms = VmBhyve::new(cfg).list().with_context(|| {
+        let vms = backend.list().with_context(|| {
             format!(
                 "listing the VMs of {name} through {}",
-                args.vm_command.display()
+                backend.config().vm.display()
             )
         })?;
         hosts.insert(name.clone(), HostActual { host: name, vms });
     }
     if hosts.is_empty() && args.inventory.is_empty() {
-        bail!("no actual state given: pass --inventory FILE (a saved state), or --local / --vm-dir for this host");
+        bail!("no actual state given: pass --inventory FILE (a saved state), or --local / --agent-config / --vm-dir for this host");
     }
     Ok((hosts.into_values().collect(), in_flight))
 }

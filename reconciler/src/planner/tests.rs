@@ -61,7 +61,8 @@ fn built(spec: &VmSpec) -> ActualVm {
             DesiredState::Running => RunState::Running,
             DesiredState::Stopped => RunState::Stopped,
         },
-        autostart: None,
+        // The worker puts a VM that runs into vm_list.
+        autostart: (spec.state == DesiredState::Running).then_some(1),
         marker: Some(Marker {
             spec_hash: spec.spec_hash.clone(),
             protect: spec.protect,
@@ -117,9 +118,13 @@ fn apply(plan: &Plan, actual: &mut Vec<HostActual>) {
                 vm,
                 changes,
                 protect,
+                autostart,
                 ..
             } => {
                 let v = vm_mut(actual, host, vm);
+                if let Some(on) = autostart {
+                    v.autostart = on.then_some(1);
+                }
                 for c in changes {
                     match &c.to {
                         Some(t) => v.config.insert(c.key.clone(), t.clone()),
@@ -131,8 +136,16 @@ fn apply(plan: &Plan, actual: &mut Vec<HostActual>) {
                 }
             }
             Action::GrowDisk { host, vm, to, .. } => vm_mut(actual, host, vm).disks[0].size = *to,
-            Action::Start { host, vm } => vm_mut(actual, host, vm).state = RunState::Running,
-            Action::Stop { host, vm } => vm_mut(actual, host, vm).state = RunState::Stopped,
+            Action::Start { host, vm } => {
+                let v = vm_mut(actual, host, vm);
+                v.state = RunState::Running;
+                v.autostart = Some(1);
+            }
+            Action::Stop { host, vm } => {
+                let v = vm_mut(actual, host, vm);
+                v.state = RunState::Stopped;
+                v.autostart = None;
+            }
         }
     }
     for h in actual.iter_mut() {
@@ -1324,4 +1337,54 @@ proptest! {
             }
         }
     }
+}
+
+/// Guards issue 12, item 1: parallel creates lost `vm_list` entries and the planner did
+/// not compare autostart, so the guests stayed down after a reboot. A managed running VM
+/// missing from `vm_list`, or a stopped one still in it, gets an autostart-only update;
+/// unmanaged VMs are never touched.
+#[test]
+fn autostart_entries_are_drift_the_planner_repairs() {
+    let snap = snapshot(
+        &s(&[
+            "name: web1\nprofile: CS0\n",
+            "name: web2\nprofile: CS0\nstate: stopped\n",
+            "name: web3\nprofile: CS0\n",
+        ]),
+        0.5,
+    );
+    let mut lost = built(&snap.vms["web1"]);
+    lost.autostart = None;
+    let mut kept = built(&snap.vms["web2"]);
+    kept.autostart = Some(2);
+    let fine = built(&snap.vms["web3"]);
+    let mut theirs = built(&snap.vms["web3"]);
+    theirs.name = "ops1".into();
+    theirs.marker = None;
+    let p = plan(
+        &snap,
+        &[HostActual {
+            host: "host1".into(),
+            vms: vec![lost, kept, fine, theirs],
+        }],
+        &[],
+        &PlanOptions::default(),
+    );
+    let got: Vec<(&str, Option<bool>, bool)> = p
+        .actions()
+        .map(|a| match a {
+            Action::Update {
+                vm,
+                autostart,
+                restart,
+                changes,
+                ..
+            } => (vm.as_str(), *autostart, *restart || !changes.is_empty()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![("web1", Some(true), false), ("web2", Some(false), false)]
+    );
 }

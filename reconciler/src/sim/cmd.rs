@@ -359,6 +359,7 @@ impl Cmd<'_> {
             return Err(self.out.err("vm-sim does not simulate 'vm list -v'"));
         }
         let hide_stopped = opts.iter().any(|(c, _)| *c == 'r');
+        std::thread::sleep(self.host.settings.list_delay);
         let mut rows = vec![[
             "NAME",
             "DATASTORE",
@@ -417,6 +418,7 @@ impl Cmd<'_> {
     }
 
     fn info(&self, args: &[String]) -> Res {
+        std::thread::sleep(self.host.settings.list_delay);
         if args.is_empty() {
             for g in self.all_guests() {
                 print!("{}", self.info_block(&g));
@@ -516,13 +518,30 @@ impl Cmd<'_> {
                 "    fixed-device: {}",
                 val(&format!("network{n}_device"), "-")
             ));
-            if run {
-                // The simulator makes no tap devices, so `ifconfig | grep vmnet/...`
-                // finds nothing and vm-bhyve prints these placeholders.
-                line("    active-device: -".into());
-                line("    desc: -".into());
-                line("    mtu: ".into());
-                line("    bridge: -".into());
+            let tap = fs::read_to_string(self.host.tap_file(&g.name))
+                .ok()
+                .and_then(|t| t.trim().parse::<u32>().ok());
+            match (run, tap) {
+                // The tap `_run` made, described `vmnet/NAME/N/SWITCH` and a member of
+                // the switch's bridge, with its counters (the simulator moves no bytes).
+                (true, Some(t)) => {
+                    let switch = val(&format!("network{n}_switch"), "-");
+                    line(format!("    active-device: tap{}", t + n));
+                    line(format!("    desc: vmnet/{}/{n}/{switch}", g.name));
+                    line("    mtu: 1500".into());
+                    line(format!("    bridge: vm-{switch}"));
+                    line(format!("    bytes-in: 0 ({})", bytes_human(0)));
+                    line(format!("    bytes-out: 0 ({})", bytes_human(0)));
+                }
+                // No tap (a vmm left without its supervisor): `ifconfig | grep` finds
+                // nothing and vm-bhyve prints these placeholders.
+                (true, None) => {
+                    line("    active-device: -".into());
+                    line("    desc: -".into());
+                    line("    mtu: ".into());
+                    line("    bridge: -".into());
+                }
+                (false, _) => {}
             }
             n += 1;
         }

@@ -80,14 +80,25 @@ pub fn run(host: &Host, name: &str) -> i32 {
         let port = conf.get("graphics_port").unwrap_or("5900");
         console.push_str(&format!("vnc={listen}:{port}\n"));
     }
+    // vm-bhyve checked that the guest is stopped (above) long before it locks: devices
+    // and taps are set up in between. Another start in this window goes ahead too.
+    sleep_watching(&dir, host.settings.start_lock);
     let _ = fs::write(dir.join("console"), console);
     let _ = fs::write(dir.join("run.lock"), format!("{}\n", host.hostname));
+    let _ = fs::write(host.tap_file(name), format!("{}\n", free_tap(host)));
+    sleep_watching(&dir, host.settings.locked);
 
     let mut code = 0;
     let mut run_no = 1;
     loop {
         if !dir.exists() {
             break;
+        }
+        if !loader.starts_with("uefi") {
+            // `bhyvectl --destroy` of whatever vmm has this name: a guest another start
+            // booted in the window above dies here (bhyve exits 137).
+            // From the second run on, the vmm is this guest's own.
+            destroy_vmm(host, name, run_no == 1);
         }
         if loader == "bhyveload" || loader == "grub" {
             let util = if loader == "grub" {
@@ -142,6 +153,8 @@ pub fn run(host: &Host, name: &str) -> i32 {
         run_no += 1;
     }
     guest_log(&dir, "stopped");
+    let _ = fs::remove_file(host.vmm_file(name));
+    let _ = fs::remove_file(host.tap_file(name));
     let _ = fs::remove_file(dir.join("run.lock"));
     let _ = fs::remove_file(dir.join("console"));
     code
@@ -162,6 +175,8 @@ fn child(host: &Host, role: &str, name: &str) -> std::io::Result<i32> {
         .spawn()?;
     let pid_file = host.pid_file(name, role);
     let _ = fs::create_dir_all(host.vm_dir.join(SIM_DIR));
+    // The loader or bhyve makes /dev/vmm/NAME; only `_run`'s cleanup removes it.
+    let _ = fs::write(host.vmm_file(name), "");
     // bhyve records itself once it handles SIGTERM (see `bhyve`): a stop sent the moment
     // `vm list` shows it running must reach its handler, as on a host, not kill it.
     if role != "bhyve" {
@@ -174,6 +189,44 @@ fn child(host: &Host, role: &str, name: &str) -> std::io::Result<i32> {
         use std::os::unix::process::ExitStatusExt;
         128 + status.signal().unwrap_or(0)
     }))
+}
+
+/// `bhyvectl --destroy`: the guest that owns the vmm dies. A bhyve records its pid a
+/// moment after it starts, so a vmm without a known process is given that moment.
+fn destroy_vmm(host: &Host, name: &str, patient: bool) {
+    let end = Instant::now()
+        + if patient {
+            Duration::from_secs(1)
+        } else {
+            Duration::ZERO
+        };
+    while host.vmm_file(name).exists() {
+        let pid = host
+            .live_pid(name, "bhyve")
+            .or_else(|| host.live_pid(name, "loader"));
+        if let Some(pid) = pid {
+            super::host::signal(pid, "KILL");
+            break;
+        }
+        if Instant::now() >= end {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = fs::remove_file(host.vmm_file(name));
+}
+
+/// The lowest tap number no running guest of this host uses.
+fn free_tap(host: &Host) -> u32 {
+    let used: Vec<u32> = fs::read_dir(host.vm_dir.join(SIM_DIR))
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".tap"))
+                .filter_map(|e| fs::read_to_string(e.path()).ok()?.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    (0..).find(|n| !used.contains(n)).unwrap_or(0)
 }
 
 fn sleep_watching(dir: &Path, total: Duration) {

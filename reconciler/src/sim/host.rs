@@ -36,10 +36,24 @@ pub struct Settings {
     pub shutdown: Duration,
     /// The pause between `vm stop`'s two SIGTERMs (`stop_resend_ms`; vm-bhyve sleeps 1 s).
     pub stop_resend: Duration,
+    /// Time from `vm start` until `_run` writes `run.lock` (`start_lock_ms`): vm-bhyve
+    /// checks that the guest is stopped, then sets up its devices and only then locks,
+    /// so two starts in this window both go ahead and the second kills the first guest.
+    pub start_lock: Duration,
+    /// Time the guest shows `Locked (host)` after the lock, before its loader or bhyve
+    /// runs (`locked_ms`).
+    pub locked: Duration,
+    /// Time `vm list` and `vm info` take (`list_delay_ms`): the real ones read every
+    /// guest's files and the process table.
+    pub list_delay: Duration,
+    /// The window between `sysrc` reading its file and writing it back
+    /// (`sysrc_window_ms`): sysrc takes no lock, so an edit in this window is lost.
+    pub sysrc_window: Duration,
 }
 
 impl Settings {
-    fn load(vm_dir: &Path) -> Settings {
+    /// The knobs of the host at `vm_dir`.
+    pub fn load(vm_dir: &Path) -> Settings {
         let conf = fs::read(vm_dir.join(".config/sim.conf"))
             .map(|b| Conf::parse_bytes(&b))
             .unwrap_or_default();
@@ -55,6 +69,13 @@ impl Settings {
             start_delay: ms("start_delay_ms", 0),
             shutdown: ms("shutdown_ms", 300),
             stop_resend: ms("stop_resend_ms", 1000),
+            // Measured on the real script (vm-bhyve 1.5, bhyve stand-ins): the guest
+            // shows Running about 0.3-0.7 s after `vm start` returns, `vm list` takes
+            // tens of milliseconds with a few guests, `vm info` several times that.
+            start_lock: ms("start_lock_ms", 200),
+            locked: ms("locked_ms", 300),
+            list_delay: ms("list_delay_ms", 30),
+            sysrc_window: ms("sysrc_window_ms", 20),
         };
         if let Some(d) = std::env::var("VM_SIM_DELAY_MS")
             .ok()
@@ -353,7 +374,24 @@ impl Host {
     /// bhyve or loader process, so a guest whose processes were killed leaves none
     /// behind (as after a host reboot) while its `run.lock` stays.
     pub fn vmm_exists(&self, name: &str) -> bool {
-        self.live_pid(name, "bhyve").is_some() || self.live_pid(name, "loader").is_some()
+        self.live_pid(name, "bhyve").is_some()
+            || self.live_pid(name, "loader").is_some()
+            || self.vmm_file(name).exists()
+    }
+
+    /// The file standing for `/dev/vmm/NAME`: made when the loader or bhyve starts,
+    /// removed by `_run`'s cleanup (`bhyvectl --destroy`). A guest whose `_run` and bhyve
+    /// are both killed (`kill -9`) leaves it behind: a stale vmm entry, which makes `vm
+    /// start` say the guest runs while `vm list` and `vm info` say it is stopped, until
+    /// `bhyvectl --destroy --vm=NAME` (here `vm-sim bhyvectl ...`) removes it. A reboot
+    /// clears it.
+    pub fn vmm_file(&self, name: &str) -> PathBuf {
+        self.vm_dir.join(SIM_DIR).join(format!("{name}.vmm"))
+    }
+
+    /// The file holding the number of the guest's tap device while `_run` runs.
+    pub fn tap_file(&self, name: &str) -> PathBuf {
+        self.vm_dir.join(SIM_DIR).join(format!("{name}.tap"))
     }
 
     /// `vm::confirm_stopped`: `Ok` when the guest may be treated as stopped, otherwise

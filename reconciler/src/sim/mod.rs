@@ -14,13 +14,16 @@
 //!
 //! Knobs: `VM_SIM_HOSTNAME` (the name written to `run.lock`), `VM_SIM_DELAY_MS` and
 //! `$vm_dir/.config/sim.conf` (`create_delay_ms`, `start_delay_ms`, `shutdown_ms`,
-//! `stop_resend_ms`), and per guest in its `.conf`: `sim_ignore_acpi="yes"` (ignores
+//! `stop_resend_ms`, and the realistic slowness of [`host::Settings`]: `start_lock_ms`,
+//! `locked_ms`, `list_delay_ms`, `sysrc_window_ms`; tests that need speed set them to 0), and per guest in its `.conf`: `sim_ignore_acpi="yes"` (ignores
 //! ACPI shutdown), `sim_shutdown_ms`, `sim_fail_boot="reason"` (`_run` logs `fatal;
 //! reason` and exits 15). vm-bhyve ignores keys it does not know, so these are harmless.
 //!
-//! Differences from a FreeBSD host: no root or vmm checks, no ZFS datastores, no
-//! switches or taps, no cloud-init; `/dev/vmm/NAME` exists exactly while the guest's
-//! bhyve or loader process lives. The process table is read from Linux's `/proc`.
+//! Differences from a FreeBSD host: no root or vmm checks, no ZFS datastores, no real
+//! switches or taps (`vm info` shows a numbered tap as vm-bhyve would), no cloud-init;
+//! `/dev/vmm/NAME` is a file under `.sim/` that the loader or bhyve makes and `_run`'s
+//! cleanup removes, so a guest killed together with its `_run` leaves a stale one. The
+//! process table is read from Linux's `/proc`.
 
 pub mod cmd;
 pub mod guest;
@@ -44,9 +47,13 @@ pub fn main() -> i32 {
     if base == "sysrc" {
         return sysrc::main(&args[1..]);
     }
+    if base == "bhyvectl" {
+        return bhyvectl(&prog, &args[1..]);
+    }
     let rest = args.get(1..).unwrap_or(&[]);
     match rest.first().map(String::as_str) {
         Some("sysrc") => sysrc::main(&rest[1..]),
+        Some("bhyvectl") => bhyvectl(&prog, &rest[1..]),
         Some(role @ ("_run" | "_bhyve" | "_loader")) => {
             let Some(name) = rest.get(1) else {
                 return 1;
@@ -66,4 +73,30 @@ pub fn main() -> i32 {
         }
         _ => cmd::dispatch(&prog, rest),
     }
+}
+
+/// `bhyvectl --destroy --vm=NAME`, the one use an operator has for it here: removing a
+/// stale vmm entry (and killing its bhyve, if one still runs).
+fn bhyvectl(prog: &str, args: &[String]) -> i32 {
+    let name = args.iter().find_map(|a| a.strip_prefix("--vm="));
+    let (Some(name), true) = (name, args.iter().any(|a| a == "--destroy")) else {
+        eprintln!("usage: bhyvectl --destroy --vm=NAME (vm-sim knows no other use)");
+        return 1;
+    };
+    let host = match host::Host::load(prog) {
+        Ok(h) => h,
+        Err(m) => {
+            eprintln!("{prog}: ERROR: {m}");
+            return 1;
+        }
+    };
+    if !host.vmm_exists(name) {
+        eprintln!("vm_open: {name} could not be opened: No such file or directory");
+        return 1;
+    }
+    if let Some(pid) = host.live_pid(name, "bhyve") {
+        host::signal(pid, "KILL");
+    }
+    let _ = std::fs::remove_file(host.vmm_file(name));
+    0
 }

@@ -4,6 +4,11 @@
 //! `sysrc [-f FILE] [-i] [-n] [-q] [-x] [-v] [-e] NAME[=|+=|-=VALUE] ...`; without `-f`
 //! it edits the simulator's rc.conf. Reached as `vm-sim sysrc ...` or through a link
 //! named `sysrc`.
+//!
+//! Like FreeBSD's sysrc it takes no lock: it reads the file, edits, and replaces it
+//! through a temporary file, with `sysrc_window_ms` (sim.conf, default 20 ms; env
+//! `VM_SIM_SYSRC_WINDOW_MS`) between the read and the write. A second edit of the same
+//! file in that window is lost, as on a host.
 
 use std::fs;
 use std::path::PathBuf;
@@ -29,6 +34,7 @@ pub fn main(args: &[String]) -> i32 {
         eprintln!("usage: sysrc [-f file] [-inqxve] name[[+|-]=value] ...");
         return 1;
     }
+    let window = sysrc_window();
     let mut text = fs::read(&file)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
@@ -92,10 +98,34 @@ pub fn main(args: &[String]) -> i32 {
         }
     }
     if text != original {
-        if let Err(e) = fs::write(&file, &text) {
+        std::thread::sleep(window);
+        if let Err(e) = replace(&file, &text) {
             eprintln!("sysrc: {}: {e}", file.display());
             return 1;
         }
     }
     status
+}
+
+/// The read-to-write window of an edit.
+fn sysrc_window() -> std::time::Duration {
+    if let Some(ms) = std::env::var("VM_SIM_SYSRC_WINDOW_MS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+    {
+        return std::time::Duration::from_millis(ms);
+    }
+    match std::env::var_os("VM_SIM_DIR") {
+        Some(d) if !d.is_empty() => {
+            super::host::Settings::load(std::path::Path::new(&d)).sysrc_window
+        }
+        _ => super::host::Settings::load(std::path::Path::new("/nonexistent")).sysrc_window,
+    }
+}
+
+/// Replaces `file` through a temporary file and a rename, as sysrc's `mv` does.
+fn replace(file: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let tmp = file.with_extension(format!("sysrc.{}", std::process::id()));
+    fs::write(&tmp, text)?;
+    fs::rename(&tmp, file)
 }

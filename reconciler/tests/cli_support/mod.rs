@@ -139,7 +139,8 @@ pub fn built(spec: &VmSpec, cluster: &str) -> ActualVm {
             DesiredState::Running => RunState::Running,
             DesiredState::Stopped => RunState::Stopped,
         },
-        autostart: None,
+        // A VM that runs as desired is in vm_list (issue 12, item 1).
+        autostart: (spec.state == DesiredState::Running).then_some(1),
         marker: Some(Marker {
             format_version: Marker::FORMAT_VERSION,
             cluster: cluster.into(),

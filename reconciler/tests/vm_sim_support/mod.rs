@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 use flotilla::backend::{VmBhyve, VmBhyveConfig};
 
+/// sim.conf of a test that needs speed, not realism: no start, list or sysrc delays.
+pub const FAST: &str = "stop_resend_ms=20\nshutdown_ms=100\nstart_lock_ms=0\nlocked_ms=0\nlist_delay_ms=0\nsysrc_window_ms=0\n";
+
 pub struct SimHost {
     pub tmp: tempfile::TempDir,
     pub vm: PathBuf,
@@ -51,6 +54,14 @@ impl SimHost {
         };
         let out = host.vm(&["init"]);
         assert!(out.status.success(), "vm init: {out:?}");
+        host.write(".config/sim.conf", FAST);
+        host
+    }
+
+    /// A host with the simulator's realistic defaults (slow starts, lists, sysrc
+    /// window), except for the fast stops every test uses.
+    pub fn realistic() -> SimHost {
+        let host = SimHost::new();
         host.write(".config/sim.conf", "stop_resend_ms=20\nshutdown_ms=100\n");
         host
     }
@@ -157,6 +168,14 @@ impl SimHost {
     /// Kills the guest's `_run` supervisor and then its bhyve, as a host crash would:
     /// nobody removes `run.lock`.
     pub fn crash(&self, name: &str) {
+        self.kill9(name);
+        // The host rebooted: /dev/vmm is empty again.
+        let _ = std::fs::remove_file(self.path(&format!(".sim/{name}.vmm")));
+    }
+
+    /// `kill -9` of the guest's `_run` and bhyve: nobody cleans up, so `run.lock` and the
+    /// vmm entry stay.
+    pub fn kill9(&self, name: &str) {
         let bhyve = self.bhyve_pid(name);
         let stat = std::fs::read_to_string(format!("/proc/{bhyve}/stat")).unwrap();
         let ppid: u32 = stat
