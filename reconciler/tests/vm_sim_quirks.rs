@@ -335,11 +335,19 @@ fn a_start_goes_stopped_then_locked_then_running() {
 #[test]
 fn two_starts_at_once_kill_the_first_guest() {
     let host = created("alpha");
+    // The second start comes half-way through the first one's window between its check
+    // and its lock, so it goes ahead too; by the time it destroys "its" vmm, the first
+    // guest has booted (the margins are wide, so a busy machine does not change the order).
     host.write(
         ".config/sim.conf",
-        "stop_resend_ms=20\nshutdown_ms=100\nstart_lock_ms=300\nlocked_ms=300\nlist_delay_ms=0\n",
+        "stop_resend_ms=20\nshutdown_ms=100\nstart_lock_ms=1200\nlocked_ms=300\nlist_delay_ms=0\n",
     );
     let a = host.vm(&["start", "alpha"]);
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(
+        !host.path("alpha/run.lock").exists(),
+        "the first start locked already: the machine is too slow for this test's window"
+    );
     let b = host.vm(&["start", "alpha"]);
     for out in [&a, &b] {
         assert!(text(&out.stdout).ends_with("  * booting...\n"), "{out:?}");

@@ -1175,16 +1175,14 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
                 host: Some(me.clone()),
             });
         }
+    }
+    // A failed op waits for its retry time, but nothing is under way for its VM: other
+    // actions on it go ahead (this one is held back below, not planned around).
+    let retrying_ops: BTreeSet<(String, Kind)> = {
         let mut retry = shared.retry_at.lock().unwrap_or_else(|p| p.into_inner());
         retry.retain(|_, t| now < *t);
-        for (vm, kind) in retry.keys() {
-            in_flight.push(InFlight {
-                vm: vm.clone(),
-                kind: *kind,
-                host: Some(me.clone()),
-            });
-        }
-    }
+        retry.keys().cloned().collect()
+    };
     // Another host's open create (it owned the VM under an earlier host set or pin) holds
     // the VM back here too: a second create now could build it twice.
     let mut planned_in_flight = in_flight.clone();
@@ -1222,7 +1220,13 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
         }
     }
     let skews = clock_skews(shared, &inventories, &me, now);
-    let emits = decide::select(&plan, &me, unseen.is_empty() && skews.is_empty(), &waiting);
+    let mut emits = decide::select(&plan, &me, unseen.is_empty() && skews.is_empty(), &waiting);
+    let selected = emits.len();
+    emits.retain(|e| match e {
+        Emit::Op(a) => !retrying_ops.contains(&(a.vm().to_string(), a.kind())),
+        Emit::Create(_) => true,
+    });
+    let held_back = selected - emits.len();
     let waiting_creates = plan
         .actions()
         .filter(|a| matches!(a, Action::Create { owner, .. } if owner == &me))
@@ -1256,6 +1260,7 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
     // something from it), and nothing is under way but failed creates waiting to retry:
     // those are shown as such in the inventory, and `apply --wait` reports them.
     let nothing_to_do = emits.is_empty()
+        && held_back == 0
         && in_flight.len() == retrying
         && waiting_creates == 0
         && unseen.is_empty();
@@ -1879,17 +1884,9 @@ fn on_result(shared: &Arc<Shared>, r: JobResult) {
                     .insert((r.vm.clone(), o.kind), retry_at);
             }
         }
+        // Ended, whatever the outcome: nothing is under way for the VM any more.
         if ops.get(&r.vm).is_some_and(|o| o.job_id == r.job_id) {
-            match &r.outcome {
-                Outcome::Failed { .. } => {
-                    if let Some(o) = ops.get_mut(&r.vm) {
-                        o.retry_at = Some(retry_at);
-                    }
-                }
-                _ => {
-                    ops.remove(&r.vm);
-                }
-            }
+            ops.remove(&r.vm);
         }
     }
     shared.results_in.notify_one();
