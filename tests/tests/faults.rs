@@ -237,7 +237,7 @@ enum Separation {
 fn host3_separated_during_a_commit(how: Separation) {
     let specs = vec![
         HostSpec::new("host1", Some("host2")),
-        // Room for host2's two small VMs only: a 1G VM pinned to it goes on to host3.
+        // Room for host2's two small VMs only: a 1G VM starting at it goes on to host3.
         HostSpec::new("host2", Some("host3")).limits("1G", "4T", 10),
         HostSpec::new("host3", None),
     ];
@@ -299,7 +299,11 @@ fn host3_separated_during_a_commit(how: Separation) {
         pinned("live1", "CS0", "host1"),
         pinned("live2", "CS0", "host2"),
         pinned("dead3", "CS0", "host3"),
-        pinned("via2", "CS2", "host2"),
+        // Starts at host2, which has no room: the chain takes it on to host3.
+        (
+            "vms/via2.yaml".to_string(),
+            vm_yaml("via2", "CS2", "start_at: host2\n"),
+        ),
     ];
     c.commit(
         &work

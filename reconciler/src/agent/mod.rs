@@ -246,6 +246,9 @@ pub struct Shared {
     /// Who owns which VM under each commit seen, for creates that wait for hosts on
     /// other commits.
     owners: Mutex<BTreeMap<String, decide::CommitOwners>>,
+    /// This host's address in the hosts file of its last membership: a host that left
+    /// cluster.yaml and restarted still publishes its inventory there (rule 9).
+    member_addr: Option<String>,
     /// Numbers this host's inventories (issue 14, case 4).
     inventory_seq: seq::InventorySeq,
 }
@@ -291,6 +294,10 @@ impl Shared {
             IntentStore::open(cfg.state_dir.join("intents")).map_err(|e| state(e.to_string()))?;
         let departed =
             departed::Departed::open(&cfg.state_dir).map_err(|e| state(e.to_string()))?;
+        let member_addr = std::fs::read(cfg.state_dir.join(HostsFile::NAME))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<HostsFile>(&b).ok())
+            .and_then(|f| f.hosts.get(&cfg.host).cloned());
         let inventory_seq =
             seq::InventorySeq::open(&cfg.state_dir).map_err(|e| state(e.to_string()))?;
         let acted = replay::ReplayCache::open(
@@ -325,6 +332,7 @@ impl Shared {
             identities: Mutex::default(),
             departed: Mutex::new(departed),
             owners: Mutex::default(),
+            member_addr,
             inventory_seq,
         }))
     }
@@ -415,13 +423,17 @@ impl Shared {
     }
 
     fn own_addr(&self) -> Option<String> {
-        self.cfg.beanstalkd.clone().or_else(|| {
-            self.snapshot()?
-                .cluster
-                .hosts
-                .get(self.me())
-                .map(|h| h.beanstalkd.clone())
-        })
+        self.cfg
+            .beanstalkd
+            .clone()
+            .or_else(|| {
+                self.snapshot()?
+                    .cluster
+                    .hosts
+                    .get(self.me())
+                    .map(|h| h.beanstalkd.clone())
+            })
+            .or_else(|| self.member_addr.clone())
     }
 
     fn stopping(&self) -> bool {
@@ -818,7 +830,17 @@ async fn source_loop(shared: Arc<Shared>) {
                     }
                     owners.insert(c.clone(), decide::CommitOwners::of(&snap));
                 }
-                {
+                if !listed && s.snapshot().is_some() {
+                    // Its last snapshot as a member keeps its address, limits and cluster
+                    // for the inventory it goes on publishing; the pass records the
+                    // commit that removed it.
+                    s.wake_reconcile.notify_one();
+                } else if !listed {
+                    // Started after it was removed: the snapshot serves for the cluster
+                    // id; its address comes from the hosts file of its last membership.
+                    s.snapshot.send_replace(Some(Arc::new(*snap)));
+                    s.wake_reconcile.notify_one();
+                } else {
                     s.event(
                         "snapshot",
                         None,
