@@ -14,6 +14,10 @@
 //! [`Cluster::heal`] it. Needs root; [`netns_available`] says whether this machine
 //! allows it.
 
+#[cfg(target_os = "linux")]
+mod netns;
+#[cfg(not(target_os = "linux"))]
+#[path = "lab/netns_none.rs"]
 mod netns;
 
 pub use netns::{netns_available, netns_check, Netns};

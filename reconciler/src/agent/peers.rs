@@ -50,10 +50,45 @@ impl PeerError {
     }
 }
 
-/// The connections.
+/// This host's inventories in one beanstalkd.
 #[derive(Debug, Default)]
+struct Published {
+    /// The id of the last one put.
+    last: Option<u64>,
+    /// Those retired (buried), and when.
+    buried: Vec<(u64, Instant)>,
+}
+
+/// Reserves and buries job `id`: it is no longer ready, nor deleted. False when it is
+/// gone or reserved elsewhere (another publisher retired it).
+async fn retire(c: &mut Client, id: u64) -> Result<bool, beanstalk::Error> {
+    match c.reserve_job(id).await {
+        Ok(_) => c.bury(id, 0).await.map(|()| true),
+        Err(beanstalk::Error::NotFound) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The connections.
+#[derive(Debug)]
 pub struct Peers {
     conns: Mutex<HashMap<String, Arc<Mutex<Option<Client>>>>>,
+    /// Per address, what this host published there.
+    published: std::sync::Mutex<HashMap<String, Published>>,
+    /// How long a retired inventory stays buried before it is deleted.
+    retire_grace: Duration,
+}
+
+impl Default for Peers {
+    fn default() -> Peers {
+        Peers {
+            conns: Mutex::default(),
+            published: std::sync::Mutex::default(),
+            // A peek answered this long after it was asked has long been given up: the
+            // reader's call times out after `call_timeout` and drops the connection.
+            retire_grace: 2 * options().call_timeout.unwrap_or(Duration::from_secs(5)),
+        }
+    }
 }
 
 fn options() -> Options {
@@ -186,39 +221,306 @@ impl Peers {
     }
 
     /// Replaces the inventory published at `addr` with `envelope`: puts the new one,
-    /// then deletes every older one, so a reader always finds one.
+    /// then retires every older one, so a reader always finds one.
+    ///
+    /// Retired inventories are buried (reserved, then buried: no longer ready, so no new
+    /// `peek-ready` returns them), never deleted at once: beanstalkd 1.12 can send freed
+    /// memory to a peer whose peek of a job is still being answered when the job is
+    /// deleted. A buried one is deleted by a later publication, once `retire_grace` has
+    /// passed and no peek of it can still be under way; so the tube holds the current
+    /// inventory and those retired within the grace.
     pub async fn publish_inventory(
         &self,
         addr: &str,
         envelope: &Envelope,
     ) -> Result<(), PeerError> {
         let body = message::encode(envelope);
-        self.with(addr, move |c| {
-            Box::pin(async move {
-                c.use_tube(tubes::INVENTORY).await?;
-                let id = c
-                    .put(
-                        &body,
-                        PutParams {
-                            pri: 0,
-                            delay: 0,
-                            ttr: 60,
-                        },
-                    )
-                    .await?;
-                // peek-ready answers the oldest of equal priority: delete until ours.
-                while let Some(old) = c.peek_ready().await? {
-                    if old.id == id {
-                        break;
+        let now = Instant::now();
+        let (expired, known, last) = {
+            let published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+            let mine = published.get(addr);
+            let buried = mine.map(|m| m.buried.as_slice()).unwrap_or_default();
+            let expired: Vec<u64> = buried
+                .iter()
+                .filter(|(_, at)| now.duration_since(*at) >= self.retire_grace)
+                .map(|(id, _)| *id)
+                .collect();
+            (expired, buried.len() as u64, mine.and_then(|m| m.last))
+        };
+        let to_delete = expired.clone();
+        let (id, buried, stray) = self
+            .with(addr, move |c| {
+                Box::pin(async move {
+                    c.use_tube(tubes::INVENTORY).await?;
+                    for id in &to_delete {
+                        match c.delete(*id).await {
+                            Ok(()) | Err(beanstalk::Error::NotFound) => {}
+                            Err(e) => return Err(e),
+                        }
                     }
-                    match c.delete(old.id).await {
-                        Ok(()) | Err(beanstalk::Error::NotFound) => {}
-                        Err(e) => return Err(e),
+                    let id = c
+                        .put(
+                            &body,
+                            PutParams {
+                                pri: 0,
+                                delay: 0,
+                                ttr: 60,
+                            },
+                        )
+                        .await?;
+                    let mut buried = Vec::new();
+                    if let Some(last) = last {
+                        if retire(c, last).await? {
+                            buried.push(last);
+                        }
+                    }
+                    let mut st = c.stats_tube(tubes::INVENTORY).await?;
+                    if st.current_jobs_ready > 1 {
+                        // Others than ours (an earlier run's, another publisher's):
+                        // peek-ready answers the oldest of equal priority, retire until ours.
+                        while let Some(old) = c.peek_ready().await? {
+                            if old.id == id {
+                                break;
+                            }
+                            if retire(c, old.id).await? {
+                                buried.push(old.id);
+                            }
+                        }
+                        st = c.stats_tube(tubes::INVENTORY).await?;
+                    }
+                    // More buried than this host knows of: left by an earlier run (or by
+                    // a call that failed half-way). Adopt the oldest, one a publication.
+                    let expect = known - to_delete.len() as u64 + buried.len() as u64;
+                    let stray = if st.current_jobs_buried > expect {
+                        c.peek_buried().await?.map(|j| j.id)
+                    } else {
+                        None
+                    };
+                    Ok((id, buried, stray))
+                })
+            })
+            .await?;
+        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = published.entry(addr.to_string()).or_default();
+        mine.last = Some(id);
+        mine.buried.retain(|(id, _)| !expired.contains(id));
+        mine.buried.extend(buried.into_iter().map(|id| (id, now)));
+        if let Some(id) = stray.filter(|id| mine.buried.iter().all(|(m, _)| m != id)) {
+            // Buried some time ago, but when is unknown: the grace starts now.
+            mine.buried.push((id, now));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actual::{ActualVm, RunState};
+    use crate::capacity::{Limits, Usage};
+    use crate::message::Inventory;
+    use crate::size::Size;
+    use beanstalk::testing::{Beanstalkd, Config};
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// An inventory of `host` numbered `seq`, about 200 KB encoded: large enough that
+    /// beanstalkd answers a peek of it in several writes.
+    fn inventory(host: &str, seq: u64) -> Envelope {
+        let padding = "x".repeat(1000);
+        let vms = (0..200)
+            .map(|i| ActualVm {
+                name: format!("vm{i}"),
+                datastore: "default".into(),
+                config: BTreeMap::from([("comment".to_string(), padding.clone())]),
+                cpu: 1,
+                memory: Size::mib(512),
+                disks: vec![],
+                state: RunState::Running,
+                autostart: None,
+                marker: None,
+            })
+            .collect();
+        let inv = Inventory {
+            host: host.into(),
+            applied_commit: None,
+            commit: None,
+            listed_at: seq,
+            seq,
+            clock_skew: None,
+            used: Usage::default(),
+            reserved: Usage::default(),
+            limits: Limits::default(),
+            overload: None,
+            vms,
+            in_flight: vec![],
+            failures: vec![],
+            waiting: vec![],
+            left_cluster: None,
+            agent: None,
+        };
+        Envelope::new("c", host, host, Message::Inventory(inv))
+    }
+
+    /// Guards issue 13 (corrupt inventory reads at 20 hosts and more): beanstalkd 1.12 may
+    /// send freed memory when a job is deleted while another connection's peek of it is
+    /// being answered, and publishing used to delete the old inventory while peers peeked.
+    /// Readers peek in a loop while one publisher replaces the inventory many times:
+    /// every read decodes, no reader ever finds the tube empty or sees an older inventory
+    /// after a newer one, and retired inventories do not pile up in the tube.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn inventories_read_while_publishing_always_decode() {
+        const READERS: usize = 8;
+        const PUBLISHES: u64 = 100;
+        // Shorter than in production, so the test can wait it out; still far longer than
+        // a peek takes on this machine.
+        let grace = Duration::from_secs(2);
+        let server = Beanstalkd::start_with(Config {
+            max_job_size: Some(2 * 1024 * 1024),
+            ..Config::default()
+        })
+        .expect("beanstalkd");
+        let addr = server.addr();
+        let publisher = Peers {
+            retire_grace: grace,
+            ..Peers::default()
+        };
+        publisher
+            .publish_inventory(&addr, &inventory("h1", 0))
+            .await
+            .unwrap();
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Arc::new(AtomicUsize::new(0));
+        let mut readers = Vec::new();
+        for _ in 0..READERS {
+            let (addr, stop, started) = (addr.clone(), stop.clone(), started.clone());
+            readers.push(tokio::spawn(async move {
+                let peers = Peers::new();
+                let (mut reads, mut last_seq, mut failures) = (0u64, 0u64, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    match peers.inventory(&addr, "h1", None).await {
+                        Ok((Some(inv), _)) => {
+                            if inv.seq < last_seq {
+                                failures.push(format!("seq {} after {last_seq}", inv.seq));
+                            }
+                            last_seq = inv.seq;
+                        }
+                        Ok((None, _)) => failures.push("no inventory in the tube".into()),
+                        Err(e) => failures.push(e.to_string()),
+                    }
+                    reads += 1;
+                    if reads == 1 {
+                        started.fetch_add(1, Ordering::SeqCst);
                     }
                 }
-                Ok(())
-            })
+                (reads, failures)
+            }));
+        }
+        // Every reader is peeking before the publications start.
+        while started.load(Ordering::SeqCst) < READERS {
+            tokio::task::yield_now().await;
+        }
+        let mut most = 0;
+        for seq in 1..=PUBLISHES {
+            publisher
+                .publish_inventory(&addr, &inventory("h1", seq))
+                .await
+                .unwrap();
+            let st = publisher
+                .tube_stats(&addr, tubes::INVENTORY)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                st.current_jobs_ready, 1,
+                "one inventory ready after a publication"
+            );
+            most = most.max(st.current_jobs_buried);
+        }
+        stop.store(true, Ordering::Relaxed);
+        let mut failures = Vec::new();
+        let mut reads = 0;
+        for r in readers {
+            let (n, f) = r.await.unwrap();
+            reads += n;
+            failures.extend(f);
+        }
+        eprintln!(
+            "{reads} reads during {PUBLISHES} publications; at most {most} retired inventories kept"
+        );
+        // Once the grace has passed, the next publication deletes every retired one but
+        // those it retires itself: the tube does not grow with the publications.
+        tokio::time::sleep(grace).await;
+        publisher
+            .publish_inventory(&addr, &inventory("h1", PUBLISHES + 1))
+            .await
+            .unwrap();
+        let st = publisher
+            .tube_stats(&addr, tubes::INVENTORY)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (
+                st.current_jobs_ready,
+                st.current_jobs_reserved,
+                st.current_jobs_delayed
+            ),
+            (1, 0, 0)
+        );
+        assert!(st.current_jobs_buried <= 1, "{st:?}");
+        assert!(
+            failures.is_empty(),
+            "{} of {reads} reads failed, e.g. {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+    }
+
+    /// Ready and buried inventories at `addr`.
+    async fn counts(p: &Peers, addr: &str) -> (u64, u64) {
+        let st = p.tube_stats(addr, tubes::INVENTORY).await.unwrap().unwrap();
+        (st.current_jobs_ready, st.current_jobs_buried)
+    }
+
+    /// Guards issue 13 (retired inventories must not pile up): what an earlier run of
+    /// the agent left in the tube, ready and buried, is retired and deleted by the next
+    /// run's publications, though that run never saw those ids.
+    #[tokio::test]
+    async fn a_restarted_publisher_clears_what_the_earlier_run_left() {
+        let server = Beanstalkd::start_with(Config {
+            max_job_size: Some(2 * 1024 * 1024),
+            ..Config::default()
         })
-        .await
+        .expect("beanstalkd");
+        let addr = server.addr();
+        let earlier = Peers::new();
+        for seq in 0..4 {
+            earlier
+                .publish_inventory(&addr, &inventory("h1", seq))
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            counts(&earlier, &addr).await,
+            (1, 3),
+            "the grace keeps the retired ones"
+        );
+        // The restarted agent: no grace, so each publication deletes what it may.
+        let later = Peers {
+            retire_grace: Duration::ZERO,
+            ..Peers::default()
+        };
+        for seq in 4..9 {
+            later
+                .publish_inventory(&addr, &inventory("h1", seq))
+                .await
+                .unwrap();
+            assert_eq!(counts(&later, &addr).await.0, 1, "one inventory ready");
+        }
+        assert_eq!(counts(&later, &addr).await, (1, 1));
+        let (inv, _) = later.inventory(&addr, "h1", None).await.unwrap();
+        assert_eq!(inv.map(|i| i.seq), Some(8));
     }
 }
