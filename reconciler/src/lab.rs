@@ -464,6 +464,8 @@ impl Cluster {
             // glibc keeps one malloc arena per thread that allocates; the agent's blocking
             // threads would each hold freed memory. One arena keeps its memory small.
             .env("MALLOC_ARENA_MAX", "1")
+            // Counts the agent's `vm` and `sysrc` calls (see `Cluster::calls`).
+            .env("VM_SIM_CALL_LOG", h.vm_dir.with_file_name("calls.log"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -617,6 +619,16 @@ impl Cluster {
         .expect("vm create");
         b.start(name).expect("vm start");
         self.hosts[i].vm_dir.join(name).join(format!("{name}.conf"))
+    }
+
+    /// The `vm` and `sysrc` command lines host `i`'s agent has run (its own calls only,
+    /// not the lab's), oldest first.
+    pub fn calls(&self, i: usize) -> Vec<String> {
+        fs::read_to_string(self.hosts[i].vm_dir.with_file_name("calls.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 
     /// Every VM on host `i`.

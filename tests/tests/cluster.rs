@@ -404,6 +404,10 @@ fn metrics_and_health_on_loopback() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
             && http_get(port, "/metrics")
                 .contains("flotilla_jobs_total{kind=\"create\",outcome=\"done\"} 1")
+            // The queue gauges are as of the last inventory, which an idle agent
+            // publishes every few seconds, not after every pass (issue 12, item 4).
+            && http_get(port, "/metrics")
+                .contains("flotilla_queue_jobs{tube=\"flotilla.create\",state=\"ready\"} 0")
     });
     let page = http_get(port, "/metrics");
     for series in [
@@ -412,6 +416,7 @@ fn metrics_and_health_on_loopback() {
         "flotilla_queue_jobs{tube=\"flotilla.create\",state=\"ready\"} 0",
         "flotilla_inventory_age_seconds{host=\"host2\"}",
         "flotilla_desired_commit_info{commit=",
+        "flotilla_backend_invocations_total{command=\"vm list\"}",
     ] {
         assert!(page.contains(series), "{series} in\n{page}");
     }

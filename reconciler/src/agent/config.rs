@@ -123,6 +123,10 @@ pub struct BackendConfig {
     /// Pause between two looks at `vm list` while waiting for a guest.
     #[serde(default)]
     pub poll_interval: Option<Dur>,
+    /// How long the agent keeps a listing of its VMs while neither it nor the watch of
+    /// the vm_dir sees a change (default 5m; 0s lists every time).
+    #[serde(default)]
+    pub list_interval: Option<Dur>,
 }
 
 fn default_vm() -> PathBuf {
@@ -140,6 +144,7 @@ impl Default for BackendConfig {
             sim_dir: None,
             start_timeout: None,
             poll_interval: None,
+            list_interval: None,
         }
     }
 }

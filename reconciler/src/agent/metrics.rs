@@ -6,7 +6,8 @@
 //! `flotilla_jobs_total{kind,outcome}`, `flotilla_forwards_total`,
 //! `flotilla_emitted_total{kind}`, `flotilla_results_total{kind,outcome}`,
 //! `flotilla_queue_jobs{tube,state}`, `flotilla_applied_commit_info{commit}`,
-//! `flotilla_inventory_age_seconds{host}` and the rest of the counters the agent keeps.
+//! `flotilla_inventory_age_seconds{host}`, `flotilla_backend_invocations_total{command}`
+//! (each `vm` subcommand and `sysrc` run) and the rest of the counters the agent keeps.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -44,11 +45,20 @@ fn label(v: &str) -> String {
 /// The metrics page.
 pub fn render(shared: &Shared) -> String {
     let mut out = String::new();
-    let counters = shared
+    let mut counters = shared
         .counters
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
+    for (command, n) in shared.backend.invocations() {
+        counters.insert(
+            format!(
+                "flotilla_backend_invocations_total{{command=\"{}\"}}",
+                label(&command)
+            ),
+            n as f64,
+        );
+    }
     let mut gauges = shared
         .gauges
         .lock()

@@ -24,6 +24,7 @@ pub mod events;
 pub mod hooks;
 pub mod identity;
 pub mod lease;
+pub mod listing;
 pub mod metrics;
 pub mod peers;
 mod recheck;
@@ -251,6 +252,8 @@ pub struct Shared {
     member_addr: Option<String>,
     /// Numbers this host's inventories (issue 14, case 4).
     inventory_seq: seq::InventorySeq,
+    /// This host's listing, kept while nothing changes it (issue 12, item 4).
+    listing: Arc<listing::Listing>,
 }
 
 /// The backend the config describes: vm-bhyve's `vm`, or the simulator when `sim_dir` is
@@ -305,6 +308,11 @@ impl Shared {
             cfg.message_window.0.as_secs(),
             message::now(),
         );
+        let listing = Arc::new(listing::Listing::default());
+        let backend = Arc::new(listing::Tracked {
+            inner: backend,
+            listing: listing.clone(),
+        });
         Ok(Arc::new(Shared {
             events: EventLog::new(&cfg.state_dir),
             cfg,
@@ -334,6 +342,7 @@ impl Shared {
             owners: Mutex::default(),
             member_addr,
             inventory_seq,
+            listing,
         }))
     }
 
@@ -544,10 +553,21 @@ impl Shared {
 
     /// The overload threshold this host crosses now, if any.
     /// Lists this host's VMs and tells admission what they claim.
+    /// A listing kept since no change was seen is as good and costs no `vm list`.
     fn list_local(&self) -> Result<Vec<ActualVm>, BackendError> {
+        let max_age = self
+            .cfg
+            .backend
+            .list_interval
+            .map_or(Duration::from_secs(300), |d| d.0);
+        if let Some(vms) = self.listing.kept(max_age) {
+            return Ok(vms);
+        }
+        let token = self.listing.begin();
         let listing = self.admission().usage.begin(Instant::now());
         let vms = self.backend.list()?;
         self.admission().usage.listed(listing, &vms);
+        self.listing.keep(token, &vms);
         Ok(vms)
     }
 
@@ -614,6 +634,7 @@ pub async fn run(shared: Arc<Shared>) -> Option<String> {
     tasks.spawn(reconcile_loop(shared.clone()));
     tasks.spawn(inbox_loop(shared.clone()));
     tasks.spawn(publish_loop(shared.clone()));
+    tasks.spawn(watch_vm_dir(shared.clone()));
     if let Some(addr) = shared.cfg.http {
         if let Err(e) = metrics::serve(shared.clone(), addr) {
             shared.event(
@@ -648,6 +669,27 @@ pub async fn run(shared: Arc<Shared>) -> Option<String> {
     while tasks.join_next().await.is_some() {}
     shared.event("stop", None, None, None, "agent stopped".into());
     shared.lease.refusal()
+}
+
+/// Watches the datastores while the agent runs, so that a listing is kept until
+/// something there changes; a change goes into the next inventory soon.
+async fn watch_vm_dir(shared: Arc<Shared>) {
+    let b = shared.backend.clone();
+    let dirs = tokio::task::spawn_blocking(move || b.watch_dirs()).await;
+    let s = shared.clone();
+    let watcher = match dirs {
+        Ok(Ok(dirs)) => listing::watch(shared.listing.clone(), &dirs, move || {
+            s.wake_publish.notify_one()
+        }),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = &watcher {
+        tracing::warn!(error = %e, "no watch of the vm_dir: every pass and inventory lists the VMs");
+    }
+    let mut stop = shared.stop.subscribe();
+    stopped(&mut stop).await;
+    drop(watcher);
 }
 
 /// Resolves once the agent stops.
@@ -744,14 +786,31 @@ async fn source_loop(shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(500);
     // Local repos are watched, so a commit is seen at once.
     let watch = shared.cfg.desired.watch;
+    // Only a write of the branch's ref is news (issue 12, item 4): the agent's own fetch
+    // opens files under `.git`, and a watch woken by that fetched and reconciled without
+    // end.
+    let branch_ref = PathBuf::from("refs/heads").join(&shared.cfg.desired.branch);
     let _watcher = local_repo(&url).filter(|_| watch).and_then(|path| {
         use notify::Watcher;
         let s = shared.clone();
-        let mut w = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
-            s.wake_fetch.notify_one();
+        let refs = branch_ref.clone();
+        let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            let news = res.is_ok_and(|ev| {
+                !matches!(ev.kind, notify::EventKind::Access(_))
+                    && ev
+                        .paths
+                        .iter()
+                        .any(|p| p.ends_with(&refs) || p.ends_with("packed-refs"))
+            });
+            if news {
+                s.wake_fetch.notify_one();
+            }
         })
         .ok()?;
-        w.watch(&path, notify::RecursiveMode::Recursive).ok()?;
+        // The refs, not the objects: a commit writes many objects and one ref.
+        w.watch(&path.join("refs/heads"), notify::RecursiveMode::Recursive)
+            .ok()?;
+        w.watch(&path, notify::RecursiveMode::NonRecursive).ok()?;
         Some(w)
     });
     // Whether this fetch was asked for (a trigger or a file-system event).
@@ -781,6 +840,7 @@ async fn source_loop(shared: Arc<Shared>) {
             Err(e) => Err(e.to_string()),
         };
         let mut wait = poll_interval(&s);
+        let failed = outcome.is_err();
         match outcome {
             Ok(Fetched::Unchanged) => {
                 last_error = None;
@@ -895,7 +955,8 @@ async fn source_loop(shared: Arc<Shared>) {
         woken = false;
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = s.wake_fetch.notified() => {
+            // A failed fetch waits out its backoff whatever wakes it.
+            _ = s.wake_fetch.notified(), if !failed => {
                 // Coalesce a burst of file-system events into one fetch.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 woken = true;
@@ -912,11 +973,15 @@ async fn reconcile_loop(shared: Arc<Shared>) {
     // and reads every inventory, so they wait longer, unless news comes meanwhile.
     let min_gap = Duration::from_millis(250);
     let results_gap = Duration::from_secs(1);
+    // The same failure is written to the event log once, not at every retry.
+    let mut last_error: Option<String> = None;
     loop {
         let pass = Instant::now();
+        let mut failed = false;
         let wait = match shared.snapshot() {
             Some(snap) => match reconcile_once(&shared, &snap).await {
                 Ok(waiting) => {
+                    last_error = None;
                     backoff = Duration::from_millis(500);
                     if waiting {
                         Duration::from_millis(100)
@@ -925,13 +990,17 @@ async fn reconcile_loop(shared: Arc<Shared>) {
                     }
                 }
                 Err(e) => {
-                    shared.event(
-                        "error",
-                        None,
-                        None,
-                        snap.commit.as_deref(),
-                        format!("reconcile failed: {e}"),
-                    );
+                    if last_error.as_deref() != Some(e.as_str()) {
+                        shared.event(
+                            "error",
+                            None,
+                            None,
+                            snap.commit.as_deref(),
+                            format!("reconcile failed: {e}"),
+                        );
+                    }
+                    last_error = Some(e);
+                    failed = true;
                     let b = backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(60));
                     b
@@ -940,12 +1009,13 @@ async fn reconcile_loop(shared: Arc<Shared>) {
             None => poll_interval(&shared),
         };
         let mut stop = shared.stop.subscribe();
+        // A failed pass waits out its backoff whatever wakes it.
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = shared.wake_reconcile.notified() => {
+            _ = shared.wake_reconcile.notified(), if !failed => {
                 tokio::time::sleep(min_gap.saturating_sub(pass.elapsed())).await;
             }
-            _ = shared.results_in.notified() => {
+            _ = shared.results_in.notified(), if !failed => {
                 tokio::select! {
                     _ = tokio::time::sleep(results_gap.saturating_sub(pass.elapsed())) => {}
                     _ = shared.wake_reconcile.notified() => {

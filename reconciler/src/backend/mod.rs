@@ -221,6 +221,17 @@ pub trait Backend: Send + Sync {
         Ok(None)
     }
 
+    /// The directories whose changes may change what [`Backend::list`] shows (the
+    /// datastores), for the agent's watch; empty when there are none to watch.
+    fn watch_dirs(&self) -> Result<Vec<PathBuf>, BackendError> {
+        Ok(Vec::new())
+    }
+
+    /// How many times each outside command has run, by command (`vm list`, `sysrc`).
+    fn invocations(&self) -> BTreeMap<String, u64> {
+        BTreeMap::new()
+    }
+
     /// The VM's vm-bhyve configuration (`<name>.conf`) as vm-bhyve reads it.
     fn read_config(&self, name: &str) -> Result<BTreeMap<String, String>, BackendError> {
         self.get(name)?

@@ -316,6 +316,8 @@ pub struct VmBhyve {
     cfg: VmBhyveConfig,
     hostname: String,
     datastores: std::sync::Mutex<Option<(Instant, Vec<Datastore>)>>,
+    /// Commands run, by `vm` subcommand or `sysrc` (see [`Backend::invocations`]).
+    invocations: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
 impl Clone for VmBhyve {
@@ -335,6 +337,7 @@ impl VmBhyve {
             cfg,
             hostname,
             datastores: std::sync::Mutex::new(None),
+            invocations: std::sync::Mutex::default(),
         }
     }
 
@@ -354,6 +357,20 @@ impl VmBhyve {
     /// Runs `program args...` and returns its output whatever its status.
     fn exec(&self, program: &Path, args: &[String]) -> Result<(String, Output), BackendError> {
         let command = render(program, args);
+        let key = if program == self.cfg.vm.as_path() {
+            format!("vm {}", args.first().map(String::as_str).unwrap_or(""))
+        } else {
+            program
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        *self
+            .invocations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default() += 1;
         let out = Command::new(program)
             .args(args)
             .envs(self.cfg.env.iter().map(|(k, v)| (k, v)))
@@ -815,6 +832,22 @@ fn system_hostname() -> String {
 impl Backend for VmBhyve {
     fn identity_dir(&self) -> Result<Option<PathBuf>, BackendError> {
         self.vm_dir().map(Some)
+    }
+
+    fn watch_dirs(&self) -> Result<Vec<PathBuf>, BackendError> {
+        Ok(self
+            .datastores()?
+            .into_iter()
+            .filter(|d| d.holds_guests())
+            .map(|d| d.path)
+            .collect())
+    }
+
+    fn invocations(&self) -> BTreeMap<String, u64> {
+        self.invocations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn read_config(&self, name: &str) -> Result<BTreeMap<String, String>, BackendError> {

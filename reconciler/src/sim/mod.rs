@@ -12,7 +12,9 @@
 //!   `sysrc -f` must edit to change autostart;
 //! - otherwise rc.conf is `$VM_SIM_RC_CONF` or `/etc/rc.conf`, as on FreeBSD.
 //!
-//! Knobs: `VM_SIM_HOSTNAME` (the name written to `run.lock`), `VM_SIM_DELAY_MS` and
+//! Knobs: `VM_SIM_CALL_LOG=/file` (each `vm` and `sysrc` command line an operator or the
+//! agent runs is appended to it, one a line: how benchmarks and tests count calls),
+//! `VM_SIM_HOSTNAME` (the name written to `run.lock`), `VM_SIM_DELAY_MS` and
 //! `$vm_dir/.config/sim.conf` (`create_delay_ms`, `start_delay_ms`, `shutdown_ms`,
 //! `stop_resend_ms`, and the realistic slowness of [`host::Settings`]: `start_lock_ms`,
 //! `locked_ms`, `list_delay_ms`, `sysrc_window_ms`; tests that need speed set them to 0), and per guest in its `.conf`: `sim_ignore_acpi="yes"` (ignores
@@ -45,12 +47,14 @@ pub fn main() -> i32 {
         .map(|b| b.to_string_lossy().into_owned())
         .unwrap_or_default();
     if base == "sysrc" {
+        log_call(&base, &args[1..]);
         return sysrc::main(&args[1..]);
     }
     if base == "bhyvectl" {
         return bhyvectl(&prog, &args[1..]);
     }
     let rest = args.get(1..).unwrap_or(&[]);
+    log_call(&base, rest);
     match rest.first().map(String::as_str) {
         Some("sysrc") => sysrc::main(&rest[1..]),
         Some("bhyvectl") => bhyvectl(&prog, &rest[1..]),
@@ -72,6 +76,27 @@ pub fn main() -> i32 {
             }
         }
         _ => cmd::dispatch(&prog, rest),
+    }
+}
+
+/// Appends `program args...` to `$VM_SIM_CALL_LOG`, if set: every call of `vm` and
+/// `sysrc` from outside, not the simulator's own guest processes (`_run` and friends).
+fn log_call(base: &str, args: &[String]) {
+    use std::io::Write;
+    if args.first().is_some_and(|a| a.starts_with('_')) || base == "bhyvectl" {
+        return;
+    }
+    let Some(path) = std::env::var_os("VM_SIM_CALL_LOG") else {
+        return;
+    };
+    let line = format!("{base} {}\n", args.join(" "));
+    // One write of one line with O_APPEND: concurrent calls do not interleave.
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all(line.as_bytes());
     }
 }
 
