@@ -1,7 +1,7 @@
 //! Where a create goes: admit it here, forward it to the next host, or give up.
 //!
 //! A pure decision (no I/O): the worker gathers the host's usage, its reservations and
-//! any overload reading, and this module says what to do. The rules are DESIGN.md's: a
+//! any overload reading, and this module says what to do. The rules (docs/design.md): a
 //! create is admitted only if used + reserved + requested fits every limit and the host
 //! is not overloaded; otherwise it goes to `next` with one hop less and this host added to
 //! the visited list, unless the chain ends, loops, or has no hops left, in which case the
