@@ -588,3 +588,67 @@ fn start_on_a_stale_vmm_entry_is_reported_by_name_without_waiting() {
         "{err}"
     );
 }
+
+/// Guards issue 12 (the scenario on the real script): a real `vm list` reads rc.conf's
+/// `vm_list` when it starts and prints half a second later, and the markers were read
+/// after it. A create that finished meanwhile (start, `vm_list`, then its complete
+/// marker) was listed complete but without its autostart entry, and the owner planned
+/// an update for 9 of 10 new VMs; a complete marker must never claim more than the
+/// rows of the same listing show. A wrapper holds `vm list`'s output back until the
+/// create's last steps are done, so the interleaving is certain, not timed.
+#[test]
+fn a_listing_never_shows_a_marker_newer_than_its_rows() {
+    let host = SimHost::new();
+    let wrapper = host.tmp.path().join("bin/vm-held");
+    let listed = host.tmp.path().join("listed");
+    let go = host.tmp.path().join("go");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nout=$(\"{vm}\" \"$@\"); rc=$?\n\
+             if [ \"$1\" = list ]; then : > \"{listed}\"; while [ ! -e \"{go}\" ]; do sleep 0.01; done; fi\n\
+             printf '%s\\n' \"$out\"; exit $rc\n",
+            vm = host.vm.display(),
+            listed = listed.display(),
+            go = go.display(),
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let b = host.backend();
+    b.create(&spec("fresh")).unwrap();
+    b.write_marker(
+        "fresh",
+        &Marker {
+            complete: false,
+            ..marker("j1")
+        },
+    )
+    .unwrap();
+    b.start("fresh").unwrap();
+
+    let held = VmBhyve::new(flotilla::backend::VmBhyveConfig {
+        vm: wrapper,
+        ..host.config()
+    });
+    let listing = std::thread::spawn(move || held.list());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !listed.exists() {
+        assert!(std::time::Instant::now() < deadline, "vm list never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // `vm list` has printed its rows (running, not in vm_list); the create ends now.
+    b.set_autostart("fresh", true).unwrap();
+    b.write_marker("fresh", &marker("j1")).unwrap();
+    std::fs::write(&go, "").unwrap();
+    let vms = listing.join().unwrap().unwrap();
+    let fresh = vms.iter().find(|v| v.name == "fresh").expect("listed");
+    let complete = fresh.marker.as_ref().is_some_and(|m| m.complete);
+    assert!(
+        !complete || fresh.autostart.is_some(),
+        "listed complete but not in vm_list: {fresh:?}"
+    );
+}

@@ -622,7 +622,14 @@ impl VmBhyve {
         }
     }
 
-    fn read_vm(&self, row: &ListRow, ds: &Datastore) -> Result<Option<ActualVm>, BackendError> {
+    /// The VM of `row` in `ds`, with `marker` as read before the `vm list` that gave the
+    /// row (see [`marker_before_listing`]).
+    fn read_vm(
+        &self,
+        row: &ListRow,
+        ds: &Datastore,
+        marker: Option<Marker>,
+    ) -> Result<Option<ActualVm>, BackendError> {
         let dir = ds.path.join(&row.name);
         let conf_path = dir.join(format!("{}.conf", row.name));
         let bytes = match fs::read(&conf_path) {
@@ -632,14 +639,6 @@ impl VmBhyve {
             Err(e) => return Err(io_err(&conf_path)(e)),
         };
         let conf = Conf::parse_bytes(&bytes);
-        let marker = match read_marker_in(&dir) {
-            Ok(m) => m,
-            Err(e) => {
-                // Counted as unmanaged, which is the safe reading.
-                tracing::warn!(vm = %row.name, error = %e, "ignoring an unreadable marker");
-                None
-            }
-        };
         // `vm create` writes the .conf before the disk images, and flotilla's marker
         // comes after both: a missing image is news only for a VM that is finished.
         let finished = marker.as_ref().is_some_and(|m| m.complete);
@@ -803,6 +802,24 @@ fn read_vm_list(rc_conf: &Path) -> Result<Vec<String>, BackendError> {
         .collect())
 }
 
+/// The marker of the guest in `dir`, read BEFORE the `vm list` whose row it goes with.
+/// A real `vm list` reads rc.conf when it starts and prints up to a second later, and a
+/// create ends with its start, its `vm_list` entry and then its complete marker: a
+/// marker read after the listing could say complete next to a row that predates the
+/// start or the entry (seen on the real script: 9 of 10 new VMs listed running and
+/// complete but without autostart). Read before, a marker never claims more than the
+/// row shows; a create that ends during the listing reads as still being built.
+fn marker_before_listing(name: &str, dir: &Path) -> Option<Marker> {
+    match read_marker_in(dir) {
+        Ok(m) => m,
+        Err(e) => {
+            // Counted as unmanaged, which is the safe reading.
+            tracing::warn!(vm = %name, error = %e, "ignoring an unreadable marker");
+            None
+        }
+    }
+}
+
 fn read_marker_in(dir: &Path) -> Result<Option<Marker>, BackendError> {
     let path = dir.join(Marker::FILE_NAME);
     let bytes = match fs::read(&path) {
@@ -860,18 +877,45 @@ impl Backend for VmBhyve {
 
     fn get(&self, name: &str) -> Result<Option<ActualVm>, BackendError> {
         check_name("VM name", name)?;
+        let stores = self.datastores()?;
+        let markers: BTreeMap<String, Option<Marker>> = stores
+            .iter()
+            .filter(|d| d.holds_guests())
+            .map(|d| {
+                (
+                    d.name.clone(),
+                    marker_before_listing(name, &d.path.join(name)),
+                )
+            })
+            .collect();
         let Some(row) = self.list_rows()?.into_iter().find(|r| r.name == name) else {
             return Ok(None);
         };
-        let stores = self.datastores()?;
         match stores.iter().find(|d| d.name == row.datastore) {
-            Some(ds) => self.read_vm(&row, ds),
+            Some(ds) => {
+                let marker = markers.get(&ds.name).cloned().flatten();
+                self.read_vm(&row, ds, marker)
+            }
             None => Ok(None),
         }
     }
 
     fn list(&self) -> Result<Vec<ActualVm>, BackendError> {
         let stores = self.datastores()?;
+        let mut markers = BTreeMap::new();
+        for ds in stores.iter().filter(|d| d.holds_guests()) {
+            let entries = match fs::read_dir(&ds.path) {
+                Ok(e) => e,
+                // A datastore that is not there lists nothing; `vm list` says the rest.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&ds.path)(e)),
+            };
+            for entry in entries.flatten().filter(|e| e.path().is_dir()) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let marker = marker_before_listing(&name, &entry.path());
+                markers.insert((ds.name.clone(), name), marker);
+            }
+        }
         let (command, out) = self.vm(&["list"])?;
         let rows = parse_list(&command, &out)?;
         let mut vms = Vec::new();
@@ -886,7 +930,10 @@ impl Backend for VmBhyve {
                         row.name, row.datastore
                     ),
                 })?;
-            if let Some(vm) = self.read_vm(&row, ds)? {
+            let marker = markers
+                .remove(&(ds.name.clone(), row.name.clone()))
+                .flatten();
+            if let Some(vm) = self.read_vm(&row, ds, marker)? {
                 vms.push(vm);
             }
         }
