@@ -30,7 +30,7 @@ use flotilla_lab::lab::{Cluster, HostSpec, Options};
 /// agents, the example desired repo committed and changed. Needs beanstalkd and git
 /// (scripts/install-deps).
 #[derive(Debug, clap::Parser)]
-#[command(name = "flotilla-demo", version, about, max_term_width = 100)]
+#[command(name = "flotilla-demo", version, max_term_width = 100)]
 struct Args {
     /// The desired repo to start from (its cluster.yaml gives the hosts, the chain and
     /// the limits; the beanstalkd addresses are replaced by free local ports).
