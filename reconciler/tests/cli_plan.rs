@@ -261,7 +261,8 @@ fn plan_reads_the_local_host_through_the_simulator() {
     let bin = sim.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
     let vm = bin.join("vm");
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_vm-sim"), &vm).unwrap();
+    // vm-sim lives in the lab crate; bin_dir() builds the workspace's binaries first.
+    std::os::unix::fs::symlink(flotilla_lab::lab::bin_dir().join("vm-sim"), &vm).unwrap();
     let vm_dir = sim.path().join("vms");
     std::fs::create_dir(&vm_dir).unwrap();
     let run = |args: &[&str]| {

@@ -1,4 +1,5 @@
 //! End-to-end tests of flotilla across processes. The cluster they run on is
-//! [`flotilla::lab`], shared with `flotilla demo` and the cluster benchmark.
+//! [`flotilla_lab::lab`], shared with `flotilla-demo` (`scripts/demo`) and the cluster
+//! benchmark.
 
-pub use flotilla::lab::*;
+pub use flotilla_lab::lab::*;

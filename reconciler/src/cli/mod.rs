@@ -12,7 +12,6 @@ use flotilla::render::Style;
 
 mod agent;
 mod cluster;
-mod demo;
 mod desired;
 mod plan;
 mod validate;
@@ -56,10 +55,6 @@ enum Command {
     /// Run this host's agent: source, reconciler, worker, inbox, inventory. Exit 0 on
     /// SIGTERM, 78 on a bad configuration.
     Agent(agent::Args),
-    /// A whole cluster on this machine: three hosts with beanstalkd, simulated vm-bhyve
-    /// and agents, the example desired repo committed and changed. Needs beanstalkd and
-    /// git (scripts/install-deps).
-    Demo(demo::Args),
 }
 
 /// How results are printed.
@@ -98,7 +93,6 @@ pub fn main() -> ExitCode {
         Command::Trigger(args) => cluster::trigger(args),
         Command::Host(cluster::HostCommand::Forget(args)) => cluster::host_forget(args),
         Command::Agent(args) => agent::run(args),
-        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,4 +1,6 @@
-//! `flotilla demo`: a whole cluster on this machine, from the example desired repo.
+//! `flotilla-demo` (run by `scripts/demo`): a whole cluster on this machine, from the
+//! example desired repo. A development binary of the lab crate, so the shipped `flotilla`
+//! links neither the lab nor the simulator; it expects `flotilla` and `vm-sim` beside it.
 //!
 //! Three hosts (a beanstalkd each on a free loopback port, a simulated vm-bhyve each,
 //! an agent each), the example `desired/` turned into a git repo, the plan shown, the
@@ -7,6 +9,7 @@
 //! the chain) converged too, and `status` at the end. Everything it started is stopped
 //! and removed at the end, on an error, and on Ctrl-C.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,13 +21,17 @@ use anyhow::{bail, Context};
 use flotilla::actual::HostActual;
 use flotilla::agent::{status, HostsFile};
 use flotilla::desired::{self, Snapshot};
-use flotilla::lab::{Cluster, HostSpec, Options};
 use flotilla::planner::{self, PlanOptions};
+use flotilla::render::Style;
 use flotilla::{render, source};
+use flotilla_lab::lab::{Cluster, HostSpec, Options};
 
-/// Arguments of `demo`.
-#[derive(Debug, clap::Args)]
-pub struct Args {
+/// A whole cluster on this machine: three hosts with beanstalkd, simulated vm-bhyve and
+/// agents, the example desired repo committed and changed. Needs beanstalkd and git
+/// (scripts/install-deps).
+#[derive(Debug, clap::Parser)]
+#[command(name = "flotilla-demo", version, max_term_width = 100)]
+struct Args {
     /// The desired repo to start from (its cluster.yaml gives the hosts, the chain and
     /// the limits; the beanstalkd addresses are replaced by free local ports).
     #[arg(long, value_name = "DIR", default_value = "desired")]
@@ -35,6 +42,34 @@ pub struct Args {
     /// How long to wait for each convergence.
     #[arg(long, value_name = "SECONDS", default_value_t = 180)]
     timeout: u64,
+}
+
+/// Runs the demo: exit 0 when both commits converged, 1 on an error, 64 on bad usage
+/// (the exit codes of `flotilla`).
+fn main() -> ExitCode {
+    let args = match <Args as clap::Parser>::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let code = if e.use_stderr() { 64 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("flotilla: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Colours only on a terminal, and never with `NO_COLOR` set (as `flotilla plan`).
+fn style() -> Style {
+    let disabled = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    Style {
+        color: !disabled && std::io::stdout().is_terminal(),
+    }
 }
 
 fn on_path(program: &str) -> bool {
@@ -84,7 +119,7 @@ fn show_plan(lab: &Cluster) -> anyhow::Result<()> {
     let snap = load(&lab.repo)?;
     let plan = planner::plan(&snap, &actual(lab), &[], &PlanOptions::default());
     println!("\n$ flotilla plan   (what the commit will do)");
-    print!("{}", render::plan_text(&plan, super::style(false)));
+    print!("{}", render::plan_text(&plan, style()));
     Ok(())
 }
 
@@ -163,7 +198,7 @@ fn edit(lab: &Cluster, file: &str, f: impl FnOnce(&str) -> String) -> anyhow::Re
     Ok(())
 }
 
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+fn run(args: Args) -> anyhow::Result<ExitCode> {
     for program in ["beanstalkd", "git"] {
         if !on_path(program) {
             bail!("`{program}` is not installed; run scripts/install-deps first");

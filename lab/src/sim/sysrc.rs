@@ -1,5 +1,5 @@
 //! A `sysrc` for hosts that have none: the subset vm-bhyve and flotilla use, with
-//! `sysrc`'s editing rules from [`crate::conf`].
+//! `sysrc`'s editing rules from [`flotilla::conf`].
 //!
 //! `sysrc [-f FILE] [-i] [-n] [-q] [-x] [-v] [-e] NAME[=|+=|-=VALUE] ...`; without `-f`
 //! it edits the simulator's rc.conf. Reached as `vm-sim sysrc ...` or through a link
@@ -14,7 +14,7 @@ use std::fs;
 use std::path::PathBuf;
 
 use super::cmd::getopts;
-use crate::conf;
+use flotilla::conf;
 
 /// Runs `sysrc ARGS...` and returns its exit code.
 pub fn main(args: &[String]) -> i32 {

@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::host::{guest_log, Host, SIM_DIR};
-use crate::conf::{self, Conf};
+use flotilla::conf::{self, Conf};
 
 /// How often the stand-ins look for their guest directory.
 const WATCH: Duration = Duration::from_millis(200);

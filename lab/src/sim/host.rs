@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::conf::{self, Conf};
+use flotilla::conf::{self, Conf};
 
 /// The text `vm init` installs as `.templates/default.conf` (the sample in vm-bhyve's
 /// examples).

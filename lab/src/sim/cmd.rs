@@ -11,8 +11,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::guest;
 use super::host::{guest_log, Guest, Host, DEFAULT_TEMPLATE};
 use super::md5;
-use crate::conf::{self, Conf};
-use crate::size::Size;
+use flotilla::conf::{self, Conf};
+use flotilla::size::Size;
 
 /// An early exit with this code; the message has already been printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -79,7 +79,7 @@ fn create_prints_nothing_and_writes_the_observed_conf() {
         .unwrap()
         .trim_end()
         .trim_end_matches("')");
-    let hex = flotilla::sim::md5::hex(key.as_bytes());
+    let hex = flotilla_lab::sim::md5::hex(key.as_bytes());
     assert_eq!(
         mac,
         format!("58:9c:fc:0{}:{}:{}", &hex[0..1], &hex[1..3], &hex[3..5])

@@ -1,4 +1,4 @@
-//! A whole flotilla cluster on one machine: `flotilla demo`, the end-to-end tests and
+//! A whole flotilla cluster on one machine: `flotilla-demo`, the end-to-end tests and
 //! the cluster benchmark all run on it.
 //!
 //! [`Cluster::start`] starts, per host, a real beanstalkd on a free loopback port and a
@@ -30,11 +30,11 @@ use std::time::{Duration, Instant};
 
 use beanstalk::testing::{Beanstalkd, Config};
 
-use crate::actual::ActualVm;
-use crate::backend::Backend;
+use flotilla::actual::ActualVm;
+use flotilla::backend::Backend;
 
 /// The directory holding the `flotilla` and `vm-sim` binaries: beside the running
-/// program (`flotilla demo`), or one level up (a test or example under `target/`). Under
+/// program (`flotilla-demo`), or one level up (a test or example under `target/`). Under
 /// cargo, builds them once if a test runs before they exist.
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -432,8 +432,8 @@ impl Cluster {
     }
 
     /// The cluster keys, for tests that sign messages themselves.
-    pub fn keys(&self) -> crate::auth::Keys {
-        crate::auth::Keys::load(&self.key_file()).expect("the lab's key file")
+    pub fn keys(&self) -> flotilla::auth::Keys {
+        flotilla::auth::Keys::load(&self.key_file()).expect("the lab's key file")
     }
 
     /// Starts every host's agent.
@@ -588,8 +588,8 @@ impl Cluster {
 
     /// VM names in twin `j`'s simulated vm_dir, sorted.
     pub fn twin_names(&self, j: usize) -> Vec<String> {
-        let cfg = crate::agent::config::AgentConfig::load(&self.twins[j].config).unwrap();
-        crate::agent::backend_for(&cfg)
+        let cfg = flotilla::agent::config::AgentConfig::load(&self.twins[j].config).unwrap();
+        flotilla::agent::backend_for(&cfg)
             .list()
             .expect("vm list")
             .into_iter()
@@ -598,15 +598,15 @@ impl Cluster {
     }
 
     /// The backend of host `i`, for looking at its VMs.
-    pub fn backend(&self, i: usize) -> crate::backend::VmBhyve {
-        let cfg = crate::agent::config::AgentConfig::load(&self.hosts[i].config).unwrap();
-        crate::agent::backend_for(&cfg)
+    pub fn backend(&self, i: usize) -> flotilla::backend::VmBhyve {
+        let cfg = flotilla::agent::config::AgentConfig::load(&self.hosts[i].config).unwrap();
+        flotilla::agent::backend_for(&cfg)
     }
 
     /// Makes and starts a VM on host `i` as an operator would, with vm-bhyve by hand
     /// (so without a marker: flotilla must never touch it). Returns its `.conf` path.
     pub fn make_by_hand(&self, i: usize, name: &str) -> PathBuf {
-        use crate::backend::{Backend, CreateSpec};
+        use flotilla::backend::{Backend, CreateSpec};
         let b = self.backend(i);
         b.create(&CreateSpec {
             name: name.into(),
@@ -711,8 +711,8 @@ impl Cluster {
     }
 
     /// The events of host `i`'s agent.
-    pub fn events(&self, i: usize) -> Vec<crate::agent::events::Event> {
-        crate::agent::events::read(&self.hosts[i].state_dir.join("events.jsonl"))
+    pub fn events(&self, i: usize) -> Vec<flotilla::agent::events::Event> {
+        flotilla::agent::events::read(&self.hosts[i].state_dir.join("events.jsonl"))
             .unwrap_or_default()
     }
 }
@@ -752,15 +752,15 @@ impl Drop for Cluster {
         // Guests of the simulator are real processes: power them all off.
         let configs = self.hosts.iter().map(|h| &h.config);
         for config in configs.chain(self.twins.iter().map(|t| &t.config)) {
-            let Ok(cfg) = crate::agent::config::AgentConfig::load(config) else {
+            let Ok(cfg) = flotilla::agent::config::AgentConfig::load(config) else {
                 continue;
             };
-            let Ok(vms) = crate::agent::backend_for(&cfg).list() else {
+            let Ok(vms) = flotilla::agent::backend_for(&cfg).list() else {
                 continue;
             };
             let vm_dir = cfg.backend.sim_dir.clone().unwrap_or_default();
             for vm in vms {
-                if vm.state != crate::actual::RunState::Stopped {
+                if vm.state != flotilla::actual::RunState::Stopped {
                     let _ = Command::new(self.dir.path().join("bin/vm"))
                         .args(["poweroff", "-f", &vm.name])
                         .env("VM_SIM_DIR", &vm_dir)
