@@ -247,6 +247,20 @@ pub fn waits_for(
         .collect()
 }
 
+/// The hosts among `hosts` (cluster.yaml's, and those that left it and are not
+/// forgotten) whose actual state this host does not know (`known`): they may hold any VM,
+/// so no create goes out until they answer or are forgotten.
+pub fn unseen<'a>(
+    hosts: impl Iterator<Item = &'a String>,
+    me: &str,
+    known: impl Iterator<Item = &'a str> + Clone,
+) -> Vec<String> {
+    hosts
+        .filter(|h| h.as_str() != me && !known.clone().any(|k| k == h.as_str()))
+        .cloned()
+        .collect()
+}
+
 /// One thing this host sends.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Emit<'a> {
@@ -722,6 +736,24 @@ mod tests {
         );
         // host1 does not own web2 under the old commit: it cannot send its create.
         assert!(waits_for("web2", "host2", Some("new"), &commits, &all, &none).is_empty());
+    }
+
+    /// Guards the review finding on issue 11, hole 1: a host removed from cluster.yaml
+    /// before this agent (just restarted) ever read its inventory was in neither the
+    /// actual state nor the unseen hosts, so the VMs it holds could be created elsewhere.
+    #[test]
+    fn a_departed_host_never_read_is_unseen() {
+        let hosts = [
+            "host1".to_string(),
+            "host2".to_string(),
+            "host3".to_string(),
+        ];
+        let known = ["host1", "host2"];
+        assert_eq!(
+            unseen(hosts.iter(), "host1", known.iter().copied()),
+            vec!["host3".to_string()]
+        );
+        assert!(unseen(hosts[..2].iter(), "host1", known.iter().copied()).is_empty());
     }
 
     /// Guards issue 11, hole 6: a host cut off while on an older commit could still

@@ -101,14 +101,26 @@ pub fn load_or_create(dir: &Path) -> Result<String, IdentityError> {
             .prefix(".flotilla-identity-")
             .tempfile_in(dir)
             .map_err(io)?;
-        std::fs::write(tmp.path(), format!("{id}\n")).map_err(io)?;
+        {
+            use std::io::Write;
+            // On disk before it is linked in: after a power loss the name must not
+            // stand for an empty file, which no agent could start with.
+            let mut f = tmp.as_file();
+            f.write_all(format!("{id}\n").as_bytes()).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
                 .map_err(io)?;
         }
         match std::fs::hard_link(tmp.path(), &path) {
-            Ok(()) => return Ok(id),
+            Ok(()) => {
+                if let Ok(d) = std::fs::File::open(dir) {
+                    let _ = d.sync_all();
+                }
+                return Ok(id);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(io(e)),
         }

@@ -189,9 +189,15 @@ struct Admission {
 struct OpInFlight {
     kind: Kind,
     job_id: String,
-    /// Set after a failure: plan it again only after this time.
-    retry_at: Option<u64>,
+    /// When the entry goes even without a result. Set when this host's worker ended the
+    /// job (deleted or buried it): its result normally removes the entry at once, but one
+    /// that never comes (lost with a beanstalkd, say) must not hold the VM back for ever.
+    /// Set too when a put may or may not have reached the queue.
+    expires: Option<Instant>,
 }
+
+/// How long an ended op's entry waits for its result before it goes.
+const ENDED_OP_GRACE: Duration = Duration::from_secs(10);
 
 /// What the agent knows about itself, for its inventory.
 #[derive(Debug, Default)]
@@ -247,6 +253,9 @@ pub struct Shared {
     /// Who owns which VM under each commit seen, for creates that wait for hosts on
     /// other commits.
     owners: Mutex<BTreeMap<String, decide::CommitOwners>>,
+    /// Forwards that may have reached the next host (a put that failed after it was
+    /// written): the job goes there again, never built here (by job id).
+    unsure_forwards: Mutex<BTreeMap<String, (String, message::CreateJob)>>,
     /// This host's address in the hosts file of its last membership: a host that left
     /// cluster.yaml and restarted still publishes its inventory there (rule 9).
     member_addr: Option<String>,
@@ -341,6 +350,7 @@ impl Shared {
             departed: Mutex::new(departed),
             owners: Mutex::default(),
             member_addr,
+            unsure_forwards: Mutex::default(),
             inventory_seq,
             listing,
         }))
@@ -454,14 +464,51 @@ impl Shared {
     fn identity_conflict(&self, host: &str) -> bool {
         let now = message::now();
         let ids = self.identities.lock().unwrap_or_else(|p| p.into_inner());
+        // Another host's report counts while its inventory is recent: the report of a
+        // host that went silent must not hold creates back for ever.
         ids.conflicts(now).contains_key(host)
             || self
                 .inventories
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .values()
+                .filter(|i| now.saturating_sub(i.listed_at) < identity::CONFLICT_HOLD)
                 .filter_map(|i| i.agent.as_ref())
                 .any(|a| a.conflicts.contains_key(host))
+    }
+
+    /// The next host and job of a forward of job `id` that may have reached it.
+    fn maybe_forwarded(&self, id: &str) -> Option<(String, message::CreateJob)> {
+        self.unsure_forwards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// A forward of job `id` to `to` may have reached it: the job only goes there again.
+    fn forward_unsure(&self, id: &str, to: &str, job: message::CreateJob) {
+        self.unsure_forwards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), (to.to_string(), job));
+    }
+
+    /// A forward of job `id` was put.
+    fn forward_settled(&self, id: &str) {
+        self.unsure_forwards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// This host's worker ended op job `job_id` on `vm` (see [`OpInFlight::expires`]).
+    fn op_ended(&self, vm: &str, job_id: &str) {
+        let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(o) = ops.get_mut(vm).filter(|o| o.job_id == job_id) {
+            o.expires
+                .get_or_insert_with(|| Instant::now() + ENDED_OP_GRACE);
+        }
     }
 
     /// Sleeps for `d`, or less when the agent stops.
@@ -1205,7 +1252,7 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
     // close on it).
     inventories.insert(
         me.clone(),
-        inventory(shared, snap, local.clone(), listed_at, seq),
+        inventory(shared, snap, local.clone(), listed_at, seq)?,
     );
     let mut actual = vec![HostActual {
         host: me.clone(),
@@ -1219,13 +1266,13 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
             });
         }
     }
-    let unseen: Vec<&str> = snap
-        .cluster
-        .hosts
-        .keys()
-        .filter(|h| !actual.iter().any(|a| &a.host == *h))
-        .map(String::as_str)
-        .collect();
+    // A host that left cluster.yaml and whose inventory this host never read may hold
+    // any VM: it counts as unseen until it answers or is forgotten (rule 9).
+    let unseen = decide::unseen(
+        snap.cluster.hosts.keys().chain(departed.keys()),
+        &me,
+        actual.iter().map(|a| a.host.as_str()),
+    );
 
     // Intents: close the ones that are done with, keep the rest in flight.
     let now = message::now();
@@ -1259,7 +1306,7 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
     }
     {
         let mut ops = shared.ops.lock().unwrap_or_else(|p| p.into_inner());
-        ops.retain(|_, o| o.retry_at.is_none_or(|t| now < t));
+        ops.retain(|_, o| o.expires.is_none_or(|t| Instant::now() < t));
         for (vm, o) in ops.iter() {
             in_flight.push(InFlight {
                 vm: vm.clone(),
@@ -1311,7 +1358,7 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
             }
         }
     }
-    let skews = clock_skews(shared, &inventories, &me, now);
+    let skews = clock_skews(shared, &inventories, &answered, &me, now);
     let mut emits = decide::select(&plan, &me, unseen.is_empty() && skews.is_empty(), &waiting);
     let selected = emits.len();
     emits.retain(|e| match e {
@@ -1432,6 +1479,7 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
 fn clock_skews(
     shared: &Shared,
     inventories: &BTreeMap<String, Inventory>,
+    answered: &BTreeSet<String>,
     me: &str,
     now: u64,
 ) -> Vec<String> {
@@ -1452,7 +1500,14 @@ fn clock_skews(
         shared.event("error", None, None, None, text);
     }
     let mut all = seen;
-    all.extend(decide::skew_reports(inventories, me));
+    // Reports only from hosts heard from now: a host shut down to fix its clock must not
+    // hold every create back with the last report it published.
+    let heard: BTreeMap<String, Inventory> = inventories
+        .iter()
+        .filter(|(h, _)| answered.contains(*h))
+        .map(|(h, i)| (h.clone(), i.clone()))
+        .collect();
+    all.extend(decide::skew_reports(&heard, me));
     if !all.is_empty() {
         tracing::warn!(skews = ?all, "creates held back: clocks disagree beyond max_clock_skew");
     }
@@ -1668,7 +1723,7 @@ async fn emit_op(
             OpInFlight {
                 kind,
                 job_id: env.id.clone(),
-                retry_at: None,
+                expires: None,
             },
         );
     }
@@ -1697,7 +1752,7 @@ async fn emit_op(
                     ops.remove(&vm);
                 } else if let Some(o) = ops.get_mut(&vm) {
                     // It may be on the queue: held like a failed op, until its retry time.
-                    o.retry_at = Some(message::now() + shared.cfg.worker.retry_failed.0.as_secs());
+                    o.expires = Some(Instant::now() + shared.cfg.worker.retry_failed.0);
                 }
             }
             drop(ops);
@@ -1991,7 +2046,7 @@ fn inventory(
     vms: Vec<ActualVm>,
     listed_at: u64,
     seq: u64,
-) -> Inventory {
+) -> Result<Inventory, String> {
     let limits = snap
         .cluster
         .hosts
@@ -2007,10 +2062,14 @@ fn inventory(
         .usage
         .reserved_beyond(&vms);
     let local = shared.local.lock().unwrap_or_else(|p| p.into_inner());
+    // Read after `local` (the reconciled commit): every pass under an older commit has
+    // ended, so every create it sent is among them. An inventory never shows "nothing in
+    // flight" because the intents could not be read: another host could send a second
+    // create.
     let in_flight = shared
         .intents
         .all()
-        .unwrap_or_default()
+        .map_err(|e| format!("reading the create intents: {e}"))?
         .into_iter()
         .map(|i| InFlightCreate {
             status: match &i.status {
@@ -2027,11 +2086,10 @@ fn inventory(
             sent_at: i.recorded_at,
         })
         .collect();
-    Inventory {
+    Ok(Inventory {
         host: shared.me().to_string(),
         applied_commit: local.applied_commit.clone(),
-        // Read before the intents below: every pass under an older commit has ended, so
-        // every create it sent is among them.
+        // Read before the intents above (see there).
         commit: local.reconciled_commit.clone(),
         listed_at,
         seq,
@@ -2053,7 +2111,7 @@ fn inventory(
                 .conflicts(message::now());
             a
         }),
-    }
+    })
 }
 
 /// Safety rule 8: an inventory in this host's own tube under another identity than
@@ -2120,7 +2178,13 @@ async fn publish_loop(shared: Arc<Shared>) {
                 continue;
             }
         };
-        let inv = inventory(&shared, &snap, vms, listed_at, seq);
+        let inv = match inventory(&shared, &snap, vms, listed_at, seq) {
+            Ok(inv) => inv,
+            Err(e) => {
+                tracing::warn!(error = %e, "no inventory published");
+                continue;
+            }
+        };
         let env = shared.sealed(Envelope::new(
             &snap.cluster.id,
             shared.me(),

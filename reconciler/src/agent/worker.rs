@@ -125,7 +125,16 @@ async fn connect(addr: &str, creates: bool) -> Result<Client, beanstalk::Error> 
 async fn handle(shared: &Arc<Shared>, client: &mut Client, job: Job) {
     let id = job.id;
     let mut acted = None;
-    let end = match message::decode(&job.body) {
+    let decoded = message::decode(&job.body);
+    // An op this host's own reconciler may be waiting on.
+    let op = decoded.as_ref().ok().and_then(|env| match &env.body {
+        Message::Destroy(_) | Message::Start(_) | Message::Stop(_) | Message::Update(_) => Some((
+            env.body.vm().unwrap_or_default().to_string(),
+            env.id.clone(),
+        )),
+        _ => None,
+    });
+    let end = match decoded {
         Err(e) => {
             shared.count("flotilla_rejected_total{reason=\"undecodable\"}");
             End::Bury(format!("cannot decode: {e}"), None)
@@ -164,6 +173,9 @@ async fn handle(shared: &Arc<Shared>, client: &mut Client, job: Job) {
     };
     if let (End::Delete(_), Some(env)) = (&end, &acted) {
         shared.acted(env);
+    }
+    if let (End::Delete(_) | End::Bury(..), Some((vm, job_id))) = (&end, &op) {
+        shared.op_ended(vm, job_id);
     }
     let (verb, res) = match end {
         End::Delete(r) => {
@@ -309,6 +321,11 @@ async fn run(
     let kind = env.body.kind();
     let shared2 = shared.clone();
     let env2 = env.clone();
+    // A forward that may have reached the next host is only ever sent there again, never
+    // built here: the next host may be building it already.
+    if let (Message::Create(_), Some((to, next))) = (&env.body, shared.maybe_forwarded(&env.id)) {
+        return forward(shared, &env, next, &to).await;
+    }
     let end = match &env.body {
         Message::Create(_) if shared.identity_conflict(&me) => End::Release(
             Duration::from_secs(5),
@@ -415,6 +432,7 @@ async fn forward(shared: &Arc<Shared>, env: &Envelope, job: CreateJob, to: &str)
         .last()
         .map(|r| r.reason.clone())
         .unwrap_or_default();
+    let sent = job.clone();
     // Addressed, and signed, for the next hop only: a copy of it is no good elsewhere.
     let mut next = Envelope::new(&env.cluster, shared.me(), to, Message::Create(job));
     // The job keeps its id along the chain: markers and results refer to it.
@@ -426,6 +444,7 @@ async fn forward(shared: &Arc<Shared>, env: &Envelope, job: CreateJob, to: &str)
         .await
     {
         Ok(_) => {
+            shared.forward_settled(&env.id);
             shared.count("flotilla_forwards_total");
             shared.event(
                 "forward",
@@ -437,10 +456,16 @@ async fn forward(shared: &Arc<Shared>, env: &Envelope, job: CreateJob, to: &str)
             End::Delete(None)
         }
         // The next host is down: keep the job here and try again; it must not be lost.
-        Err(e) => End::Release(
-            Duration::from_secs(5),
-            format!("cannot forward to {to}: {e}"),
-        ),
+        // If the put may have reached it, the job only ever goes there again.
+        Err(e) => {
+            if !e.nothing_sent() {
+                shared.forward_unsure(&env.id, to, sent);
+            }
+            End::Release(
+                Duration::from_secs(5),
+                format!("cannot forward to {to}: {e}"),
+            )
+        }
     }
 }
 

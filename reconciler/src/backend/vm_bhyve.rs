@@ -347,6 +347,16 @@ impl VmBhyve {
     }
 
     /// The rc.conf holding `vm_list`.
+    /// `vm_list` as the edits see it: the configured rc.conf file, else FreeBSD's default
+    /// `rc_conf_files` (`/etc/rc.conf`, then `/etc/rc.conf.local`), the last that sets it
+    /// winning, as rc (and `sysrc`, which edits that file) resolves it.
+    fn vm_list(&self) -> Result<Vec<String>, BackendError> {
+        if let Some(rc) = &self.cfg.rc_conf {
+            return read_vm_list(rc);
+        }
+        vm_list_in(&[Path::new("/etc/rc.conf"), Path::new("/etc/rc.conf.local")])
+    }
+
     fn rc_conf(&self) -> PathBuf {
         self.cfg
             .rc_conf
@@ -790,16 +800,29 @@ impl VmListTurn {
 
 /// `vm_list` as rc.conf holds it now (empty when unset or when there is no rc.conf).
 fn read_vm_list(rc_conf: &Path) -> Result<Vec<String>, BackendError> {
+    Ok(read_vm_list_opt(rc_conf)?.unwrap_or_default())
+}
+
+/// `vm_list` as rc reads `files` in turn: the last that sets it wins.
+fn vm_list_in(files: &[&Path]) -> Result<Vec<String>, BackendError> {
+    let mut list = Vec::new();
+    for file in files {
+        if let Some(v) = read_vm_list_opt(file)? {
+            list = v;
+        }
+    }
+    Ok(list)
+}
+
+/// `vm_list` in one file; `None` when the file does not set it.
+fn read_vm_list_opt(rc_conf: &Path) -> Result<Option<Vec<String>>, BackendError> {
     let text = match fs::read(rc_conf) {
         Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err(rc_conf)(e)),
     };
     Ok(crate::conf::shell_get(&text, "vm_list")
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(str::to_string)
-        .collect())
+        .map(|v| v.split_whitespace().map(str::to_string).collect()))
 }
 
 /// The marker of the guest in `dir`, read BEFORE the `vm list` whose row it goes with.
@@ -1153,11 +1176,11 @@ impl Backend for VmBhyve {
             if attempt > 0 {
                 std::thread::sleep(self.cfg.poll_interval * attempt);
             }
-            if read_vm_list(&rc)?.iter().any(|v| v == name) == on {
+            if self.vm_list()?.iter().any(|v| v == name) == on {
                 return Ok(());
             }
             let (command, _) = self.run_ok(&self.cfg.sysrc, &args)?;
-            let now = read_vm_list(&rc)?;
+            let now = self.vm_list()?;
             if now.iter().any(|v| v == name) == on {
                 return Ok(());
             }
@@ -1257,6 +1280,22 @@ impl Backend for VmBhyve {
 
 #[cfg(test)]
 mod tests {
+
+    /// Guards the review finding on issue 12, item 1: the read-back of a `vm_list` edit
+    /// read /etc/rc.conf only, so on a host that keeps `vm_list` in rc.conf.local a
+    /// removal "succeeded" without an edit and an addition failed every time.
+    #[test]
+    fn vm_list_is_read_as_rc_reads_it_the_last_file_winning() {
+        let t = tempfile::tempdir().unwrap();
+        let (rc, local) = (t.path().join("rc.conf"), t.path().join("rc.conf.local"));
+        fs::write(&rc, "vm_enable=\"YES\"\nvm_list=\"a b\"\n").unwrap();
+        assert_eq!(vm_list_in(&[&rc, &local]).unwrap(), ["a", "b"]);
+        fs::write(&local, "vm_list=\"c\"\n").unwrap();
+        assert_eq!(vm_list_in(&[&rc, &local]).unwrap(), ["c"]);
+        fs::write(&local, "# nothing\n").unwrap();
+        assert_eq!(vm_list_in(&[&rc, &local]).unwrap(), ["a", "b"]);
+    }
+
     use super::*;
 
     const LIST: &str = "\
