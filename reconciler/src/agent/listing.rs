@@ -242,13 +242,22 @@ mod tests {
             let t = l.begin();
             l.keep(t, &[]);
             l.seen_on_disk();
-            assert!(l.kept(Duration::from_secs(60)).is_some(), "during the change");
+            assert!(
+                l.kept(Duration::from_secs(60)).is_some(),
+                "during the change"
+            );
         }
-        assert!(l.kept(Duration::from_secs(60)).is_none(), "the change ended");
+        assert!(
+            l.kept(Duration::from_secs(60)).is_none(),
+            "the change ended"
+        );
         let t = l.begin();
         l.keep(t, &[]);
         l.seen_on_disk();
-        assert!(l.kept(Duration::from_secs(60)).is_none(), "someone else's change");
+        assert!(
+            l.kept(Duration::from_secs(60)).is_none(),
+            "someone else's change"
+        );
         let t = l.begin();
         l.keep(t, &[]);
         assert!(l.kept(Duration::ZERO).is_none(), "too old");
