@@ -174,15 +174,20 @@ impl Backend for Tracked {
 }
 
 /// Whether a file-system event under the vm_dir may change what `vm list` shows: not a
-/// read, and not a guest writing to its disk image.
+/// read, not a guest writing to its disk image, and not a line in a guest's
+/// `vm-bhyve.log` (or its rotation): `vm list` reads none of them. A booting guest
+/// writes its log after the start that booted it ended, and each line made the next
+/// pass list the host again (issue 12, Measure).
 fn relevant(ev: &notify::Event) -> bool {
     if matches!(ev.kind, notify::EventKind::Access(_)) {
         return false;
     }
     ev.paths.is_empty()
         || ev.paths.iter().any(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
             p.extension().and_then(|e| e.to_str()) != Some("img")
-                && p.file_name().and_then(|n| n.to_str()) != Some("console")
+                && name != "console"
+                && !name.starts_with("vm-bhyve.log")
         })
 }
 
@@ -221,6 +226,21 @@ pub fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `vm list` does not read (a guest's log, disk image, console) makes nothing
+    /// stale; its `.conf` and `run.lock` do.
+    #[test]
+    fn only_what_vm_list_reads_is_relevant() {
+        let ev = |p: &str| {
+            notify::Event::new(notify::EventKind::Modify(notify::event::ModifyKind::Any))
+                .add_path(PathBuf::from(p))
+        };
+        assert!(!relevant(&ev("/vm/web1/vm-bhyve.log")));
+        assert!(!relevant(&ev("/vm/web1/vm-bhyve.log.0.gz")));
+        assert!(!relevant(&ev("/vm/web1/disk0.img")));
+        assert!(relevant(&ev("/vm/web1/run.lock")));
+        assert!(relevant(&ev("/vm/web1/web1.conf")));
+    }
 
     /// A listing begun before a change began or ended is never kept; one taken while a
     /// change runs is kept until it ends, and the watch's events meanwhile (the change's
