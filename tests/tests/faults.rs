@@ -145,13 +145,17 @@ fn a_beanstalkd_restarted_with_its_binlog_loses_no_waiting_job() {
     let config = c.hosts[0].config.display().to_string();
     // Published after a pass: an inventory sent before host2's first pass names no
     // commit, and host1 would wait for host2 (down) to reconcile the next one.
-    c.wait_until("host2's inventory of its first pass published", CONVERGE, |c| {
-        let (_, out, _) = c.flotilla(&["status", "--config", &config, "--output", "json"]);
-        serde_json::from_str::<serde_json::Value>(&out)
-            .ok()
-            .and_then(|v| v["hosts"][1]["applied_commit"].as_str().map(str::to_string))
-            .is_some()
-    });
+    c.wait_until(
+        "host2's inventory of its first pass published",
+        CONVERGE,
+        |c| {
+            let (_, out, _) = c.flotilla(&["status", "--config", &config, "--output", "json"]);
+            serde_json::from_str::<serde_json::Value>(&out)
+                .ok()
+                .and_then(|v| v["hosts"][1]["applied_commit"].as_str().map(str::to_string))
+                .is_some()
+        },
+    );
     c.stop_agent(1);
     c.commit(
         &[
