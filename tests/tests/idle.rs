@@ -98,3 +98,68 @@ fn a_persistent_reconcile_error_backs_off_and_is_logged_once() {
         c.logs()
     );
 }
+
+/// Guards issue 12, Measure (calls per create): a start polled `vm info` until the guest
+/// ran, about five looks per boot, and every pass during the build listed the host: a
+/// create cost 9 to 13 `vm`/`sysrc` calls. Now a create is `vm create`, `sysrc` (autostart),
+/// `vm start` and one look once the guest's log says bhyve runs: three creates in one
+/// commit, with the listings of the passes that build them, take at most 5 calls each
+/// (on the simulator with vm-bhyve's measured delays, where a boot takes half a second).
+#[test]
+fn a_create_takes_at_most_five_vm_and_sysrc_calls() {
+    let mut c = Cluster::start(
+        &[HostSpec::new("host1", None)],
+        Options {
+            poll: "60s",
+            sim_realistic: true,
+            ..Options::default()
+        },
+    );
+    c.start_agents();
+    let names = ["web1", "web2", "web3"];
+    // The agent is up once it has listed its (empty) host.
+    c.wait_until("the first listing", CONVERGE, |c| listings(c) >= 1);
+    let before = c.calls(0).len();
+    let files: Vec<(String, String)> = names
+        .iter()
+        .map(|v| (format!("vms/{v}.yaml"), vm_yaml(v, "CS0", "")))
+        .collect();
+    let refs: Vec<(&str, Option<&str>)> = files
+        .iter()
+        .map(|(p, t)| (p.as_str(), Some(t.as_str())))
+        .collect();
+    let commit = c.commit(&refs, "three creates");
+    c.wait_until("the creates built and the commit applied", CONVERGE, |c| {
+        let vms = c.vms(0);
+        names.iter().all(|n| {
+            vms.iter().any(|v| {
+                &v.name == n
+                    && v.state == RunState::Running
+                    && v.marker.as_ref().is_some_and(|m| m.complete)
+            })
+        }) && c
+            .events(0)
+            .iter()
+            .any(|e| e.kind == "snapshot" && e.commit.as_deref() == Some(commit.as_str()))
+    });
+    let calls: Vec<String> = c.calls(0)[before..].to_vec();
+    for n in names {
+        let own: Vec<&String> = calls
+            .iter()
+            .filter(|l| l.split_whitespace().any(|w| w.ends_with(n)))
+            .collect();
+        assert!(
+            own.len() <= 5,
+            "{n} took {} calls: {own:#?}\n{}",
+            own.len(),
+            c.logs()
+        );
+    }
+    assert!(
+        calls.len() <= 5 * names.len(),
+        "{} creates took {} calls: {calls:#?}\n{}",
+        names.len(),
+        calls.len(),
+        c.logs()
+    );
+}

@@ -30,8 +30,9 @@ pub const TUBE: &str = "flotilla.lease";
 /// it.
 pub const TTR: u32 = 6;
 
-/// How often the holder touches the lease job.
-pub const TOUCH_EVERY: Duration = Duration::from_secs(1);
+/// How often the holder touches the lease job: twice within [`VALID_FOR`], and each
+/// touch is a wake-up of an idle agent (issue 12).
+pub const TOUCH_EVERY: Duration = Duration::from_secs(2);
 
 /// How long the lease counts as held after a touch began: less than [`TTR`], so the agent
 /// stops acting before beanstalkd could give the job to another.

@@ -2,12 +2,19 @@
 //!
 //! `vm list` costs a fraction of a second per call with tens of guests, and every pass
 //! and every inventory wanted one. As Kubernetes informers do, the agent lists, then
-//! watches: every change made through its own backend makes the kept listing stale (a
-//! change running at the moment forbids keeping one at all), a file-system watch of the
-//! vm_dir does the same for changes made by anyone else (an operator's `vm`, a guest
+//! watches: every change made through its own backend makes the kept listing stale when
+//! it begins and when it ends, a file-system watch of the vm_dir does the same for changes
+//! made by anyone else (an operator's `vm`, a guest
 //! that exits and drops its `run.lock`), and a full listing is taken anyway once the
 //! kept one is `backend.list_interval` old, for what no watch sees. Without a working
 //! watch nothing is kept and every caller lists.
+//!
+//! While the agent's own changes run, the watch sees mostly their own files (a booting
+//! guest's log, lock and vmm): those events make nothing stale, since the end of each
+//! change does. A listing taken during a change is kept until the next change begins or
+//! ends: it shows that change half-way, as a fresh listing would a moment later, and the
+//! usage view knows the builds in progress. So the passes and inventories of a build
+//! list once per change, not once each.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -39,7 +46,7 @@ impl Listing {
 
     /// The kept listing, if it is younger than `max_age` and nothing changed since.
     pub fn kept(&self, max_age: Duration) -> Option<Vec<ActualVm>> {
-        if !self.watched.load(Ordering::SeqCst) || self.changing.load(Ordering::SeqCst) > 0 {
+        if !self.watched.load(Ordering::SeqCst) {
             return None;
         }
         let kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
@@ -54,13 +61,19 @@ impl Listing {
     }
 
     /// Keeps `vms`, listed after [`Listing::begin`] gave `token`, unless something
-    /// changed or was changing meanwhile.
+    /// changed meanwhile (a change of this agent began or ended, or the watch saw one).
     pub fn keep(&self, token: u64, vms: &[ActualVm]) {
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-        if self.changing.load(Ordering::SeqCst) == 0
-            && self.generation.load(Ordering::SeqCst) == token
-        {
+        if self.generation.load(Ordering::SeqCst) == token {
             *kept = Some((token, Instant::now(), vms.to_vec()));
+        }
+    }
+
+    /// The watch saw a change on disk: stale, unless this agent's own changes run, whose
+    /// ends make it stale anyway.
+    fn seen_on_disk(&self) {
+        if self.changing.load(Ordering::SeqCst) == 0 {
+            self.changed();
         }
     }
 
@@ -161,15 +174,28 @@ impl Backend for Tracked {
 }
 
 /// Whether a file-system event under the vm_dir may change what `vm list` shows: not a
-/// read, and not a guest writing to its disk image.
+/// read, not a guest writing to its disk image, and not a line in a guest's
+/// `vm-bhyve.log` (or its rotation): `vm list` reads none of them. A booting guest
+/// writes its log after the start that booted it ended, and each line made the next
+/// pass list the host again (issue 12, Measure).
 fn relevant(ev: &notify::Event) -> bool {
     if matches!(ev.kind, notify::EventKind::Access(_)) {
         return false;
     }
+    // A disk image made, removed or renamed is seen (the listing reads image sizes); a
+    // guest writing into its image is not.
+    let names = matches!(
+        ev.kind,
+        notify::EventKind::Create(_)
+            | notify::EventKind::Remove(_)
+            | notify::EventKind::Modify(notify::event::ModifyKind::Name(_))
+    );
     ev.paths.is_empty()
         || ev.paths.iter().any(|p| {
-            p.extension().and_then(|e| e.to_str()) != Some("img")
-                && p.file_name().and_then(|n| n.to_str()) != Some("console")
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            (names || p.extension().and_then(|e| e.to_str()) != Some("img"))
+                && name != "console"
+                && !name.starts_with("vm-bhyve.log")
         })
 }
 
@@ -187,11 +213,13 @@ pub fn watch(
     }
     let l = listing.clone();
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        // An error may mean lost events: the listing is stale then too.
-        if res.as_ref().map_or(true, relevant) {
-            l.changed();
-            on_change();
+        match &res {
+            // An error may mean lost events: the listing is stale then too.
+            Err(_) => l.changed(),
+            Ok(ev) if relevant(ev) => l.seen_on_disk(),
+            Ok(_) => return,
         }
+        on_change();
     })
     .map_err(|e| e.to_string())?;
     for d in dirs {
@@ -207,7 +235,29 @@ pub fn watch(
 mod tests {
     use super::*;
 
-    /// A listing taken while a change ran, or begun before a change, is never kept.
+    /// What `vm list` does not read (a guest's log, disk image, console) makes nothing
+    /// stale; its `.conf` and `run.lock` do.
+    #[test]
+    fn only_what_vm_list_reads_is_relevant() {
+        let ev = |p: &str| {
+            notify::Event::new(notify::EventKind::Modify(notify::event::ModifyKind::Any))
+                .add_path(PathBuf::from(p))
+        };
+        assert!(!relevant(&ev("/vm/web1/vm-bhyve.log")));
+        assert!(!relevant(&ev("/vm/web1/vm-bhyve.log.0.gz")));
+        assert!(!relevant(&ev("/vm/web1/disk0.img")));
+        // Found by `a_failed_change_leaves_the_vm_running_and_keeps_its_retry_time`: an
+        // image replaced on disk went unseen until the next full listing.
+        let made = notify::Event::new(notify::EventKind::Create(notify::event::CreateKind::Any))
+            .add_path(PathBuf::from("/vm/web1/disk0.img"));
+        assert!(relevant(&made));
+        assert!(relevant(&ev("/vm/web1/run.lock")));
+        assert!(relevant(&ev("/vm/web1/web1.conf")));
+    }
+
+    /// A listing begun before a change began or ended is never kept; one taken while a
+    /// change runs is kept until it ends, and the watch's events meanwhile (the change's
+    /// own files) do not drop it.
     #[test]
     fn a_listing_is_kept_only_when_nothing_changed_around_it() {
         let l = Listing::default();
@@ -221,9 +271,26 @@ mod tests {
         {
             let _c = l.changing();
             l.keep(t, &[]);
-            assert!(l.kept(Duration::from_secs(60)).is_none());
+            assert!(l.kept(Duration::from_secs(60)).is_none(), "begun before");
+            let t = l.begin();
+            l.keep(t, &[]);
+            l.seen_on_disk();
+            assert!(
+                l.kept(Duration::from_secs(60)).is_some(),
+                "during the change"
+            );
         }
-        assert!(l.kept(Duration::from_secs(60)).is_none());
+        assert!(
+            l.kept(Duration::from_secs(60)).is_none(),
+            "the change ended"
+        );
+        let t = l.begin();
+        l.keep(t, &[]);
+        l.seen_on_disk();
+        assert!(
+            l.kept(Duration::from_secs(60)).is_none(),
+            "someone else's change"
+        );
         let t = l.begin();
         l.keep(t, &[]);
         assert!(l.kept(Duration::ZERO).is_none(), "too old");

@@ -739,6 +739,12 @@ async fn watch_vm_dir(shared: Arc<Shared>) {
     drop(watcher);
 }
 
+/// How long the inbox and each worker wait in one `reserve`. Each wait that ends empty
+/// is a round trip to beanstalkd and a wake-up of an idle agent (issue 12); a job still
+/// comes at once, and a job reserved after the lease was lost is given back as before.
+/// A stopping agent finishes its waits (and meanwhile publishes what its last pass saw).
+const RESERVE_WAIT: Duration = Duration::from_secs(5);
+
 /// Resolves once the agent stops.
 async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
@@ -1797,7 +1803,7 @@ async fn inbox_loop(shared: Arc<Shared>) {
                 shared.sleep(Duration::from_millis(200)).await;
                 continue;
             }
-            let job = match client.reserve_with_timeout(Duration::from_secs(1)).await {
+            let job = match client.reserve_with_timeout(RESERVE_WAIT).await {
                 Ok(Some(j)) if !shared.lease.held() => {
                     let _ = client.release(j.id, 512, 0).await;
                     continue;
@@ -2151,7 +2157,10 @@ async fn publish_loop(shared: Arc<Shared>) {
     loop {
         let mut stop = shared.stop.subscribe();
         tokio::select! {
-            _ = tokio::time::sleep(poll_interval(&shared).min(Duration::from_secs(10))) => {}
+            // Passes, results, the lease and the vm_dir watch wake a publication when
+            // there is news; the timer only repeats the last one (issue 12: an idle
+            // agent's CPU went into listing, signing and sending unchanged inventories).
+            _ = tokio::time::sleep(poll_interval(&shared)) => {}
             _ = shared.wake_publish.notified() => {}
             _ = stopped(&mut stop) => return,
         }

@@ -92,7 +92,7 @@ pub(super) async fn slot(shared: Arc<Shared>, creates: bool) {
                 shared.sleep(Duration::from_millis(200)).await;
                 continue;
             }
-            match client.reserve_with_timeout(Duration::from_secs(1)).await {
+            match client.reserve_with_timeout(super::RESERVE_WAIT).await {
                 Ok(None) => {}
                 Ok(Some(job)) if !shared.lease.held() => {
                     let pri = client.stats_job(job.id).await.map_or(1024, |s| s.pri);

@@ -481,11 +481,15 @@ impl VmBhyve {
         })
     }
 
-    /// Polls `vm info NAME` (this guest only, where `vm list` reads them all) until the
-    /// guest runs. After a `vm start` of ours (`log_from`: the log's length before it),
-    /// the guest's log is read instead while it is in its loader: a `fatal;` ends the
-    /// wait, and `vm info` is asked once the log says `starting bhyve` (or every fourth
-    /// interval, should the log say nothing), so a boot costs a look or two.
+    /// Waits until the guest runs, asking `vm info NAME` (this guest only, where `vm
+    /// list` reads them all). After a `vm start` of ours (`log_from`: the log's length
+    /// before it) the guest's own log says when to look, and reading it costs no call:
+    /// a `fatal;` line ends the wait, and `vm info` is asked one interval after the log
+    /// says `starting bhyve` (bhyve takes its process title, which `vm info` reads, a
+    /// moment after it is run). A guest not running yet is looked at again after 2, 4,
+    /// 8 intervals; a log that never says `starting bhyve` is looked at every
+    /// [`FALLBACK_LOOK`] or so. So a boot costs one look, and a slow one a few.
+    /// Without `log_from` (a guest already in its loader) it looks every interval.
     fn await_running(
         &self,
         name: &str,
@@ -495,7 +499,16 @@ impl VmBhyve {
         let log = dir.join("vm-bhyve.log");
         let deadline = Instant::now() + self.cfg.start_timeout;
         let mut first = log_from.is_none();
-        let mut skipped = 0;
+        // Intervals until the next look, and the gap after that one.
+        let (mut wait, mut gap) = (1u32, 1u32);
+        if log_from.is_some() {
+            // Should this vm-bhyve never log `starting bhyve`, looks still come, rarely:
+            // after FALLBACK_LOOK (the real script runs a guest within a second).
+            let n = (FALLBACK_LOOK.as_millis() / self.cfg.poll_interval.as_millis().max(1))
+                .clamp(4, 1000) as u32;
+            (wait, gap) = (n, 2 * n);
+        }
+        let mut bhyve_seen = false;
         loop {
             if !first {
                 std::thread::sleep(
@@ -512,12 +525,20 @@ impl VmBhyve {
                     return Err(e);
                 }
                 // vm-bhyve logs this line just before it runs bhyve.
-                if !since.contains("starting bhyve") && skipped < 3 && !timed_out {
-                    skipped += 1;
+                if !bhyve_seen && since.contains("starting bhyve") {
+                    bhyve_seen = true;
+                    (wait, gap) = (wait.min(1), 2);
                     continue;
                 }
+                wait = wait.saturating_sub(1);
+                if wait > 0 && !timed_out {
+                    continue;
+                }
+                wait = gap;
+                if bhyve_seen {
+                    gap = (gap * 2).min(LOOK_GAP_MAX);
+                }
             }
-            skipped = 0;
             let (state, text) = self.info_state(name)?;
             if state == RunState::Running {
                 return Ok(());
@@ -743,7 +764,11 @@ impl VmBhyve {
     /// What the guest's log gained after its first `from` bytes.
     fn log_since(log: &Path, from: u64) -> String {
         let bytes = fs::read(log).unwrap_or_default();
-        let start = usize::try_from(from).unwrap_or(0).min(bytes.len());
+        // A log shorter than before was rotated (vm-bhyve does at 1 MiB): all of it is new.
+        let start = usize::try_from(from)
+            .ok()
+            .filter(|&f| f <= bytes.len())
+            .unwrap_or(0);
         String::from_utf8_lossy(&bytes[start..]).into_owned()
     }
 
@@ -755,6 +780,12 @@ impl VmBhyve {
         })
     }
 }
+
+/// The longest gap, in poll intervals, between two looks at a starting guest.
+const LOOK_GAP_MAX: u32 = 16;
+
+/// When a starting guest whose log never says `starting bhyve` is looked at first.
+const FALLBACK_LOOK: Duration = Duration::from_secs(2);
 
 /// How often an edit of `vm_list` is made before the backend gives up.
 const VM_LIST_TRIES: u32 = 5;
