@@ -316,7 +316,9 @@ fn a_start_goes_stopped_then_locked_then_running() {
     );
     let t = Instant::now();
     assert!(host.vm(&["start", "alpha"]).status.success());
-    let seen = states_over(&host, "alpha", Duration::from_millis(1200));
+    let mut seen = states_over(&host, "alpha", Duration::from_millis(1200));
+    // bhyveload runs for a moment between the lock and bhyve: a look may catch it.
+    seen.retain(|s| !s.starts_with("Bootloader"));
     assert_eq!(
         seen,
         vec![
