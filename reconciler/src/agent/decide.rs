@@ -374,9 +374,11 @@ pub fn clocks_ahead(
 
 /// The clock skews other hosts report having seen themselves. Only first-hand sightings
 /// are published, so a report cannot echo between hosts after the clocks agree again.
-pub fn skew_reports(inventories: &BTreeMap<String, Inventory>, me: &str) -> Vec<String> {
+pub fn skew_reports<'a>(
+    inventories: impl Iterator<Item = (&'a String, &'a Inventory)>,
+    me: &str,
+) -> Vec<String> {
     inventories
-        .iter()
         .filter(|(host, _)| host.as_str() != me)
         .filter_map(|(host, inv)| {
             inv.clock_skew
@@ -560,7 +562,7 @@ mod tests {
             "{seen:?}"
         );
         assert!(clocks_ahead(&invs, "host1", 1000, 30).is_empty());
-        let reported = skew_reports(&invs, "host1");
+        let reported = skew_reports(invs.iter(), "host1");
         assert_eq!(
             reported,
             vec!["host4 reports: host1's clock is 10s ahead of host4's".to_string()]

@@ -1175,12 +1175,14 @@ async fn owners_at<'a>(
     commits: impl Iterator<Item = &'a String>,
 ) -> BTreeMap<String, decide::CommitOwners> {
     let wanted: BTreeSet<String> = commits.cloned().collect();
-    let mut known = shared
-        .owners
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    known.retain(|c, _| wanted.contains(c));
+    // Only the commits asked for: the cache may hold many, each with every VM.
+    let mut known: BTreeMap<String, decide::CommitOwners> = {
+        let cache = shared.owners.lock().unwrap_or_else(|p| p.into_inner());
+        wanted
+            .iter()
+            .filter_map(|c| Some((c.clone(), cache.get(c)?.clone())))
+            .collect()
+    };
     let missing: Vec<String> = wanted
         .into_iter()
         .filter(|c| !known.contains_key(c))
@@ -1508,12 +1510,10 @@ fn clock_skews(
     let mut all = seen;
     // Reports only from hosts heard from now: a host shut down to fix its clock must not
     // hold every create back with the last report it published.
-    let heard: BTreeMap<String, Inventory> = inventories
-        .iter()
-        .filter(|(h, _)| answered.contains(*h))
-        .map(|(h, i)| (h.clone(), i.clone()))
-        .collect();
-    all.extend(decide::skew_reports(&heard, me));
+    all.extend(decide::skew_reports(
+        inventories.iter().filter(|(h, _)| answered.contains(*h)),
+        me,
+    ));
     if !all.is_empty() {
         tracing::warn!(skews = ?all, "creates held back: clocks disagree beyond max_clock_skew");
     }
