@@ -641,6 +641,22 @@ impl Cluster {
         self.vms(i).into_iter().map(|v| v.name).collect()
     }
 
+    /// The hosts (by index) that have a VM named `vm`, managed or not.
+    pub fn holders(&self, vm: &str) -> Vec<usize> {
+        (0..self.hosts.len())
+            .filter(|i| self.names(*i).iter().any(|n| n == vm))
+            .collect()
+    }
+
+    /// Whether host `i` runs `vm`, built to the end (its marker says complete).
+    pub fn running_complete(&self, i: usize, vm: &str) -> bool {
+        self.vms(i).iter().any(|v| {
+            v.name == vm
+                && v.state == flotilla::actual::RunState::Running
+                && v.marker.as_ref().is_some_and(|m| m.complete)
+        })
+    }
+
     /// Polls `cond` every 100 ms until it holds or `timeout` passes; panics with the
     /// agents' logs and `what` on timeout.
     pub fn wait_until(

@@ -23,12 +23,6 @@ fn started(specs: &[HostSpec]) -> Cluster {
     c
 }
 
-fn host_of(c: &Cluster, vm: &str) -> Vec<usize> {
-    (0..c.hosts.len())
-        .filter(|i| c.names(*i).iter().any(|n| n == vm))
-        .collect()
-}
-
 #[test]
 fn a_first_commit_converges_with_each_vm_on_its_owner() {
     let c = started(&chain());
@@ -54,7 +48,7 @@ fn a_first_commit_converges_with_each_vm_on_its_owner() {
     let hosts = ["host1", "host2", "host3"];
     for n in names {
         let owner = flotilla::owner::owner(n, None, hosts.iter().copied()).unwrap();
-        let on = host_of(&c, n);
+        let on = c.holders(n);
         assert_eq!(on.len(), 1, "{n} exists exactly once: {on:?}");
         assert_eq!(c.hosts[on[0]].name, owner, "{n} is on its owner");
         let vm = c.vms(on[0]).into_iter().find(|v| v.name == n).unwrap();
@@ -99,9 +93,9 @@ fn a_host_at_its_limit_forwards_along_the_chain() {
     c.wait_until(
         "big2 and big3 placed further along the chain",
         CONVERGE,
-        |c| host_of(c, "big2").len() == 1 && host_of(c, "big3").len() == 1,
+        |c| c.holders("big2").len() == 1 && c.holders("big3").len() == 1,
     );
-    let mut placed = vec![host_of(&c, "big2")[0], host_of(&c, "big3")[0]];
+    let mut placed = vec![c.holders("big2")[0], c.holders("big3")[0]];
     placed.sort();
     assert_eq!(placed, vec![1, 2], "one on host2 (then full), one on host3");
     let events = c.events(0);
@@ -256,7 +250,7 @@ fn an_unmanaged_vm_is_never_touched() {
     let after = std::fs::read_to_string(c.hosts[0].vm_dir.join("handmade/handmade.conf")).unwrap();
     assert_eq!(before, after, "its config is unchanged");
     assert_eq!(
-        host_of(&c, "handmade"),
+        c.holders("handmade"),
         vec![0],
         "no second `handmade` anywhere"
     );
@@ -359,7 +353,7 @@ fn a_commit_pushed_while_jobs_are_in_flight_converges_to_the_newer_commit() {
                     v.state == RunState::Running && v.marker.as_ref().is_some_and(|m| m.complete)
                 })
             })
-            && c.vms(host_of(c, "v2")[0])
+            && c.vms(c.holders("v2")[0])
                 .iter()
                 .any(|v| v.name == "v2" && v.memory.to_string() == "1G")
     });
@@ -636,7 +630,7 @@ fn a_signed_create_copied_onto_another_hosts_create_tube_is_buried_and_built_onc
             .iter()
             .any(|v| v.name == "copied" && v.state == RunState::Running)
     });
-    assert_eq!(host_of(&c, "copied"), vec![2]);
+    assert_eq!(c.holders("copied"), vec![2]);
     c.stop_agent(1);
 }
 

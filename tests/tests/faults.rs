@@ -19,19 +19,6 @@ fn chain() -> Vec<HostSpec> {
 }
 
 /// Every host that has `vm`.
-fn holders(c: &Cluster, vm: &str) -> Vec<usize> {
-    (0..c.hosts.len())
-        .filter(|i| c.names(*i).iter().any(|n| n == vm))
-        .collect()
-}
-
-fn running_complete(c: &Cluster, i: usize, vm: &str) -> bool {
-    c.vms(i).iter().any(|v| {
-        v.name == vm
-            && v.state == RunState::Running
-            && v.marker.as_ref().is_some_and(|m| m.complete)
-    })
-}
 
 #[test]
 fn kill_9_in_the_middle_of_a_create_leaves_exactly_one_vm_after_restart() {
@@ -59,10 +46,10 @@ fn kill_9_in_the_middle_of_a_create_leaves_exactly_one_vm_after_restart() {
     std::thread::sleep(Duration::from_secs(2));
     c.start_agent(0);
     c.wait_until("crash1 built after the restart", CONVERGE, |c| {
-        running_complete(c, 0, "crash1")
+        c.running_complete(0, "crash1")
     });
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(holders(&c, "crash1"), vec![0], "exactly one crash1");
+    assert_eq!(c.holders("crash1"), vec![0], "exactly one crash1");
     assert_eq!(c.names(0), vec!["crash1".to_string()], "no leftovers");
     assert!(
         !c.hosts[0].state_dir.join("building/crash1").exists(),
@@ -117,12 +104,12 @@ fn a_host_added_while_a_create_is_in_flight_does_not_build_it_twice() {
         "host3 joins",
     );
     c.wait_until("the VM built", CONVERGE, |c| {
-        (0..3).any(|i| running_complete(c, i, &vm))
+        (0..3).any(|i| c.running_complete(i, &vm))
     });
     c.wait_until("every host applied the last commit", CONVERGE, all_applied);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
-        holders(&c, &vm).len(),
+        c.holders(&vm).len(),
         1,
         "{vm} exactly once (old owner host{})\n{}",
         old + 1,
@@ -181,10 +168,10 @@ fn a_beanstalkd_restarted_with_its_binlog_loses_no_waiting_job() {
     c.wait_until("all three running", CONVERGE, |c| {
         ["w1", "w2", "w3"]
             .iter()
-            .all(|v| holders(c, v).len() == 1 && (0..3).any(|i| running_complete(c, i, v)))
+            .all(|v| c.holders(v).len() == 1 && (0..3).any(|i| c.running_complete(i, v)))
     });
     assert_eq!(
-        holders(&c, "w1").len() + holders(&c, "w2").len() + holders(&c, "w3").len(),
+        c.holders("w1").len() + c.holders("w2").len() + c.holders("w3").len(),
         3
     );
 }
@@ -273,7 +260,7 @@ fn host3_separated_during_a_commit(how: Separation) {
         "a VM on every host",
     );
     c.wait_until("the seed VMs running", CONVERGE, |c| {
-        (0..3).all(|i| running_complete(c, i, &format!("seed{}", i + 1)))
+        (0..3).all(|i| c.running_complete(i, &format!("seed{}", i + 1)))
     });
     // Every agent has seen every host's inventory, so nothing waits for a first look.
     c.wait_until("every host applied the seed commit", CONVERGE, all_applied);
@@ -315,7 +302,7 @@ fn host3_separated_during_a_commit(how: Separation) {
         "one VM per host, and one that host2 must forward to host3",
     );
     c.wait_until("host1 and host2 converge their own VMs", CONVERGE, |c| {
-        running_complete(c, 0, "live1") && running_complete(c, 1, "live2")
+        c.running_complete(0, "live1") && c.running_complete(1, "live2")
     });
     // A forward that cannot be put is released to be tried again later: it waits in
     // host2's queue, delayed.
@@ -323,21 +310,21 @@ fn host3_separated_during_a_commit(how: Separation) {
         c.tube_stats(1, "flotilla.create")
             .is_some_and(|t| t.current_jobs_delayed >= 1)
     });
-    assert!(holders(&c, "via2").is_empty(), "via2 waits for host3");
+    assert!(c.holders("via2").is_empty(), "via2 waits for host3");
     assert!(
-        holders(&c, "dead3").iter().all(|&i| i == 2),
+        c.holders("dead3").iter().all(|&i| i == 2),
         "no other host builds host3's VM"
     );
     match how {
         Separation::BeanstalkdDown => assert!(
-            holders(&c, "dead3").is_empty(),
+            c.holders("dead3").is_empty(),
             "host3's create waits for its beanstalkd"
         ),
         // Cut off, host3 still has its own beanstalkd and the others' last inventories:
         // it builds the VM it owns and places itself. That cannot duplicate it, as only
         // the owner ever emits a VM's create.
         Separation::NetworkCut => c.wait_until("host3 builds dead3 on its own", CONVERGE, |c| {
-            running_complete(c, 2, "dead3")
+            c.running_complete(2, "dead3")
         }),
     }
 
@@ -349,14 +336,14 @@ fn host3_separated_during_a_commit(how: Separation) {
         Separation::NetworkCut => c.heal(2),
     }
     c.wait_until("dead3 and via2 built once host3 is back", CONVERGE, |c| {
-        running_complete(c, 2, "dead3") && running_complete(c, 2, "via2")
+        c.running_complete(2, "dead3") && c.running_complete(2, "via2")
     });
     c.wait_until("every host applied the last commit", CONVERGE, all_applied);
     std::thread::sleep(Duration::from_secs(3));
     for vm in [
         "seed1", "seed2", "seed3", "live1", "live2", "dead3", "via2", "handmade",
     ] {
-        assert_eq!(holders(&c, vm).len(), 1, "{vm} exactly once\n{}", c.logs());
+        assert_eq!(c.holders(vm).len(), 1, "{vm} exactly once\n{}", c.logs());
     }
     let handmade = c
         .vms(2)
@@ -407,7 +394,7 @@ fn the_git_remote_gone_keeps_the_last_good_snapshot_and_reports_it() {
         )],
         "one VM",
     );
-    c.wait_until("kept running", CONVERGE, |c| running_complete(c, 1, "kept"));
+    c.wait_until("kept running", CONVERGE, |c| c.running_complete(1, "kept"));
     let moved = c.repo.with_extension("moved");
     std::fs::rename(&c.repo, &moved).unwrap();
     c.wait_until("the fetch error reported", CONVERGE, |c| {
@@ -417,7 +404,7 @@ fn the_git_remote_gone_keeps_the_last_good_snapshot_and_reports_it() {
     });
     std::thread::sleep(Duration::from_secs(3));
     assert!(
-        running_complete(&c, 1, "kept"),
+        c.running_complete(1, "kept"),
         "nothing destroyed while the remote is gone"
     );
     std::fs::rename(&moved, &c.repo).unwrap();
@@ -431,7 +418,7 @@ fn the_git_remote_gone_keeps_the_last_good_snapshot_and_reports_it() {
     c.wait_until(
         "a new commit applies once the remote is back",
         CONVERGE,
-        |c| running_complete(c, 1, "after"),
+        |c| c.running_complete(1, "after"),
     );
     let _ = &mut c;
 }
@@ -454,7 +441,7 @@ fn a_guest_slower_than_the_ttr_is_touched_not_handed_out_twice() {
         )],
         "a slow VM",
     );
-    c.wait_until("slow running", CONVERGE, |c| running_complete(c, 2, "slow"));
+    c.wait_until("slow running", CONVERGE, |c| c.running_complete(2, "slow"));
     let builds = c
         .events(2)
         .into_iter()
@@ -466,7 +453,7 @@ fn a_guest_slower_than_the_ttr_is_touched_not_handed_out_twice() {
         "built by one reservation, kept alive by touch\n{}",
         c.logs()
     );
-    assert_eq!(holders(&c, "slow"), vec![2]);
+    assert_eq!(c.holders("slow"), vec![2]);
 }
 
 /// A create whose body is just under the message limit is taken; one just over it is
@@ -554,7 +541,7 @@ fn a_job_body_at_the_size_limit_is_taken_and_one_over_it_is_buried() {
         },
     );
     assert!(
-        holders(&c, "over1").is_empty(),
+        c.holders("over1").is_empty(),
         "nothing built for the oversized job"
     );
     let _ = &mut c;
@@ -596,7 +583,7 @@ fn a_result_lost_with_its_beanstalkd_still_closes_the_intent() {
     });
     c.hosts[1].beanstalkd.stop();
     c.wait_until("both built while beanstalkd is down", CONVERGE, |c| {
-        running_complete(c, 1, "r1") && running_complete(c, 1, "r2")
+        c.running_complete(1, "r1") && c.running_complete(1, "r2")
     });
     c.hosts[1]
         .beanstalkd
@@ -622,6 +609,6 @@ fn a_result_lost_with_its_beanstalkd_still_closes_the_intent() {
     );
     let st = c.tube_stats(1, "flotilla.create").expect("create tube");
     assert_eq!(st.current_jobs_buried, 0, "a redelivered create was buried");
-    assert_eq!(holders(&c, "r1"), vec![1]);
-    assert_eq!(holders(&c, "r2"), vec![1]);
+    assert_eq!(c.holders("r1"), vec![1]);
+    assert_eq!(c.holders("r2"), vec![1]);
 }

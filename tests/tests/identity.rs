@@ -4,18 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use flotilla::actual::RunState;
 use flotilla_e2e::{vm_yaml, Cluster, HostSpec, Options};
 
 const CONVERGE: Duration = Duration::from_secs(90);
-
-fn running_complete(c: &Cluster, i: usize, vm: &str) -> bool {
-    c.vms(i).iter().any(|v| {
-        v.name == vm
-            && v.state == RunState::Running
-            && v.marker.as_ref().is_some_and(|m| m.complete)
-    })
-}
 
 /// Guards issue 11, hole 3: two agents with the same host name (another state_dir and
 /// vm_dir, the same beanstalkd). Before the fix the second one planned against its own
@@ -40,7 +31,7 @@ fn a_second_agent_under_the_same_host_name_exits_78_and_builds_nothing() {
         "vm11 on host1",
     );
     c.wait_until("vm11 built on host1", CONVERGE, |c| {
-        running_complete(c, 0, "vm11")
+        c.running_complete(0, "vm11")
     });
     let holder_pid = c.hosts[0].agent.as_ref().expect("host1's agent").id();
 
@@ -73,7 +64,7 @@ fn a_second_agent_under_the_same_host_name_exits_78_and_builds_nothing() {
         "the refusal names the holder (pid {holder_pid}):\n{log}"
     );
     // The holder goes on undisturbed: vm11 once, on host1 only.
-    assert!(running_complete(&c, 0, "vm11"));
+    assert!(c.running_complete(0, "vm11"));
     assert_eq!(c.names(0), vec!["vm11".to_string()]);
     assert!(c.names(1).is_empty());
 }

@@ -9,12 +9,6 @@ use flotilla_e2e::{vm_yaml, Cluster, HostSpec, Options};
 
 const CONVERGE: Duration = Duration::from_secs(90);
 
-fn holders(c: &Cluster, vm: &str) -> Vec<usize> {
-    (0..c.hosts.len())
-        .filter(|i| c.names(*i).iter().any(|n| n == vm))
-        .collect()
-}
-
 fn running(c: &Cluster, i: usize, vm: &str) -> bool {
     c.vms(i)
         .iter()
@@ -82,7 +76,7 @@ fn a_host_removed_while_it_holds_vms_keeps_them_until_it_is_forgotten() {
         applied(&st, "host1", &removal) && applied(&st, "host2", &removal)
     });
     for n in &names {
-        assert_eq!(holders(&c, n), vec![2], "{n} built again elsewhere");
+        assert_eq!(c.holders(n), vec![2], "{n} built again elsewhere");
     }
     c.wait_until("host3's agent saw it left", CONVERGE, |c| {
         c.events(2)
@@ -118,7 +112,7 @@ fn a_host_removed_while_it_holds_vms_keeps_them_until_it_is_forgotten() {
             && c.events(0).iter().filter(|e| e.kind == "start").count() >= 2
     });
     for n in &names {
-        assert_eq!(holders(&c, n), vec![2], "{n} built again after a restart");
+        assert_eq!(c.holders(n), vec![2], "{n} built again after a restart");
     }
 
     // The operator takes host3 down for good and says so.
