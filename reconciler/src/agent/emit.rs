@@ -12,7 +12,7 @@ use crate::message::{self, tubes, Envelope, Inventory, Message, Origin, UpdateJo
 use crate::planner::{Action, Kind};
 
 use super::decide;
-use super::state::*;
+use super::state::{OpInFlight, Shared};
 
 /// First hops that could not be reached in this pass: how many creates were not sent
 /// to each, and the first error.

@@ -9,7 +9,7 @@ use beanstalk::Client;
 use crate::intents::IntentStatus;
 use crate::message::{self, tubes, Envelope, JobResult, Message, Outcome, RecentFailure};
 
-use super::state::*;
+use super::state::Shared;
 use super::RESERVE_WAIT;
 
 /// Results and triggers, from this host's beanstalkd.
@@ -137,7 +137,7 @@ pub(super) async fn inbox_loop(shared: Arc<Shared>) {
 /// An operator declared a host gone for good: its last inventory no longer holds VMs
 /// back, and no create waits for it any more (safety rule 9). Logged as a warning: it
 /// lets VMs that host may still run be created elsewhere.
-pub(super) fn on_forget(shared: &Shared, f: &message::Forget, from: &str) {
+fn on_forget(shared: &Shared, f: &message::Forget, from: &str) {
     let res = shared
         .departed
         .lock()
@@ -181,7 +181,7 @@ pub(super) fn on_forget(shared: &Shared, f: &message::Forget, from: &str) {
     shared.wake_reconcile.notify_one();
 }
 
-pub(super) fn outcome_name(o: &Outcome) -> &'static str {
+fn outcome_name(o: &Outcome) -> &'static str {
     match o {
         Outcome::Done => "done",
         Outcome::Unplaceable { .. } => "unplaceable",
@@ -191,7 +191,7 @@ pub(super) fn outcome_name(o: &Outcome) -> &'static str {
     }
 }
 
-pub(super) fn on_result(shared: &Arc<Shared>, r: JobResult) {
+fn on_result(shared: &Arc<Shared>, r: JobResult) {
     let now = message::now();
     let text = match &r.outcome {
         Outcome::Done => "done".to_string(),

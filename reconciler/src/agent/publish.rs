@@ -10,7 +10,7 @@ use crate::desired::Snapshot;
 use crate::intents::IntentStatus;
 use crate::message::{self, tubes, Envelope, InFlightCreate, Inventory, Message};
 
-use super::state::*;
+use super::state::{list_local, poll_interval, Shared};
 use super::stopped;
 use super::{listing, usage};
 
@@ -113,7 +113,7 @@ pub(super) fn inventory(
 /// Safety rule 8: an inventory in this host's own tube under another identity than
 /// this agent's, listed since it took the lease, was published by another agent under
 /// this host's name.
-pub(super) async fn check_own_tube(shared: &Arc<Shared>, addr: &str) {
+async fn check_own_tube(shared: &Arc<Shared>, addr: &str) {
     let Some(mine) = shared.lease.info() else {
         return;
     };

@@ -14,9 +14,9 @@ use crate::source::{self, GitSource};
 
 use super::decide;
 use super::decide::{Emit, IntentFate};
-use super::emit::*;
-use super::publish::*;
-use super::state::*;
+use super::emit::{emit_create, emit_op, Unsent};
+use super::publish::inventory;
+use super::state::{list_local, poll_interval, Shared};
 use super::stopped;
 
 pub(super) async fn reconcile_loop(shared: Arc<Shared>) {
@@ -83,7 +83,7 @@ pub(super) async fn reconcile_loop(shared: Arc<Shared>) {
 
 /// Reads every other host's inventory; keeps the last one read of a host that does not
 /// answer.
-pub(super) async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) -> BTreeSet<String> {
+async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) -> BTreeSet<String> {
     let mut answered = BTreeSet::new();
     let mut reads = Vec::new();
     // Hosts that left cluster.yaml are read too: their guests still exist (rule 9).
@@ -161,7 +161,7 @@ pub(super) async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) -
 /// Who owns which VM under each of `commits`: from the snapshots this agent loaded, else
 /// read from its git cache (a commit it skipped). A commit it cannot read is left out,
 /// and creates wait for hosts on it whatever the VM.
-pub(super) async fn owners_at<'a>(
+async fn owners_at<'a>(
     shared: &Arc<Shared>,
     commits: impl Iterator<Item = &'a String>,
 ) -> BTreeMap<String, decide::CommitOwners> {
@@ -209,10 +209,7 @@ pub(super) async fn owners_at<'a>(
 
 /// One pass: list, read inventories, plan, emit this host's share. Returns true when
 /// creates wait for hosts not heard from yet (the next pass should come soon).
-pub(super) async fn reconcile_once(
-    shared: &Arc<Shared>,
-    snap: &Arc<Snapshot>,
-) -> Result<bool, String> {
+async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bool, String> {
     let started = Instant::now();
     if !shared.lease.held() {
         // Safety rule 8: without the host's lease this agent may be a second one.
@@ -478,7 +475,7 @@ pub(super) async fn reconcile_once(
 /// creates, first-hand or reported by peers. A change in what this host sees itself is
 /// an error event; the sighting goes into its inventory, for `flotilla status` and for
 /// the peers, which stop too.
-pub(super) fn clock_skews(
+fn clock_skews(
     shared: &Shared,
     inventories: &BTreeMap<String, Inventory>,
     answered: &BTreeSet<String>,

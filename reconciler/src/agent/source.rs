@@ -10,10 +10,10 @@ use crate::desired::{self, Snapshot};
 use crate::source::{self, GitSource};
 
 use super::decide;
-use super::state::*;
+use super::state::{poll_interval, HostsFile, Shared};
 use super::stopped;
 
-pub(super) fn write_hosts_file(
+fn write_hosts_file(
     state_dir: &std::path::Path,
     me: &str,
     snap: &Snapshot,
@@ -41,7 +41,7 @@ pub(super) fn write_hosts_file(
 /// Records the hosts that left cluster.yaml between the last snapshot (or, after a
 /// restart, the hosts file) and `snap`, with their last inventory, then rewrites the
 /// hosts file.
-pub(super) fn note_departures(s: &Shared, snap: &Snapshot) -> std::io::Result<()> {
+fn note_departures(s: &Shared, snap: &Snapshot) -> std::io::Result<()> {
     let before: BTreeMap<String, String> = match s.snapshot() {
         Some(old) => old
             .cluster
@@ -87,7 +87,7 @@ pub(super) fn note_departures(s: &Shared, snap: &Snapshot) -> std::io::Result<()
 }
 
 /// A local path (or file:// URL) of the desired repo, for the file-system watch.
-pub(super) fn local_repo(url: &str) -> Option<PathBuf> {
+fn local_repo(url: &str) -> Option<PathBuf> {
     let path = url.strip_prefix("file://").unwrap_or(url);
     if path.contains("://") || path.contains('@') {
         return None;
@@ -98,17 +98,13 @@ pub(super) fn local_repo(url: &str) -> Option<PathBuf> {
 }
 
 /// What one fetch found.
-pub(super) enum Fetched {
+enum Fetched {
     Unchanged,
     Good(Box<Snapshot>),
     Invalid(String, String),
 }
 
-pub(super) fn fetch_and_load(
-    src: &GitSource,
-    branch: &str,
-    last: Option<&str>,
-) -> Result<Fetched, String> {
+fn fetch_and_load(src: &GitSource, branch: &str, last: Option<&str>) -> Result<Fetched, String> {
     let fetched = src.fetch();
     // A remote that is down still leaves the last fetched commit in the clone.
     let oid = match (src.resolve(branch), &fetched) {

@@ -49,7 +49,7 @@ impl HostsFile {
 }
 
 /// Ids of acted-on messages, one `id sent_at` per line, in the state directory.
-pub(super) const ACTED_FILE: &str = "acted";
+const ACTED_FILE: &str = "acted";
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +89,7 @@ pub(super) struct OpInFlight {
 }
 
 /// How long an ended op's entry waits for its result before it goes.
-pub(super) const ENDED_OP_GRACE: Duration = Duration::from_secs(10);
+const ENDED_OP_GRACE: Duration = Duration::from_secs(10);
 
 /// What the agent knows about itself, for its inventory.
 #[derive(Debug, Default)]
