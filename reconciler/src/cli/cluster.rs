@@ -326,6 +326,18 @@ pub struct EventsArgs {
     output: Output,
 }
 
+/// The version of each line of `events --output json` (schemas/v1/events.schema.json).
+const EVENTS_FORMAT_VERSION: u32 = 1;
+
+/// One line of `events --output json`: the event as logged, versioned like the other
+/// JSON outputs so that a reader can tell a format it does not know.
+#[derive(serde::Serialize)]
+struct EventLine<'a> {
+    format_version: u32,
+    #[serde(flatten)]
+    event: &'a events::Event,
+}
+
 pub fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
     let dir = args.agent.state_dir()?;
     let path: &Path = &dir.join("events.jsonl");
@@ -339,7 +351,13 @@ pub fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
     }
     for e in &evs {
         match args.output {
-            Output::Json => println!("{}", serde_json::to_string(e)?),
+            Output::Json => println!(
+                "{}",
+                serde_json::to_string(&EventLine {
+                    format_version: EVENTS_FORMAT_VERSION,
+                    event: e,
+                })?
+            ),
             Output::Text => println!(
                 "{} {:<8} {:<9} {:<20} {}",
                 e.at,
