@@ -123,22 +123,126 @@ pub(crate) fn parse<T: DeserializeOwned>(
     match parse_one(path, src) {
         Ok(v) => Some(v),
         Err(d) => {
-            diags.push(d);
+            diags.extend(d);
             None
         }
     }
 }
 
-pub(crate) fn parse_one<T: DeserializeOwned>(path: &str, src: &str) -> Result<T, Diagnostic> {
+/// Deserializes one YAML document, or every schema error it has (not only the first,
+/// where serde stops: an operator fixing four typos should not need four runs).
+pub(crate) fn parse_one<T: DeserializeOwned>(path: &str, src: &str) -> Result<T, Vec<Diagnostic>> {
     if let Some(pos) = flow_too_deep(src) {
-        return Err(Diagnostic::new(
+        return Err(vec![Diagnostic::new(
             path,
             pos,
             format!("nesting deeper than {MAX_FLOW_DEPTH} levels"),
             "desired files are flat mappings; this looks like generated or hostile input",
-        ));
+        )]);
     }
-    serde_yaml_ng::from_str::<T>(src).map_err(|e| yaml_error(path, src, &e))
+    serde_yaml_ng::from_str::<T>(src).map_err(|e| {
+        let mut all = vec![yaml_error(path, src, &e)];
+        // Only a file that is valid YAML can be taken apart key by key.
+        if let Ok(serde_yaml_ng::Value::Mapping(root)) =
+            serde_yaml_ng::from_str::<serde_yaml_ng::Value>(src)
+        {
+            let mut more = Vec::new();
+            every_error::<T>(path, src, &mut Vec::new(), &root, &mut more);
+            for d in more {
+                if !all.iter().any(|a| a.message == d.message) {
+                    all.push(d);
+                }
+            }
+        }
+        all
+    })
+}
+
+/// The schema errors under the mapping at `at`, found by deserializing each of its
+/// entries alone (wrapped back into its path), so that one error does not hide the
+/// next. A "missing field" at or above `at` is only the wrapping's doing; missing fields
+/// are reported by the whole file's parse.
+fn every_error<T: DeserializeOwned>(
+    path: &str,
+    src: &str,
+    at: &mut Vec<String>,
+    map: &serde_yaml_ng::Mapping,
+    out: &mut Vec<Diagnostic>,
+) {
+    use serde_yaml_ng::{Mapping, Value};
+    let here = at.join(".");
+    for (k, v) in map {
+        let Some(key) = k.as_str() else { continue };
+        let mut doc = Mapping::new();
+        doc.insert(k.clone(), v.clone());
+        let mut doc = Value::Mapping(doc);
+        for outer in at.iter().rev() {
+            let mut m = Mapping::new();
+            m.insert(Value::String(outer.clone()), doc);
+            doc = Value::Mapping(m);
+        }
+        let Ok(text) = serde_yaml_ng::to_string(&doc) else {
+            continue;
+        };
+        let Err(e) = serde_yaml_ng::from_str::<T>(&text) else {
+            continue;
+        };
+        let message = strip_marks(&e.to_string());
+        let (prefix, rest) = match message.split_once(": ") {
+            Some((p, r)) if !p.contains(' ') => (p, r),
+            _ => ("", message.as_str()),
+        };
+        let above = prefix.is_empty() || prefix == here || here.starts_with(&format!("{prefix}."));
+        if rest.starts_with("missing field") && above {
+            continue;
+        }
+        at.push(key.to_string());
+        let inner = at.join(".");
+        let owned = at.clone();
+        let keys: Vec<&str> = owned.iter().map(String::as_str).collect();
+        if prefix == here {
+            // About the key itself (unknown, duplicate).
+            let pos = locate::key_pos(src, &keys);
+            out.push(Diagnostic::new(
+                path,
+                pos,
+                message.clone(),
+                yaml_hint(&message),
+            ));
+        } else if prefix == inner && rest.starts_with("missing field") {
+            let pos = locate::key_pos(src, &keys);
+            out.push(Diagnostic::new(
+                path,
+                pos,
+                message.clone(),
+                yaml_hint(&message),
+            ));
+        } else if let (Value::Mapping(m), true) = (
+            v,
+            prefix == inner || prefix.starts_with(&format!("{inner}.")),
+        ) {
+            let before = out.len();
+            every_error::<T>(path, src, at, m, out);
+            if out.len() == before {
+                let pos = locate::key_pos(src, &keys);
+                out.push(Diagnostic::new(
+                    path,
+                    pos,
+                    message.clone(),
+                    yaml_hint(&message),
+                ));
+            }
+        } else {
+            let pos = locate::value_pos(src, &keys);
+            out.push(Diagnostic::new(
+                path,
+                pos,
+                message.clone(),
+                yaml_hint(&message),
+            ));
+        }
+        at.pop();
+    }
 }
 
 pub(crate) fn yaml_error(path: &str, src: &str, e: &serde_yaml_ng::Error) -> Diagnostic {
@@ -193,7 +297,33 @@ fn strip_marks(message: &str) -> String {
     out
 }
 
-fn yaml_hint(message: &str) -> &'static str {
+/// The accepted word closest to a misspelt one in serde's "unknown field `x`, expected
+/// one of `a`, `b`" (or "unknown variant"), if one is close enough to be meant.
+fn did_you_mean(message: &str) -> Option<String> {
+    let i = message
+        .find("unknown field `")
+        .or_else(|| message.find("unknown variant `"))?;
+    let mut parts = message[i..].split('`');
+    parts.next();
+    let wrong = parts.next()?;
+    // Every other part between backquotes is an accepted word.
+    parts
+        .skip(1)
+        .step_by(2)
+        .map(|w| (strsim::jaro_winkler(wrong, w), w))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, w)| w.to_string())
+}
+
+fn yaml_hint(message: &str) -> String {
+    if let Some(word) = did_you_mean(message) {
+        return format!("did you mean `{word}`?");
+    }
+    yaml_hint_static(message).to_string()
+}
+
+fn yaml_hint_static(message: &str) -> &'static str {
     if message.contains("unknown field") {
         "remove the key or correct its spelling; the keys this place accepts are listed"
     } else if message.contains("missing field") {

@@ -132,7 +132,7 @@ fn vm_chunk<'a>(ctx: &VmCtx<'_>, files: &[(&'a str, &'a str)]) -> VmOut<'a> {
     for &(path, src) in files {
         match parse_one::<RawVm>(path, src) {
             Ok(raw) => vm(ctx, path, src, raw, &mut out),
-            Err(d) => out.diags.push(d),
+            Err(d) => out.diags.extend(d),
         }
     }
     out
