@@ -445,7 +445,7 @@ fn policies_are_checked() {
     let cluster = format!("{CLUSTER}policies:\n  reconcile_interval: soon\n");
     assert_eq!(
         one(&[("cluster.yaml", &cluster)]),
-        "cluster.yaml:11:23: policies.reconcile_interval: `soon` is not a duration (expected a number with an optional ms, s, m, h or d suffix) | write a duration such as 30s, 5m or 1h"
+        "cluster.yaml:11:23: policies.reconcile_interval: `soon` is not a duration (expected e.g. 90, 30s, 5m, 1h30m or 2d) | write a duration such as 30s, 5m or 1h"
     );
 }
 
