@@ -278,7 +278,7 @@ fn duplicate_of(message: &str) -> Option<(Option<&str>, &str)> {
 }
 
 /// Removes serde_yaml_ng's " at line N column M": the diagnostic carries them apart.
-fn strip_marks(message: &str) -> String {
+pub fn strip_marks(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
     while let Some(i) = rest.find(" at line ") {
