@@ -15,6 +15,7 @@ pub mod conf;
 pub mod desired;
 pub mod intents;
 pub mod message;
+pub mod names;
 pub mod owner;
 pub mod placement;
 pub mod planner;

@@ -48,6 +48,43 @@ impl Style {
     }
 }
 
+/// `text` with every control character but the line break written as an escape
+/// (`\u{1b}`), and the bidirectional overrides too: names, paths and messages come from
+/// outside (a desired repo, another host) and must not move the cursor, clear the
+/// screen or reorder what a terminal shows. On a colour terminal the colour sequences
+/// [`Style`] draws are kept.
+pub fn escape_controls(text: &str, style: Style) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if style.color && c == '\x1b' {
+            if let Some(len) = sgr_len(rest) {
+                out.push_str(&rest[..len]);
+                rest = &rest[len..];
+                continue;
+            }
+        }
+        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if (c.is_control() && c != '\n') || bidi {
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        } else {
+            out.push(c);
+        }
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// The length of one of [`Style`]'s own colour sequences at the start of `s`.
+fn sgr_len(s: &str) -> Option<usize> {
+    [
+        "\x1b[0m", "\x1b[1m", "\x1b[31m", "\x1b[32m", "\x1b[33m", "\x1b[36m",
+    ]
+    .iter()
+    .find(|seq| s.starts_with(**seq))
+    .map(|seq| seq.len())
+}
+
 fn short(commit: Option<&str>) -> String {
     match commit {
         Some(c) => c.chars().take(12).collect(),
@@ -516,5 +553,28 @@ Plan: 0 to create, 1 to update, 0 to replace, 1 to destroy, 0 to start, 0 to sto
         assert_eq!(v["summary"]["update"], 1);
         assert_eq!(v["hosts"][0]["actions"][0]["action"], "update");
         assert_eq!(v["hosts"][0]["actions"][1]["action"], "destroy");
+    }
+}
+
+#[cfg(test)]
+mod escape_tests {
+    use super::*;
+
+    /// Guards issue 15, conventions (control characters escaped on output).
+    #[test]
+    fn control_characters_are_escaped_and_own_colours_kept() {
+        let plain = Style { color: false };
+        assert_eq!(
+            escape_controls("a\x1b[2Jb\tc\u{202e}d\n", plain),
+            "a\\u{1b}[2Jb\\u{9}c\\u{202e}d\n"
+        );
+        let color = Style { color: true };
+        let painted = color.red("x");
+        assert_eq!(escape_controls(&painted, color), painted);
+        assert_eq!(escape_controls(&painted, plain), "\\u{1b}[31mx\\u{1b}[0m");
+        assert_eq!(
+            escape_controls("\x1b]0;title\x07", color),
+            "\\u{1b}]0;title\\u{7}"
+        );
     }
 }

@@ -44,7 +44,7 @@ fn every_error_is_reported_with_its_place_from_a_commit() {
 error: vms/dup.yaml:3:11: secret name `keys/web` contains a path
   hint: name the secret only (letters, digits, `.`, `_`, `-`); each host keeps its file under its own secrets directory
 error: vms/typo.yaml:2:1: unknown field `profil`, expected one of `name`, `profile`, `cpu`, `memory`, `disk`, `host`, `start_at`, `every_host`, `tags`, `state`, `protect`, `replace`, `config`, `hooks`, `secrets`, `description`
-  hint: remove the key or correct its spelling; the keys this place accepts are listed
+  hint: did you mean `profile`?
 error: vms/web1.yaml:3:7: unknown host `host9`
   hint: hosts in cluster.yaml: host1, host2, host3
 error: vms/web2.yaml:1:7: duplicate VM name `web2`

@@ -202,17 +202,7 @@ pub(crate) fn getopts(args: &[String], spec: &str) -> Result<Opts, ()> {
 /// `util::check_name`: `^[a-z0-9][.a-z0-9_-]{0,229}[a-z0-9]$`, case-insensitive, the
 /// FreeBSD 13+ limit. Like `echo NAME | egrep -q`, any line of the name may match.
 pub fn check_name(name: &str) -> bool {
-    name.split('\n').any(|line| {
-        let b = line.as_bytes();
-        let alnum = |c: &u8| c.is_ascii_alphanumeric();
-        b.len() >= 2
-            && b.len() <= 231
-            && alnum(&b[0])
-            && alnum(&b[b.len() - 1])
-            && b[1..b.len() - 1]
-                .iter()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
-    })
+    name.split('\n').any(flotilla::names::is_vm_name)
 }
 
 /// `util::confirm`: reads answers until one starts with `y` (true) or `n` (false). At

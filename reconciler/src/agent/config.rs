@@ -55,7 +55,7 @@ impl<'de> Deserialize<'de> for Dur {
         let s = String::deserialize(d)?;
         parse_duration(&s).map(Dur).ok_or_else(|| {
             serde::de::Error::custom(format_args!(
-                "`{s}` is not a duration (write e.g. 250ms, 30s, 5m or 1h)"
+                "`{s}` is not a duration (write e.g. 250ms, 30s, 5m or 1h30m)"
             ))
         })
     }
@@ -330,7 +330,8 @@ impl AgentConfig {
                 path: path.to_path_buf(),
                 line,
                 column,
-                message: e.to_string(),
+                // The position is in the error's own prefix already.
+                message: crate::desired::strip_marks(&e.to_string()),
             }
         })?;
         let invalid = |message: String| ConfigError::Invalid {
@@ -401,6 +402,20 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("`max_clock_skew` must be at most 30s"), "{e}");
+    }
+
+    /// Guards issue 15, conventions (durations as operators write them in agent.yaml).
+    #[test]
+    fn durations_in_agent_yaml_as_operators_write_them() {
+        let cfg = AgentConfig::parse(
+            Path::new("agent.yaml"),
+            "host: h\ndesired: {url: x, poll_interval: 1h30m}\nstate_dir: /s\nkey_file: /k\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.desired.poll_interval.map(|d| d.0),
+            Some(Duration::from_secs(5400))
+        );
     }
 
     /// Guards the shipped sample against drifting from the parser.

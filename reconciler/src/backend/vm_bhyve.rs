@@ -210,20 +210,10 @@ pub fn parse_datastores(command: &str, text: &str) -> Result<Vec<Datastore>, Bac
     Ok(out)
 }
 
-/// A name vm-bhyve accepts (`util::check_name`), checked before it reaches a command
-/// line, so that no argument can be mistaken for an option or a path.
-pub fn valid_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    let alnum = |c: u8| c.is_ascii_alphanumeric();
-    (2..=231).contains(&b.len())
-        && alnum(b[0])
-        && alnum(b[b.len() - 1])
-        && b.iter()
-            .all(|&c| alnum(c) || matches!(c, b'.' | b'_' | b'-'))
-}
-
+/// Checked before a name reaches a command line, so that no argument can be mistaken
+/// for an option or a path.
 fn check_name(what: &str, name: &str) -> Result<(), BackendError> {
-    if valid_name(name) {
+    if crate::names::is_vm_name(name) {
         Ok(())
     } else {
         Err(BackendError::Invalid {
@@ -1401,10 +1391,10 @@ eps    default    none       -               No       Stopped
 
     #[test]
     fn names_values_and_keys_are_checked_before_any_command() {
-        assert!(valid_name("web-01.example"));
-        assert!(!valid_name("-f"));
-        assert!(!valid_name("../etc"));
-        assert!(!valid_name("a"));
+        assert!(crate::names::is_vm_name("web-01.example"));
+        assert!(!crate::names::is_vm_name("-f"));
+        assert!(!crate::names::is_vm_name("../etc"));
+        assert!(!crate::names::is_vm_name("a"));
         assert!(check_value("k", "virtio-net").is_ok());
         assert!(check_value("k", "a#b").is_err());
         assert!(check_value("k", "a\"b").is_err());

@@ -210,7 +210,7 @@ pub struct TriggerArgs {
 fn parse_dur(s: &str) -> Result<Dur, String> {
     flotilla::desired::parse_duration(s)
         .map(Dur)
-        .ok_or_else(|| format!("`{s}` is not a duration (e.g. 500ms, 5s, 2m)"))
+        .ok_or_else(|| format!("`{s}` is not a duration (e.g. 500ms, 5s, 2m, 1h30m)"))
 }
 
 pub fn trigger(args: TriggerArgs) -> anyhow::Result<ExitCode> {

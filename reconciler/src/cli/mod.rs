@@ -2,13 +2,37 @@
 //!
 //! Exit codes follow one rule for every subcommand: 0 success (for `plan`: no changes),
 //! 1 error (for `validate`: invalid), 2 changes (`plan` only), 64 bad usage.
+//!
+//! What every subcommand prints goes through the `print!` family below, which shadows
+//! std's in this module and its children: text is written with control characters
+//! escaped ([`render::escape_controls`]), and when the reader of stdout has gone
+//! (`flotilla events | head -1`) the command ends quietly with exit 0, as the reader
+//! got all it asked for.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use flotilla::render::Style;
+use flotilla::render::{self, Style};
+
+/// Writes to stdout like std's `print!`, see the module's documentation.
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::cli::out(&format!($($arg)*)) };
+}
+/// Writes a line to stdout like std's `println!`, see the module's documentation.
+macro_rules! println {
+    () => { $crate::cli::out("\n") };
+    ($($arg:tt)*) => { $crate::cli::out(&format!("{}\n", format_args!($($arg)*))) };
+}
+/// Writes to stderr like std's `eprint!`, with control characters escaped.
+macro_rules! eprint {
+    ($($arg:tt)*) => { $crate::cli::err(&format!($($arg)*)) };
+}
+/// Writes a line to stderr like std's `eprintln!`, with control characters escaped.
+macro_rules! eprintln {
+    ($($arg:tt)*) => { $crate::cli::err(&format!("{}\n", format_args!($($arg)*))) };
+}
 
 mod agent;
 mod cluster;
@@ -26,6 +50,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Print a shell completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page, flotilla(1), in roff.
+    #[command(hide = true)]
+    Man,
     /// Check a desired repo: every error with file, line, column and a hint.
     ///
     /// Exit 0 when valid, 1 when not (or when it cannot be read).
@@ -37,7 +70,10 @@ enum Command {
     /// Reconcile the cluster now (a trigger to every host); with --wait, show progress
     /// until it has converged.
     ///
-    /// Exit 0 when triggered (converged with --wait), 1 otherwise.
+    /// Exit status: see below.
+    #[command(
+        after_help = "Exit status:\n  0   triggered; with --wait: converged, nothing left over\n  1   an error, or with --wait not converged within --timeout\n  2   with --wait: converged, but with creates that failed and wait to retry (listed)\n  64  bad usage"
+    )]
     Apply(cluster::ApplyArgs),
     /// Hosts, their capacity and inventory age, every VM, creates in flight, the commit
     /// each host has applied, recent failures.
@@ -85,6 +121,8 @@ pub fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::Completions { shell } => completions(shell),
+        Command::Man => man(),
         Command::Validate(args) => validate::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Apply(args) => cluster::apply(args),
@@ -96,9 +134,80 @@ pub fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("flotilla: error: {e:#}");
+            eprintln!("flotilla: error: {}", chain(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// Writes `text` to stdout with control characters escaped; exits quietly (0) when the
+/// reader has gone.
+pub fn out(text: &str) {
+    use std::io::Write;
+    let style = Style {
+        color: std::io::stdout().is_terminal(),
+    };
+    let text = render::escape_controls(text, style);
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
+}
+
+/// Writes `text` to stderr with control characters escaped. A failed write to stderr
+/// has nowhere to be reported.
+pub fn err(text: &str) {
+    use std::io::Write;
+    let style = Style {
+        color: std::io::stderr().is_terminal(),
+    };
+    let _ = std::io::stderr().write_all(render::escape_controls(text, style).as_bytes());
+}
+
+/// True when the error comes from writing to a reader that has gone.
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// The error and its causes, `: `-separated, leaving out a cause whose text is already
+/// printed (many errors quote their source in their own message).
+fn chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
+    use clap::CommandFactory;
+    let mut buf = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "flotilla", &mut buf);
+    print!("{}", String::from_utf8_lossy(&buf));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn man() -> anyhow::Result<ExitCode> {
+    use clap::CommandFactory;
+    let mut buf = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut buf)?;
+    print!("{}", String::from_utf8_lossy(&buf));
+    Ok(ExitCode::SUCCESS)
 }

@@ -203,9 +203,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Output::Json => render::plan_json(&plan),
         Output::Text => render::plan_text(&plan, super::style(args.no_color)),
     };
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())?;
-    out.flush()?;
+    print!("{text}");
     Ok(ExitCode::from(if plan.has_changes() { 2 } else { 0 }))
 }

@@ -121,7 +121,7 @@ impl Budget {
             // Refused for what the parse itself would refuse (a syntax error, too deep,
             // too many alias jumps, a second document): the walk went no further than
             // the budget allows, and the real parse is not trusted past that point.
-            (Err(e), None) => Err(super::load::yaml_error(path, src, &e)),
+            (Err(e), None) => Err(super::yaml::yaml_error(path, src, &e)),
         }
     }
 }

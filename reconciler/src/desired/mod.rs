@@ -19,7 +19,7 @@
 //!     next: host2              # the hop chain; null (or absent) ends it
 //!     limits: { memory: 64G, storage: 2T, vms: 40 }
 //! policies:                    # every key optional
-//!   reconcile_interval: 60s    # s, m, h, d or plain seconds
+//!   reconcile_interval: 60s    # 90, 30s, 5m, 1h30m, 2d (plain numbers are seconds)
 //!   prune_guard: 0.5           # share of a host's managed VMs one plan may destroy
 //!   hop_limit: 8               # how often a create may be forwarded
 //!   ttr: 1h                    # beanstalkd time-to-run of a job
@@ -75,6 +75,7 @@
 //! a VM file would read as that VM's removal. Files elsewhere in the repo (a README,
 //! docs/) are never read, so what they are does not matter.
 
+mod check;
 mod defaults;
 mod diag;
 mod expand;
@@ -84,16 +85,18 @@ mod locate;
 mod rules;
 mod schema;
 mod spec;
+mod yaml;
 
 pub use diag::{Diagnostic, Invalid, MAX_QUOTE};
 pub use expand::{EXPANSION_FACTOR, EXPANSION_SLACK, MAX_REPO_EXPANSION};
 pub use files::{Entry, FileSet, Special, TREE_DIRS};
-pub use load::{load, MAX_FILE_SIZE, MAX_FLOW_DEPTH};
+pub use load::load;
 pub use schema::parse_duration;
 pub use spec::{
     Cluster, DesiredState, Host, HostLimits, Policies, Profile, ReplacePolicy, Snapshot, Template,
     VmSpec,
 };
+pub use yaml::{strip_marks, MAX_FILE_SIZE, MAX_FLOW_DEPTH};
 
 #[cfg(test)]
 mod tests;

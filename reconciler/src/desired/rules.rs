@@ -1,17 +1,6 @@
 //! What names and values the desired repo may hold, and why.
 
-/// vm-bhyve's `util::check_name` on FreeBSD 13 and later:
-/// `^[a-z0-9][.a-z0-9_-]{0,229}[a-z0-9]$`, case-insensitive.
-pub(crate) fn is_vm_name(s: &str) -> bool {
-    let b = s.as_bytes();
-    (2..=231).contains(&b.len())
-        && b[0].is_ascii_alphanumeric()
-        && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
-}
-
-pub(crate) const VM_NAME_HINT: &str = "vm-bhyve accepts 2 to 231 characters: letters, digits and `.`, `_`, `-`, starting and ending with a letter or digit";
+pub(crate) use crate::names::{is_vm_name, VM_NAME_HINT};
 
 /// Host names become part of VM names (`every_host`) and of tube addresses, so they
 /// follow the same rule as VM names, but shorter, leaving room for the VM's part.

@@ -173,6 +173,20 @@ pub(crate) struct Seconds(pub Duration);
 /// Parses a duration written as `90`, `90s`, `250ms`, `5m`, `1h` or `2d`.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
+    if let Some(d) = parse_short(s) {
+        return Some(d);
+    }
+    // As operators write them elsewhere: `1h30m`, `1h 30m`, `2days`. A sign or a
+    // fraction is refused by humantime too.
+    if s.starts_with(|c: char| c.is_ascii_digit()) {
+        humantime::parse_duration(s).ok()
+    } else {
+        None
+    }
+}
+
+/// The forms accepted first: plain seconds, or one number with `ms`, `s`, `m`, `h`, `d`.
+fn parse_short(s: &str) -> Option<Duration> {
     if let Some(ms) = s.strip_suffix("ms") {
         if ms.is_empty() || !ms.bytes().all(|b| b.is_ascii_digit()) {
             return None;
@@ -204,7 +218,7 @@ impl<'de> Deserialize<'de> for Seconds {
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Seconds, E> {
                 parse_duration(v).map(Seconds).ok_or_else(|| {
                     E::custom(format_args!(
-                        "`{v}` is not a duration (expected a number with an optional ms, s, m, h or d suffix)"
+                        "`{v}` is not a duration (expected e.g. 90, 30s, 5m, 1h30m or 2d)"
                     ))
                 })
             }
@@ -227,7 +241,20 @@ mod tests {
         assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_duration("2d"), Some(Duration::from_secs(172_800)));
         assert_eq!(parse_duration("h"), None);
-        assert_eq!(parse_duration("1.5h"), None);
+        assert_eq!(parse_duration("1.5h"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_duration("-1s"), None);
+    }
+
+    /// Guards issue 15, conventions (durations as operators write them): `1h30m` was
+    /// refused. The same parser serves cluster.yaml, agent.yaml and the CLI's flags.
+    #[test]
+    fn durations_as_operators_write_them() {
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1h 30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2m30s"), Some(Duration::from_secs(150)));
+        assert_eq!(parse_duration("1s500ms"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2days"), Some(Duration::from_secs(172_800)));
+        assert_eq!(parse_duration("soon"), None);
     }
 }

@@ -139,7 +139,7 @@ fn a_repo_profile_overrides_the_built_in_one() {
 fn unknown_key() {
     assert_eq!(
         one(&[("vms/a.yaml", "name: web1\nprofile: CS0\ncpus: 2\n")]),
-        "vms/a.yaml:3:1: unknown field `cpus`, expected one of `name`, `profile`, `cpu`, `memory`, `disk`, `host`, `start_at`, `every_host`, `tags`, `state`, `protect`, `replace`, `config`, `hooks`, `secrets`, `description` | remove the key or correct its spelling; the keys this place accepts are listed"
+        "vms/a.yaml:3:1: unknown field `cpus`, expected one of `name`, `profile`, `cpu`, `memory`, `disk`, `host`, `start_at`, `every_host`, `tags`, `state`, `protect`, `replace`, `config`, `hooks`, `secrets`, `description` | did you mean `cpu`?"
     );
 }
 
@@ -148,8 +148,70 @@ fn unknown_key_in_a_host() {
     let cluster = CLUSTER.replace("    next: host2\n", "    nxt: host2\n");
     assert_eq!(
         one(&[("cluster.yaml", &cluster)]),
-        "cluster.yaml:5:5: hosts.host1: unknown field `nxt`, expected one of `beanstalkd`, `next`, `limits` | remove the key or correct its spelling; the keys this place accepts are listed"
+        "cluster.yaml:5:5: hosts.host1: unknown field `nxt`, expected one of `beanstalkd`, `next`, `limits` | did you mean `next`?"
     );
+}
+
+/// Guards issue 15 (conventions: every schema error of a file in one run): four misspelt
+/// keys and a bad value in one VM file are five errors of one run, not five runs.
+#[test]
+fn every_schema_error_of_a_file_in_one_run() {
+    let e = errors(&[(
+        "vms/a.yaml",
+        "name: web1\nprofile: CS0\nmemroy: 2G\ncpus: 2\ndisk: lots\ndsik: 10G\ntagz: [a]\n",
+    )]);
+    let short: Vec<String> = e
+        .iter()
+        .map(|l| l.split(", expected").next().unwrap_or(l).to_string())
+        .collect();
+    assert_eq!(
+        short,
+        [
+            "vms/a.yaml:3:1: unknown field `memroy`",
+            "vms/a.yaml:4:1: unknown field `cpus`",
+            "vms/a.yaml:5:7: disk: `lots` is not a size (expected a number with an optional K, M, G or T suffix, e.g. 256M or 20G) | write a size as a whole number with an optional K, M, G or T suffix, e.g. 512M or 20G",
+            "vms/a.yaml:6:1: unknown field `dsik`",
+            "vms/a.yaml:7:1: unknown field `tagz`",
+        ],
+        "{e:#?}"
+    );
+}
+
+/// Guards issue 15 (conventions): the errors of nested mappings (two hosts, the
+/// policies) are all reported too, each at its key.
+#[test]
+fn every_schema_error_of_cluster_yaml_in_one_run() {
+    let cluster = CLUSTER
+        .replace("    next: host2\n", "    nxt: host2\n")
+        .replace(
+            "    beanstalkd: 127.0.0.1:11302\n",
+            "    beanstalk: 127.0.0.1:11302\n",
+        )
+        + "policies:\n  prune_gaurd: 0.5\n";
+    let e = errors(&[("cluster.yaml", &cluster)]);
+    let short: Vec<String> = e
+        .iter()
+        .map(|l| l.split(", expected").next().unwrap_or(l).to_string())
+        .collect();
+    assert_eq!(
+        short,
+        [
+            "cluster.yaml:5:5: hosts.host1: unknown field `nxt`",
+            "cluster.yaml:8:5: hosts.host2: unknown field `beanstalk`",
+            "cluster.yaml:11:3: policies: unknown field `prune_gaurd`",
+        ],
+        "{e:#?}"
+    );
+}
+
+/// Guards issue 15 (conventions): a misspelt key is answered with the key it most
+/// likely means.
+#[test]
+fn misspelt_key_did_you_mean() {
+    let e = one(&[("vms/a.yaml", "name: web1\nprofile: CS0\nmemroy: 2G\n")]);
+    assert!(e.ends_with("| did you mean `memory`?"), "{e}");
+    let e = one(&[("vms/a.yaml", "name: web1\nprofile: CS0\nzzzzzz: 2G\n")]);
+    assert!(!e.contains("did you mean"), "{e}");
 }
 
 #[test]
@@ -383,7 +445,7 @@ fn policies_are_checked() {
     let cluster = format!("{CLUSTER}policies:\n  reconcile_interval: soon\n");
     assert_eq!(
         one(&[("cluster.yaml", &cluster)]),
-        "cluster.yaml:11:23: policies.reconcile_interval: `soon` is not a duration (expected a number with an optional ms, s, m, h or d suffix) | write a duration such as 30s, 5m or 1h"
+        "cluster.yaml:11:23: policies.reconcile_interval: `soon` is not a duration (expected e.g. 90, 30s, 5m, 1h30m or 2d) | write a duration such as 30s, 5m or 1h"
     );
 }
 
