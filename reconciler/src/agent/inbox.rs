@@ -9,6 +9,7 @@ use beanstalk::Client;
 use crate::intents::IntentStatus;
 use crate::message::{self, tubes, Envelope, JobResult, Message, Outcome, RecentFailure};
 
+use super::events::EventKind;
 use super::state::Shared;
 use super::RESERVE_WAIT;
 
@@ -95,7 +96,7 @@ pub(super) async fn inbox_loop(shared: Arc<Shared>) {
                     ..
                 }) => {
                     shared.event(
-                        "trigger",
+                        EventKind::Trigger,
                         None,
                         None,
                         None,
@@ -108,7 +109,7 @@ pub(super) async fn inbox_loop(shared: Arc<Shared>) {
                 }
                 Ok(other) => {
                     shared.event(
-                        "buried",
+                        EventKind::Buried,
                         None,
                         None,
                         None,
@@ -118,7 +119,7 @@ pub(super) async fn inbox_loop(shared: Arc<Shared>) {
                 }
                 Err(e) => {
                     shared.event(
-                        "buried",
+                        EventKind::Buried,
                         None,
                         None,
                         None,
@@ -157,9 +158,8 @@ fn on_forget(shared: &Shared, f: &message::Forget, from: &str) {
     }
     match res {
         Ok(_) => {
-            tracing::warn!(host = %f.host, by = %f.by, "host declared gone for good");
             shared.event(
-                "forget",
+                EventKind::Forget,
                 None,
                 None,
                 None,
@@ -170,7 +170,7 @@ fn on_forget(shared: &Shared, f: &message::Forget, from: &str) {
             );
         }
         Err(e) => shared.event(
-            "error",
+            EventKind::Error,
             None,
             None,
             None,
@@ -206,7 +206,7 @@ fn on_result(shared: &Arc<Shared>, r: JobResult) {
         outcome_name(&r.outcome)
     ));
     shared.event(
-        "result",
+        EventKind::Result,
         Some(&r.vm),
         Some(&r.job_id),
         Some(&r.commit),
@@ -253,7 +253,7 @@ fn on_result(shared: &Arc<Shared>, r: JobResult) {
                 };
                 if let Err(e) = res {
                     shared.event(
-                        "error",
+                        EventKind::Error,
                         Some(&r.vm),
                         Some(&r.job_id),
                         None,

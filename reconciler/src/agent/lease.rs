@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use beanstalk::{Client, Options, PutParams};
 use tokio::sync::Notify;
 
+use super::events::EventKind;
 use super::identity::{self, AgentInfo};
 use super::Shared;
 
@@ -347,7 +348,13 @@ pub(super) async fn keep(shared: Arc<Shared>) {
         match agent_info(&shared).await {
             Ok(i) => break i,
             Err(e) => {
-                shared.event("error", None, None, None, format!("host identity: {e}"));
+                shared.event(
+                    EventKind::Error,
+                    None,
+                    None,
+                    None,
+                    format!("host identity: {e}"),
+                );
                 shared.sleep(Duration::from_secs(5)).await;
                 if shared.stopping() {
                     return;
@@ -380,7 +387,7 @@ pub(super) async fn keep(shared: Arc<Shared>) {
                     Some(crate::message::now()),
                 );
                 shared.event(
-                    "lease",
+                    EventKind::Lease,
                     None,
                     None,
                     None,
@@ -400,7 +407,7 @@ pub(super) async fn keep(shared: Arc<Shared>) {
                         Err(e) => {
                             shared.lease.set(None, None, None);
                             shared.event(
-                                "error",
+                                EventKind::Error,
                                 None,
                                 None,
                                 None,
@@ -419,7 +426,7 @@ pub(super) async fn keep(shared: Arc<Shared>) {
                     std::process::id(),
                     shared.cfg.state_dir.display()
                 );
-                shared.event("refused", None, None, None, why.clone());
+                shared.event(EventKind::Refused, None, None, None, why.clone());
                 shared.lease.refuse(why);
                 return;
             }

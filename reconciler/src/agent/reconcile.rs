@@ -15,6 +15,7 @@ use crate::source::{self, GitSource};
 use super::decide;
 use super::decide::{Emit, IntentFate};
 use super::emit::{emit_create, emit_op, Unsent};
+use super::events::EventKind;
 use super::publish::inventory;
 use super::state::{list_local, poll_interval, Shared};
 use super::stopped;
@@ -45,7 +46,7 @@ pub(super) async fn reconcile_loop(shared: Arc<Shared>) {
                 Err(e) => {
                     if last_error.as_deref() != Some(e.as_str()) {
                         shared.event(
-                            "error",
+                            EventKind::Error,
                             None,
                             None,
                             snap.commit.as_deref(),
@@ -294,7 +295,7 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
                     .remove(&intent.vm)
                     .map_err(|e| e.to_string())?;
                 shared.event(
-                    "intent",
+                    EventKind::Intent,
                     Some(&intent.vm),
                     Some(&intent.job_id),
                     Some(&intent.commit),
@@ -417,7 +418,7 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
     // One line per unreachable first hop, not one per create.
     for (to, (n, e)) in unsent.0 {
         shared.event(
-            "error",
+            EventKind::Error,
             None,
             None,
             Some(&origin.commit),
@@ -496,7 +497,7 @@ fn clock_skews(
             Some(s) => format!("{s}: this host sends no creates until the clocks agree"),
             None => "clocks agree again within max_clock_skew".to_string(),
         };
-        shared.event("error", None, None, None, text);
+        shared.event(EventKind::Error, None, None, None, text);
     }
     let mut all = seen;
     // Reports only from hosts heard from now: a host shut down to fix its clock must not

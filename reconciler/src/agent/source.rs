@@ -10,6 +10,7 @@ use crate::desired::{self, Snapshot};
 use crate::source::{self, GitSource};
 
 use super::decide;
+use super::events::EventKind;
 use super::state::{poll_interval, HostsFile, Shared};
 use super::stopped;
 
@@ -76,7 +77,7 @@ fn note_departures(s: &Shared, snap: &Snapshot) -> std::io::Result<()> {
     drop(departed);
     for host in left {
         s.event(
-            "departed",
+            EventKind::Departed,
             None,
             None,
             snap.commit.as_deref(),
@@ -220,7 +221,7 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
                     // Safety rule 9: its guests stay where they are, and this agent goes
                     // on publishing them; it creates, changes and destroys nothing.
                     s.event(
-                        "error",
+                        EventKind::Error,
                         None,
                         None,
                         commit.as_deref(),
@@ -233,7 +234,7 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
                     );
                 } else if listed && was.is_some() {
                     s.event(
-                        "snapshot",
+                        EventKind::Snapshot,
                         None,
                         None,
                         commit.as_deref(),
@@ -261,7 +262,7 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
                     s.wake_reconcile.notify_one();
                 } else {
                     s.event(
-                        "snapshot",
+                        EventKind::Snapshot,
                         None,
                         None,
                         commit.as_deref(),
@@ -273,7 +274,7 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
                     );
                     if let Err(e) = note_departures(&s, &snap) {
                         s.event(
-                            "error",
+                            EventKind::Error,
                             None,
                             None,
                             commit.as_deref(),
@@ -288,7 +289,7 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
                 last = Some(commit.clone());
                 s.count("flotilla_snapshots_invalid_total");
                 s.event(
-                    "error",
+                    EventKind::Error,
                     None,
                     None,
                     Some(&commit),
@@ -298,7 +299,7 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
             Err(e) => {
                 if last_error.as_deref() != Some(e.as_str()) {
                     s.event(
-                        "error",
+                        EventKind::Error,
                         None,
                         None,
                         None,

@@ -20,7 +20,7 @@ use crate::message::{self, tubes, Envelope, Inventory, JobResult, Message, Origi
 use crate::planner::Kind;
 
 use super::config::AgentConfig;
-use super::events::{Event, EventLog};
+use super::events::{Event, EventKind, EventLog};
 use super::peers::Peers;
 use super::stopped;
 use super::{decide, departed, identity, lease, listing, replay, seq, usage, worker};
@@ -281,7 +281,7 @@ impl Shared {
                 e.label()
             ));
             self.event(
-                "rejected",
+                EventKind::Rejected,
                 env.body.vm(),
                 Some(&env.id),
                 None,
@@ -435,15 +435,16 @@ impl Shared {
             .insert(series.to_string(), v);
     }
 
+    /// Records an event in the event log, and logs it at its kind's level.
     pub(super) fn event(
         &self,
-        kind: &str,
+        kind: EventKind,
         vm: Option<&str>,
         job: Option<&str>,
         commit: Option<&str>,
         message: String,
     ) {
-        tracing::info!(kind, vm, job, commit, "{message}");
+        super::events::trace(kind, vm, job, commit, &message);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -451,7 +452,7 @@ impl Shared {
             at: now.as_secs(),
             at_ms: now.as_millis() as u64,
             host: self.me().to_string(),
-            kind: kind.to_string(),
+            kind: kind.as_str().to_string(),
             vm: vm.map(str::to_string),
             job: job.map(str::to_string),
             commit: commit.map(str::to_string),

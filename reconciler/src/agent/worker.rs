@@ -24,6 +24,7 @@ use crate::placement::{self, Decision, HostView};
 use crate::planner::config_changes;
 use crate::size::Size;
 
+use super::events::EventKind;
 use super::hooks::{self, HookInput};
 use super::usage::Claims;
 use super::Shared;
@@ -150,7 +151,7 @@ async fn handle(shared: &Arc<Shared>, client: &mut Client, job: Job) {
             // deadline.
             Ok(stats) if built_here(shared, &env, &stats.tube) => {
                 shared.event(
-                    "job",
+                    EventKind::Job,
                     env.body.vm(),
                     Some(&env.id),
                     None,
@@ -203,7 +204,7 @@ async fn handle(shared: &Arc<Shared>, client: &mut Client, job: Job) {
         ),
         End::Bury(why, r) => {
             shared.event(
-                "buried",
+                EventKind::Buried,
                 None,
                 None,
                 None,
@@ -447,7 +448,7 @@ async fn forward(shared: &Arc<Shared>, env: &Envelope, job: CreateJob, to: &str)
             shared.forward_settled(&env.id);
             shared.count("flotilla_forwards_total");
             shared.event(
-                "forward",
+                EventKind::Forward,
                 Some(&vm),
                 Some(&env.id),
                 None,
@@ -595,7 +596,7 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
         }
     }
     shared.event(
-        "job",
+        EventKind::Job,
         Some(&job.vm),
         Some(&env.id),
         Some(&job.origin.commit),
@@ -645,7 +646,7 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
         Ok(()) => {
             shared.count("flotilla_jobs_total{kind=\"create\",outcome=\"done\"}");
             shared.event(
-                "job",
+                EventKind::Job,
                 Some(&job.vm),
                 Some(&env.id),
                 Some(&job.origin.commit),
@@ -656,7 +657,7 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
         Err(StepError::Cancelled) => End::Release(Duration::ZERO, "stopped by shutdown".into()),
         Err(e) => {
             shared.event(
-                "error",
+                EventKind::Error,
                 Some(&job.vm),
                 Some(&env.id),
                 Some(&job.origin.commit),
@@ -694,7 +695,7 @@ fn build(shared: &Shared, env: &Envelope, job: &CreateJob, resume: bool) -> Resu
     if r.is_err() && !name_taken(&r) {
         if let Err(e) = remove_half_made(shared, &job.vm) {
             shared.event(
-                "error",
+                EventKind::Error,
                 Some(&job.vm),
                 Some(&env.id),
                 None,
@@ -841,7 +842,7 @@ fn build_steps(shared: &Shared, env: &Envelope, job: &CreateJob) -> Result<(), S
     )?;
     for (hook, out) in ran {
         shared.event(
-            "hook",
+            EventKind::Hook,
             Some(&job.vm),
             Some(&env.id),
             None,
@@ -920,7 +921,7 @@ fn op(shared: &Shared, env: &Envelope) -> End {
             env.body.kind()
         ));
         shared.event(
-            "dropped",
+            EventKind::Dropped,
             Some(vm),
             Some(&env.id),
             Some(&origin.commit),
@@ -936,7 +937,7 @@ fn op(shared: &Shared, env: &Envelope) -> End {
             Ok(held) => held,
             Err(Admit::NoRoom(reason)) => {
                 shared.event(
-                    "job",
+                    EventKind::Job,
                     Some(vm),
                     Some(&env.id),
                     Some(&origin.commit),
@@ -984,7 +985,7 @@ fn op(shared: &Shared, env: &Envelope) -> End {
                 env.body.kind()
             ));
             shared.event(
-                "job",
+                EventKind::Job,
                 Some(vm),
                 Some(&env.id),
                 Some(&origin.commit),
@@ -994,7 +995,7 @@ fn op(shared: &Shared, env: &Envelope) -> End {
         }
         Err(e) => {
             shared.event(
-                "error",
+                EventKind::Error,
                 Some(vm),
                 Some(&env.id),
                 Some(&origin.commit),
