@@ -13,6 +13,7 @@ use crate::planner::{Action, Kind};
 
 use super::decide;
 use super::events::EventKind;
+use super::metrics::Counter;
 use super::state::{OpInFlight, Shared};
 
 /// First hops that could not be reached in this pass: how many creates were not sent
@@ -97,7 +98,7 @@ pub(super) async fn emit_create(
         .await
     {
         Ok(_) => {
-            shared.count("flotilla_emitted_total{kind=\"create\"}");
+            shared.count(Counter::Emitted { kind: "create" });
             shared.event(
                 EventKind::Emit,
                 Some(vm),
@@ -234,10 +235,9 @@ pub(super) async fn emit_op(
         .await
     {
         Ok(_) => {
-            shared.count(&format!(
-                "flotilla_emitted_total{{kind=\"{}\"}}",
-                env.body.kind()
-            ));
+            shared.count(Counter::Emitted {
+                kind: env.body.kind(),
+            });
             shared.event(
                 EventKind::Emit,
                 Some(&vm),

@@ -10,6 +10,7 @@ use crate::intents::IntentStatus;
 use crate::message::{self, tubes, Envelope, JobResult, Message, Outcome, RecentFailure};
 
 use super::events::EventKind;
+use super::metrics::Counter;
 use super::state::Shared;
 use super::RESERVE_WAIT;
 
@@ -200,11 +201,10 @@ fn on_result(shared: &Arc<Shared>, r: JobResult) {
         Outcome::Refused { reason } => format!("refused: {reason}"),
         Outcome::Dropped { reason } => format!("dropped: {reason}"),
     };
-    shared.count(&format!(
-        "flotilla_results_total{{kind=\"{}\",outcome=\"{}\"}}",
-        r.job_kind,
-        outcome_name(&r.outcome)
-    ));
+    shared.count(Counter::Results {
+        kind: &r.job_kind,
+        outcome: outcome_name(&r.outcome),
+    });
     shared.event(
         EventKind::Result,
         Some(&r.vm),

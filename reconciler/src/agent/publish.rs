@@ -10,6 +10,7 @@ use crate::desired::Snapshot;
 use crate::intents::IntentStatus;
 use crate::message::{self, tubes, Envelope, InFlightCreate, Inventory, Message};
 
+use super::metrics::Gauge;
 use super::state::{list_local, poll_interval, Shared};
 use super::stopped;
 use super::{listing, usage};
@@ -202,10 +203,7 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
                         ("delayed", st.current_jobs_delayed),
                         ("buried", st.current_jobs_buried),
                     ] {
-                        shared.set(
-                            &format!("flotilla_queue_jobs{{tube=\"{tube}\",state=\"{state}\"}}"),
-                            n as f64,
-                        );
+                        shared.set(Gauge::QueueJobs { tube, state }, n as f64);
                     }
                 }
             }

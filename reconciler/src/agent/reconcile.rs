@@ -16,6 +16,7 @@ use super::decide;
 use super::decide::{Emit, IntentFate};
 use super::emit::{emit_create, emit_op, Unsent};
 use super::events::EventKind;
+use super::metrics::{Counter, Gauge};
 use super::publish::inventory;
 use super::state::{list_local, poll_interval, Shared};
 use super::stopped;
@@ -437,14 +438,11 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
             .unwrap_or_else(|p| p.into_inner())
             .applied_commit = snap.commit.clone();
     }
-    shared.count("flotilla_reconciles_total");
+    shared.count(Counter::Reconciles);
     let took = started.elapsed().as_secs_f64();
-    shared.add("flotilla_reconcile_seconds_sum", took);
-    shared.set("flotilla_reconcile_last_seconds", took);
-    shared.set(
-        "flotilla_last_reconcile_timestamp_seconds",
-        message::now() as f64,
-    );
+    shared.add(Counter::ReconcileSeconds, took);
+    shared.set(Gauge::ReconcileLastSeconds, took);
+    shared.set(Gauge::LastReconcileTimestamp, message::now() as f64);
     let summary = plan.summary();
     for (action, n) in [
         ("create", summary.create),
@@ -457,10 +455,7 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
         ("blocked", summary.blocked),
         ("pending", summary.pending),
     ] {
-        shared.set(
-            &format!("flotilla_plan_actions{{action=\"{action}\"}}"),
-            n as f64,
-        );
+        shared.set(Gauge::PlanActions { action }, n as f64);
     }
     shared
         .local

@@ -11,6 +11,7 @@ use crate::source::{self, GitSource};
 
 use super::decide;
 use super::events::EventKind;
+use super::metrics::Counter;
 use super::state::{poll_interval, HostsFile, Shared};
 use super::stopped;
 
@@ -287,7 +288,7 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
             }
             Ok(Fetched::Invalid(commit, why)) => {
                 last = Some(commit.clone());
-                s.count("flotilla_snapshots_invalid_total");
+                s.count(Counter::SnapshotsInvalid);
                 s.event(
                     EventKind::Error,
                     None,

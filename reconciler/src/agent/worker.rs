@@ -26,6 +26,7 @@ use crate::size::Size;
 
 use super::events::EventKind;
 use super::hooks::{self, HookInput};
+use super::metrics::Counter;
 use super::usage::Claims;
 use super::Shared;
 
@@ -137,7 +138,9 @@ async fn handle(shared: &Arc<Shared>, client: &mut Client, job: Job) {
     });
     let end = match decoded {
         Err(e) => {
-            shared.count("flotilla_rejected_total{reason=\"undecodable\"}");
+            shared.count(Counter::Rejected {
+                reason: "undecodable",
+            });
             End::Bury(format!("cannot decode: {e}"), None)
         }
         // The tube the job was reserved from is half of its address (safety rule 7).
@@ -210,7 +213,7 @@ async fn handle(shared: &Arc<Shared>, client: &mut Client, job: Job) {
                 None,
                 format!("job {id} buried: {why}"),
             );
-            shared.count("flotilla_jobs_buried_total");
+            shared.count(Counter::JobsBuried);
             if let Some((origin, r)) = &r {
                 shared.send_result(origin, r).await;
             }
@@ -379,9 +382,10 @@ async fn run(
                     reason: why.clone(),
                     attempts,
                 };
-                shared.count(&format!(
-                    "flotilla_jobs_total{{kind=\"{kind}\",outcome=\"failed\"}}"
-                ));
+                shared.count(Counter::Jobs {
+                    kind: &kind,
+                    outcome: "failed",
+                });
                 let r = origin.map(|o| {
                     let r = result(&env, &vm, &me, &o.commit, outcome);
                     (o, r)
@@ -446,7 +450,7 @@ async fn forward(shared: &Arc<Shared>, env: &Envelope, job: CreateJob, to: &str)
     {
         Ok(_) => {
             shared.forward_settled(&env.id);
-            shared.count("flotilla_forwards_total");
+            shared.count(Counter::Forwards);
             shared.event(
                 EventKind::Forward,
                 Some(&vm),
@@ -590,7 +594,10 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
             }
             Decision::Forward { to, job } => return Built::Forward(job, to),
             Decision::Unplaceable { reason } => {
-                shared.count("flotilla_jobs_total{kind=\"create\",outcome=\"unplaceable\"}");
+                shared.count(Counter::Jobs {
+                    kind: "create",
+                    outcome: "unplaceable",
+                });
                 return ended(done(Outcome::Unplaceable { reason }));
             }
         }
@@ -644,7 +651,10 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
     }
     ended(match outcome {
         Ok(()) => {
-            shared.count("flotilla_jobs_total{kind=\"create\",outcome=\"done\"}");
+            shared.count(Counter::Jobs {
+                kind: "create",
+                outcome: "done",
+            });
             shared.event(
                 EventKind::Job,
                 Some(&job.vm),
@@ -916,10 +926,10 @@ fn op(shared: &Shared, env: &Envelope) -> End {
         return End::Release(Duration::from_secs(1), "no desired state read yet".into());
     };
     if let Err(why) = super::recheck::recheck(&env.body, &marker, &snap) {
-        shared.count(&format!(
-            "flotilla_jobs_total{{kind=\"{}\",outcome=\"dropped\"}}",
-            env.body.kind()
-        ));
+        shared.count(Counter::Jobs {
+            kind: env.body.kind(),
+            outcome: "dropped",
+        });
         shared.event(
             EventKind::Dropped,
             Some(vm),
@@ -980,10 +990,10 @@ fn op(shared: &Shared, env: &Envelope) -> End {
     }
     match r {
         Ok(()) => {
-            shared.count(&format!(
-                "flotilla_jobs_total{{kind=\"{}\",outcome=\"done\"}}",
-                env.body.kind()
-            ));
+            shared.count(Counter::Jobs {
+                kind: env.body.kind(),
+                outcome: "done",
+            });
             shared.event(
                 EventKind::Job,
                 Some(vm),
