@@ -11,12 +11,13 @@ use crate::message::{self, tubes, Envelope, JobResult, Message, Outcome, RecentF
 
 use super::events::EventKind;
 use super::metrics::Counter;
+use super::pace::Backoff;
 use super::state::Shared;
 use super::RESERVE_WAIT;
 
 /// Results and triggers, from this host's beanstalkd.
 pub(super) async fn inbox_loop(shared: Arc<Shared>) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     while !shared.stopping() {
         let Some(addr) = shared.own_addr() else {
             shared.sleep(Duration::from_millis(200)).await;
@@ -33,12 +34,11 @@ pub(super) async fn inbox_loop(shared: Arc<Shared>) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(%addr, error = %e, "inbox cannot reach beanstalkd; retrying");
-                shared.sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                shared.sleep(backoff.failed()).await;
                 continue;
             }
         };
-        backoff = Duration::from_millis(200);
+        backoff.succeeded();
         while !shared.stopping() {
             if !shared.lease.held() {
                 shared.sleep(Duration::from_millis(200)).await;

@@ -22,6 +22,7 @@ use tokio::sync::Notify;
 
 use super::events::EventKind;
 use super::identity::{self, AgentInfo};
+use super::pace::Backoff;
 use super::Shared;
 
 /// The lease tube on every host's beanstalkd.
@@ -363,7 +364,7 @@ pub(super) async fn keep(shared: Arc<Shared>) {
         }
     };
     let mut random = || uuid::Uuid::new_v4().as_u64_pair().0;
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         // A held lease is kept through a shutdown until the jobs in hand are done (the
         // task is then aborted, which closes its connection and frees the job).
@@ -376,7 +377,7 @@ pub(super) async fn keep(shared: Arc<Shared>) {
         };
         match acquire(&addr, &info, &Params::default(), &mut random).await {
             Ok(Acquired::Held(mut lease)) => {
-                backoff = Duration::from_millis(200);
+                backoff.succeeded();
                 let mine = AgentInfo {
                     lease_job: Some(lease.job()),
                     ..info.clone()
@@ -432,8 +433,7 @@ pub(super) async fn keep(shared: Arc<Shared>) {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot take the host lease; retrying");
-                shared.sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                shared.sleep(backoff.failed()).await;
             }
         }
     }

@@ -26,6 +26,7 @@ pub mod identity;
 pub mod lease;
 pub mod listing;
 pub mod metrics;
+mod pace;
 pub mod peers;
 mod recheck;
 mod replay;

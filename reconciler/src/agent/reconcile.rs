@@ -17,12 +17,12 @@ use super::decide::{Emit, IntentFate};
 use super::emit::{emit_create, emit_op, Unsent};
 use super::events::EventKind;
 use super::metrics::{Counter, Gauge};
+use super::pace::{Pace, Woke};
 use super::publish::inventory;
 use super::state::{list_local, poll_interval, Shared};
-use super::stopped;
 
 pub(super) async fn reconcile_loop(shared: Arc<Shared>) {
-    let mut backoff = Duration::from_millis(500);
+    let mut pace = Pace::new(Duration::from_millis(500), Duration::from_secs(60));
     // A burst of wakes becomes one pass per gap. Results come in bursts while builds run,
     // and all a pass does for most of them is close an intent; each pass lists the host
     // and reads every inventory, so they wait longer, unless news comes meanwhile.
@@ -32,17 +32,15 @@ pub(super) async fn reconcile_loop(shared: Arc<Shared>) {
     let mut last_error: Option<String> = None;
     loop {
         let pass = Instant::now();
-        let mut failed = false;
         let wait = match shared.snapshot() {
             Some(snap) => match reconcile_once(&shared, &snap).await {
                 Ok(waiting) => {
                     last_error = None;
-                    backoff = Duration::from_millis(500);
-                    if waiting {
+                    pace.success(if waiting {
                         Duration::from_millis(100)
                     } else {
                         poll_interval(&shared)
-                    }
+                    })
                 }
                 Err(e) => {
                     if last_error.as_deref() != Some(e.as_str()) {
@@ -55,22 +53,19 @@ pub(super) async fn reconcile_loop(shared: Arc<Shared>) {
                         );
                     }
                     last_error = Some(e);
-                    failed = true;
-                    let b = backoff;
-                    backoff = (backoff * 2).min(Duration::from_secs(60));
-                    b
+                    // A failed pass waits out its backoff whatever wakes it.
+                    pace.error()
                 }
             },
-            None => poll_interval(&shared),
+            None => pace.success(poll_interval(&shared)),
         };
-        let mut stop = shared.stop.subscribe();
-        // A failed pass waits out its backoff whatever wakes it.
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = shared.wake_reconcile.notified(), if !failed => {
+        let news = [&shared.wake_reconcile, &shared.results_in];
+        match pace.wait(wait, &news, &shared.stop).await {
+            Woke::Timer => {}
+            Woke::News(0) => {
                 tokio::time::sleep(min_gap.saturating_sub(pass.elapsed())).await;
             }
-            _ = shared.results_in.notified(), if !failed => {
+            Woke::News(_) => {
                 tokio::select! {
                     _ = tokio::time::sleep(results_gap.saturating_sub(pass.elapsed())) => {}
                     _ = shared.wake_reconcile.notified() => {
@@ -78,7 +73,7 @@ pub(super) async fn reconcile_loop(shared: Arc<Shared>) {
                     }
                 }
             }
-            _ = stopped(&mut stop) => return,
+            Woke::Stopped => return,
         }
     }
 }

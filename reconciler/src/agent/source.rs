@@ -12,8 +12,8 @@ use crate::source::{self, GitSource};
 use super::decide;
 use super::events::EventKind;
 use super::metrics::Counter;
+use super::pace::{Pace, Woke};
 use super::state::{poll_interval, HostsFile, Shared};
-use super::stopped;
 
 fn write_hosts_file(
     state_dir: &std::path::Path,
@@ -144,7 +144,7 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
     let mut src = None;
     let mut last: Option<String> = None;
     let mut last_error: Option<String> = None;
-    let mut backoff = Duration::from_millis(500);
+    let mut pace = Pace::new(Duration::from_millis(500), Duration::from_secs(60));
     // Local repos are watched, so a commit is seen at once.
     let watch = shared.cfg.desired.watch;
     // Only a write of the branch's ref is news (issue 12, item 4): the agent's own fetch
@@ -200,20 +200,18 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
             Ok(Err((_, e))) => Err(e),
             Err(e) => Err(e.to_string()),
         };
-        let mut wait = poll_interval(&s);
-        let failed = outcome.is_err();
-        match outcome {
+        let poll = poll_interval(&s);
+        let wait = match outcome {
             Ok(Fetched::Unchanged) => {
                 last_error = None;
-                backoff = Duration::from_millis(500);
                 if woken {
                     // A trigger asks for a pass even when the commit did not change.
                     s.wake_reconcile.notify_one();
                 }
+                pace.success(poll)
             }
             Ok(Fetched::Good(snap)) => {
                 last_error = None;
-                backoff = Duration::from_millis(500);
                 let commit = snap.commit.clone();
                 last = commit.clone();
                 let listed = snap.cluster.hosts.contains_key(s.me());
@@ -285,6 +283,7 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
                     s.snapshot.send_replace(Some(Arc::new(*snap)));
                     s.wake_reconcile.notify_one();
                 }
+                pace.success(poll)
             }
             Ok(Fetched::Invalid(commit, why)) => {
                 last = Some(commit.clone());
@@ -296,6 +295,8 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
                     Some(&commit),
                     format!("desired state at {commit} is invalid; nothing from it is applied, the last good one is kept: {why}"),
                 );
+                // The fetch worked: the next one comes at the ordinary pace.
+                pace.success(poll)
             }
             Err(e) => {
                 if last_error.as_deref() != Some(e.as_str()) {
@@ -308,21 +309,19 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
                     );
                 }
                 last_error = Some(e);
-                wait = wait.min(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(60));
+                // A failed fetch waits out its backoff whatever wakes it.
+                pace.error().min(poll)
             }
-        }
-        let mut stop = s.stop.subscribe();
+        };
         woken = false;
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            // A failed fetch waits out its backoff whatever wakes it.
-            _ = s.wake_fetch.notified(), if !failed => {
+        match pace.wait(wait, &[&s.wake_fetch], &s.stop).await {
+            Woke::Timer => {}
+            Woke::News(_) => {
                 // Coalesce a burst of file-system events into one fetch.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 woken = true;
             }
-            _ = stopped(&mut stop) => return,
+            Woke::Stopped => return,
         }
     }
 }
