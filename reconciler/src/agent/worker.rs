@@ -383,7 +383,7 @@ async fn run(
                     attempts,
                 };
                 shared.count(Counter::Jobs {
-                    kind: &kind,
+                    kind,
                     outcome: "failed",
                 });
                 let r = origin.map(|o| {
