@@ -12,6 +12,8 @@ use crate::message::{self, tubes, Envelope, Inventory, Message, Origin, UpdateJo
 use crate::planner::{Action, Kind};
 
 use super::decide;
+use super::events::EventKind;
+use super::metrics::Counter;
 use super::state::{OpInFlight, Shared};
 
 /// First hops that could not be reached in this pass: how many creates were not sent
@@ -82,7 +84,7 @@ pub(super) async fn emit_create(
     };
     if let Err(e) = shared.intents.record(&intent) {
         shared.event(
-            "error",
+            EventKind::Error,
             Some(vm),
             None,
             None,
@@ -96,9 +98,9 @@ pub(super) async fn emit_create(
         .await
     {
         Ok(_) => {
-            shared.count("flotilla_emitted_total{kind=\"create\"}");
+            shared.count(Counter::Emitted { kind: "create" });
             shared.event(
-                "emit",
+                EventKind::Emit,
                 Some(vm),
                 Some(&env.id),
                 Some(&origin.commit),
@@ -113,7 +115,7 @@ pub(super) async fn emit_create(
         }
         Err(e) => {
             // It may have reached the queue: the intent stays until its deadline.
-            shared.event("error", Some(vm), Some(&env.id), None, format!("create {vm} to {to} may not have been sent: {e}; waiting for its result or deadline"));
+            shared.event(EventKind::Error, Some(vm), Some(&env.id), None, format!("create {vm} to {to} may not have been sent: {e}; waiting for its result or deadline"));
         }
     }
 }
@@ -233,12 +235,11 @@ pub(super) async fn emit_op(
         .await
     {
         Ok(_) => {
-            shared.count(&format!(
-                "flotilla_emitted_total{{kind=\"{}\"}}",
-                env.body.kind()
-            ));
+            shared.count(Counter::Emitted {
+                kind: env.body.kind(),
+            });
             shared.event(
-                "emit",
+                EventKind::Emit,
                 Some(&vm),
                 Some(&env.id),
                 Some(&origin.commit),
@@ -257,7 +258,7 @@ pub(super) async fn emit_op(
             }
             drop(ops);
             shared.event(
-                "error",
+                EventKind::Error,
                 Some(&vm),
                 None,
                 None,

@@ -24,8 +24,9 @@ pub struct Event {
     pub at_ms: u64,
     /// The host that logged it.
     pub host: String,
-    /// What kind of thing: `snapshot`, `plan`, `emit`, `job`, `result`, `forward`,
-    /// `hook`, `error`, …
+    /// What kind of thing: the name of an [`EventKind`] (`snapshot`, `emit`, `job`,
+    /// `result`, `forward`, `hook`, `error`, …); a string, so that a log written by
+    /// another version still reads.
     pub kind: String,
     /// The VM concerned, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -82,6 +83,123 @@ impl EventLog {
     }
 }
 
+/// What kind of thing an event records: the `kind` field of its line in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventKind {
+    /// The agent starts.
+    Start,
+    /// The agent stops, or was asked to.
+    Stop,
+    /// A desired state was loaded, or this host is in cluster.yaml again.
+    Snapshot,
+    /// A host left cluster.yaml.
+    Departed,
+    /// A trigger came in.
+    Trigger,
+    /// A create intent closed.
+    Intent,
+    /// A create or an op was sent.
+    Emit,
+    /// A job ran here (built, changed, refused, failed).
+    Job,
+    /// A create went on to the next host.
+    Forward,
+    /// A hook ran.
+    Hook,
+    /// A result came back for a job this host sent.
+    Result,
+    /// An op was dropped: the desired state moved on before it ran.
+    Dropped,
+    /// A job or message was buried.
+    Buried,
+    /// A message was refused (unsigned, forged, replayed, misaddressed).
+    Rejected,
+    /// This agent refused to run: another one holds its host's lease.
+    Refused,
+    /// A host was declared gone for good.
+    Forget,
+    /// The host's lease was taken.
+    Lease,
+    /// Something failed.
+    Error,
+}
+
+/// How much an event matters to an operator: the `tracing` level it is logged at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// The ordinary course of things.
+    Info,
+    /// Not a failure, but something an operator should look at.
+    Warn,
+    /// A failure.
+    Error,
+}
+
+impl EventKind {
+    /// The name written in the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Start => "start",
+            EventKind::Stop => "stop",
+            EventKind::Snapshot => "snapshot",
+            EventKind::Departed => "departed",
+            EventKind::Trigger => "trigger",
+            EventKind::Intent => "intent",
+            EventKind::Emit => "emit",
+            EventKind::Job => "job",
+            EventKind::Forward => "forward",
+            EventKind::Hook => "hook",
+            EventKind::Result => "result",
+            EventKind::Dropped => "dropped",
+            EventKind::Buried => "buried",
+            EventKind::Rejected => "rejected",
+            EventKind::Refused => "refused",
+            EventKind::Forget => "forget",
+            EventKind::Lease => "lease",
+            EventKind::Error => "error",
+        }
+    }
+
+    /// The level the event is logged at (issue 15, truth 3: `FLOTILLA_LOG=warn` must
+    /// show failures).
+    pub fn level(self) -> Level {
+        match self {
+            EventKind::Error => Level::Error,
+            // Messages refused or buried, an agent that will not run, and hosts that
+            // left or were forgotten (VMs may be created elsewhere) want a look.
+            EventKind::Rejected
+            | EventKind::Refused
+            | EventKind::Buried
+            | EventKind::Departed
+            | EventKind::Forget => Level::Warn,
+            _ => Level::Info,
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Logs an event through `tracing` at its kind's level, beside the event log.
+pub fn trace(
+    kind: EventKind,
+    vm: Option<&str>,
+    job: Option<&str>,
+    commit: Option<&str>,
+    message: &str,
+) {
+    let level = kind.level();
+    let kind = kind.as_str();
+    match level {
+        Level::Error => tracing::error!(kind, vm, job, commit, "{message}"),
+        Level::Warn => tracing::warn!(kind, vm, job, commit, "{message}"),
+        Level::Info => tracing::info!(kind, vm, job, commit, "{message}"),
+    }
+}
+
 /// Reads the events of the log at `path` (and its rotated predecessor), oldest first.
 /// Lines that do not parse (a torn last line after a crash) are skipped.
 pub fn read(path: &Path) -> std::io::Result<Vec<Event>> {
@@ -104,6 +222,50 @@ pub fn read(path: &Path) -> std::io::Result<Vec<Event>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records the level of every `tracing` event.
+    struct Levels(std::sync::Arc<Mutex<Vec<tracing::Level>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Levels {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(*event.metadata().level());
+        }
+    }
+
+    /// Guards issue 15, truth 3: events of kind error are logged at ERROR and warnings at
+    /// WARN, so `FLOTILLA_LOG=warn` shows failures; the rest stays at INFO.
+    #[test]
+    fn error_events_log_at_error_and_warnings_at_warn() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let sub = tracing_subscriber::registry().with(Levels(seen.clone()));
+        tracing::subscriber::with_default(sub, || {
+            trace(EventKind::Error, None, None, None, "reconcile failed");
+            trace(EventKind::Rejected, None, None, None, "a forged message");
+            trace(
+                EventKind::Emit,
+                Some("web1"),
+                None,
+                None,
+                "create web1 sent",
+            );
+        });
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![
+                tracing::Level::ERROR,
+                tracing::Level::WARN,
+                tracing::Level::INFO
+            ]
+        );
+    }
 
     #[test]
     fn events_survive_a_torn_line() {

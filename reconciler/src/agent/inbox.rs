@@ -9,12 +9,15 @@ use beanstalk::Client;
 use crate::intents::IntentStatus;
 use crate::message::{self, tubes, Envelope, JobResult, Message, Outcome, RecentFailure};
 
+use super::events::EventKind;
+use super::metrics::Counter;
+use super::pace::Backoff;
 use super::state::Shared;
 use super::RESERVE_WAIT;
 
 /// Results and triggers, from this host's beanstalkd.
 pub(super) async fn inbox_loop(shared: Arc<Shared>) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     while !shared.stopping() {
         let Some(addr) = shared.own_addr() else {
             shared.sleep(Duration::from_millis(200)).await;
@@ -31,12 +34,11 @@ pub(super) async fn inbox_loop(shared: Arc<Shared>) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(%addr, error = %e, "inbox cannot reach beanstalkd; retrying");
-                shared.sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                shared.sleep(backoff.failed()).await;
                 continue;
             }
         };
-        backoff = Duration::from_millis(200);
+        backoff.succeeded();
         while !shared.stopping() {
             if !shared.lease.held() {
                 shared.sleep(Duration::from_millis(200)).await;
@@ -95,7 +97,7 @@ pub(super) async fn inbox_loop(shared: Arc<Shared>) {
                     ..
                 }) => {
                     shared.event(
-                        "trigger",
+                        EventKind::Trigger,
                         None,
                         None,
                         None,
@@ -108,7 +110,7 @@ pub(super) async fn inbox_loop(shared: Arc<Shared>) {
                 }
                 Ok(other) => {
                     shared.event(
-                        "buried",
+                        EventKind::Buried,
                         None,
                         None,
                         None,
@@ -118,7 +120,7 @@ pub(super) async fn inbox_loop(shared: Arc<Shared>) {
                 }
                 Err(e) => {
                     shared.event(
-                        "buried",
+                        EventKind::Buried,
                         None,
                         None,
                         None,
@@ -157,9 +159,8 @@ fn on_forget(shared: &Shared, f: &message::Forget, from: &str) {
     }
     match res {
         Ok(_) => {
-            tracing::warn!(host = %f.host, by = %f.by, "host declared gone for good");
             shared.event(
-                "forget",
+                EventKind::Forget,
                 None,
                 None,
                 None,
@@ -170,7 +171,7 @@ fn on_forget(shared: &Shared, f: &message::Forget, from: &str) {
             );
         }
         Err(e) => shared.event(
-            "error",
+            EventKind::Error,
             None,
             None,
             None,
@@ -200,13 +201,12 @@ fn on_result(shared: &Arc<Shared>, r: JobResult) {
         Outcome::Refused { reason } => format!("refused: {reason}"),
         Outcome::Dropped { reason } => format!("dropped: {reason}"),
     };
-    shared.count(&format!(
-        "flotilla_results_total{{kind=\"{}\",outcome=\"{}\"}}",
-        r.job_kind,
-        outcome_name(&r.outcome)
-    ));
+    shared.count(Counter::Results {
+        kind: &r.job_kind,
+        outcome: outcome_name(&r.outcome),
+    });
     shared.event(
-        "result",
+        EventKind::Result,
         Some(&r.vm),
         Some(&r.job_id),
         Some(&r.commit),
@@ -253,7 +253,7 @@ fn on_result(shared: &Arc<Shared>, r: JobResult) {
                 };
                 if let Err(e) = res {
                     shared.event(
-                        "error",
+                        EventKind::Error,
                         Some(&r.vm),
                         Some(&r.job_id),
                         None,

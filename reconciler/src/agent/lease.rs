@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use beanstalk::{Client, Options, PutParams};
 use tokio::sync::Notify;
 
+use super::events::EventKind;
 use super::identity::{self, AgentInfo};
+use super::pace::Backoff;
 use super::Shared;
 
 /// The lease tube on every host's beanstalkd.
@@ -347,7 +349,13 @@ pub(super) async fn keep(shared: Arc<Shared>) {
         match agent_info(&shared).await {
             Ok(i) => break i,
             Err(e) => {
-                shared.event("error", None, None, None, format!("host identity: {e}"));
+                shared.event(
+                    EventKind::Error,
+                    None,
+                    None,
+                    None,
+                    format!("host identity: {e}"),
+                );
                 shared.sleep(Duration::from_secs(5)).await;
                 if shared.stopping() {
                     return;
@@ -356,7 +364,7 @@ pub(super) async fn keep(shared: Arc<Shared>) {
         }
     };
     let mut random = || uuid::Uuid::new_v4().as_u64_pair().0;
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         // A held lease is kept through a shutdown until the jobs in hand are done (the
         // task is then aborted, which closes its connection and frees the job).
@@ -369,7 +377,7 @@ pub(super) async fn keep(shared: Arc<Shared>) {
         };
         match acquire(&addr, &info, &Params::default(), &mut random).await {
             Ok(Acquired::Held(mut lease)) => {
-                backoff = Duration::from_millis(200);
+                backoff.succeeded();
                 let mine = AgentInfo {
                     lease_job: Some(lease.job()),
                     ..info.clone()
@@ -380,7 +388,7 @@ pub(super) async fn keep(shared: Arc<Shared>) {
                     Some(crate::message::now()),
                 );
                 shared.event(
-                    "lease",
+                    EventKind::Lease,
                     None,
                     None,
                     None,
@@ -400,7 +408,7 @@ pub(super) async fn keep(shared: Arc<Shared>) {
                         Err(e) => {
                             shared.lease.set(None, None, None);
                             shared.event(
-                                "error",
+                                EventKind::Error,
                                 None,
                                 None,
                                 None,
@@ -419,14 +427,13 @@ pub(super) async fn keep(shared: Arc<Shared>) {
                     std::process::id(),
                     shared.cfg.state_dir.display()
                 );
-                shared.event("refused", None, None, None, why.clone());
+                shared.event(EventKind::Refused, None, None, None, why.clone());
                 shared.lease.refuse(why);
                 return;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot take the host lease; retrying");
-                shared.sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                shared.sleep(backoff.failed()).await;
             }
         }
     }

@@ -26,6 +26,7 @@ pub mod identity;
 pub mod lease;
 pub mod listing;
 pub mod metrics;
+mod pace;
 pub mod peers;
 mod recheck;
 mod replay;
@@ -50,11 +51,13 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use events::EventKind;
+
 /// Runs the agent until SIGTERM or SIGINT, or until it finds another agent live for its
 /// host name: then it stops and returns why (the caller exits with `EX_CONFIG`).
 pub async fn run(shared: Arc<Shared>) -> Option<String> {
     shared.event(
-        "start",
+        EventKind::Start,
         None,
         None,
         None,
@@ -70,7 +73,7 @@ pub async fn run(shared: Arc<Shared>) -> Option<String> {
     if let Some(addr) = shared.cfg.http {
         if let Err(e) = metrics::serve(shared.clone(), addr) {
             shared.event(
-                "error",
+                EventKind::Error,
                 None,
                 None,
                 None,
@@ -86,7 +89,7 @@ pub async fn run(shared: Arc<Shared>) -> Option<String> {
 
     tokio::select! {
         _ = wait_for_signal() => shared.event(
-            "stop",
+            EventKind::Stop,
             None,
             None,
             None,
@@ -99,7 +102,7 @@ pub async fn run(shared: Arc<Shared>) -> Option<String> {
     while workers.join_next().await.is_some() {}
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
-    shared.event("stop", None, None, None, "agent stopped".into());
+    shared.event(EventKind::Stop, None, None, None, "agent stopped".into());
     shared.lease.refusal()
 }
 

@@ -10,6 +10,8 @@ use crate::desired::Snapshot;
 use crate::intents::IntentStatus;
 use crate::message::{self, tubes, Envelope, InFlightCreate, Inventory, Message};
 
+use super::metrics::Gauge;
+use super::pace::{Pace, Woke};
 use super::state::{list_local, poll_interval, Shared};
 use super::stopped;
 use super::{listing, usage};
@@ -144,15 +146,21 @@ async fn check_own_tube(shared: &Arc<Shared>, addr: &str) {
 pub(super) async fn publish_loop(shared: Arc<Shared>) {
     let min_gap = Duration::from_millis(500);
     let mut last = Instant::now();
+    // Publishing never backs off: a failure is logged and the next news retries.
+    let pace = Pace::new(Duration::from_millis(500), Duration::from_secs(60));
     loop {
-        let mut stop = shared.stop.subscribe();
-        tokio::select! {
-            // Passes, results, the lease and the vm_dir watch wake a publication when
-            // there is news; the timer only repeats the last one (issue 12: an idle
-            // agent's CPU went into listing, signing and sending unchanged inventories).
-            _ = tokio::time::sleep(poll_interval(&shared)) => {}
-            _ = shared.wake_publish.notified() => {}
-            _ = stopped(&mut stop) => return,
+        // Passes, results, the lease and the vm_dir watch wake a publication when there
+        // is news; the timer only repeats the last one (issue 12: an idle agent's CPU went
+        // into listing, signing and sending unchanged inventories).
+        let woke = pace
+            .wait(
+                poll_interval(&shared),
+                &[&shared.wake_publish],
+                &shared.stop,
+            )
+            .await;
+        if woke == Woke::Stopped {
+            return;
         }
         // At most one publication per gap while builds run: a burst of job ends becomes
         // a few. The first change after a quiet spell, and the end of the last build in
@@ -202,10 +210,7 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
                         ("delayed", st.current_jobs_delayed),
                         ("buried", st.current_jobs_buried),
                     ] {
-                        shared.set(
-                            &format!("flotilla_queue_jobs{{tube=\"{tube}\",state=\"{state}\"}}"),
-                            n as f64,
-                        );
+                        shared.set(Gauge::QueueJobs { tube, state }, n as f64);
                     }
                 }
             }

@@ -15,12 +15,14 @@ use crate::source::{self, GitSource};
 use super::decide;
 use super::decide::{Emit, IntentFate};
 use super::emit::{emit_create, emit_op, Unsent};
+use super::events::EventKind;
+use super::metrics::{Counter, Gauge};
+use super::pace::{Pace, Woke};
 use super::publish::inventory;
 use super::state::{list_local, poll_interval, Shared};
-use super::stopped;
 
 pub(super) async fn reconcile_loop(shared: Arc<Shared>) {
-    let mut backoff = Duration::from_millis(500);
+    let mut pace = Pace::new(Duration::from_millis(500), Duration::from_secs(60));
     // A burst of wakes becomes one pass per gap. Results come in bursts while builds run,
     // and all a pass does for most of them is close an intent; each pass lists the host
     // and reads every inventory, so they wait longer, unless news comes meanwhile.
@@ -30,22 +32,20 @@ pub(super) async fn reconcile_loop(shared: Arc<Shared>) {
     let mut last_error: Option<String> = None;
     loop {
         let pass = Instant::now();
-        let mut failed = false;
         let wait = match shared.snapshot() {
             Some(snap) => match reconcile_once(&shared, &snap).await {
                 Ok(waiting) => {
                     last_error = None;
-                    backoff = Duration::from_millis(500);
-                    if waiting {
+                    pace.success(if waiting {
                         Duration::from_millis(100)
                     } else {
                         poll_interval(&shared)
-                    }
+                    })
                 }
                 Err(e) => {
                     if last_error.as_deref() != Some(e.as_str()) {
                         shared.event(
-                            "error",
+                            EventKind::Error,
                             None,
                             None,
                             snap.commit.as_deref(),
@@ -53,22 +53,19 @@ pub(super) async fn reconcile_loop(shared: Arc<Shared>) {
                         );
                     }
                     last_error = Some(e);
-                    failed = true;
-                    let b = backoff;
-                    backoff = (backoff * 2).min(Duration::from_secs(60));
-                    b
+                    // A failed pass waits out its backoff whatever wakes it.
+                    pace.error()
                 }
             },
-            None => poll_interval(&shared),
+            None => pace.success(poll_interval(&shared)),
         };
-        let mut stop = shared.stop.subscribe();
-        // A failed pass waits out its backoff whatever wakes it.
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = shared.wake_reconcile.notified(), if !failed => {
+        let news = [&shared.wake_reconcile, &shared.results_in];
+        match pace.wait(wait, &news, &shared.stop).await {
+            Woke::Timer => {}
+            Woke::News(0) => {
                 tokio::time::sleep(min_gap.saturating_sub(pass.elapsed())).await;
             }
-            _ = shared.results_in.notified(), if !failed => {
+            Woke::News(_) => {
                 tokio::select! {
                     _ = tokio::time::sleep(results_gap.saturating_sub(pass.elapsed())) => {}
                     _ = shared.wake_reconcile.notified() => {
@@ -76,7 +73,7 @@ pub(super) async fn reconcile_loop(shared: Arc<Shared>) {
                     }
                 }
             }
-            _ = stopped(&mut stop) => return,
+            Woke::Stopped => return,
         }
     }
 }
@@ -294,7 +291,7 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
                     .remove(&intent.vm)
                     .map_err(|e| e.to_string())?;
                 shared.event(
-                    "intent",
+                    EventKind::Intent,
                     Some(&intent.vm),
                     Some(&intent.job_id),
                     Some(&intent.commit),
@@ -417,7 +414,7 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
     // One line per unreachable first hop, not one per create.
     for (to, (n, e)) in unsent.0 {
         shared.event(
-            "error",
+            EventKind::Error,
             None,
             None,
             Some(&origin.commit),
@@ -436,14 +433,11 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
             .unwrap_or_else(|p| p.into_inner())
             .applied_commit = snap.commit.clone();
     }
-    shared.count("flotilla_reconciles_total");
+    shared.count(Counter::Reconciles);
     let took = started.elapsed().as_secs_f64();
-    shared.add("flotilla_reconcile_seconds_sum", took);
-    shared.set("flotilla_reconcile_last_seconds", took);
-    shared.set(
-        "flotilla_last_reconcile_timestamp_seconds",
-        message::now() as f64,
-    );
+    shared.add(Counter::ReconcileSeconds, took);
+    shared.set(Gauge::ReconcileLastSeconds, took);
+    shared.set(Gauge::LastReconcileTimestamp, message::now() as f64);
     let summary = plan.summary();
     for (action, n) in [
         ("create", summary.create),
@@ -456,10 +450,7 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
         ("blocked", summary.blocked),
         ("pending", summary.pending),
     ] {
-        shared.set(
-            &format!("flotilla_plan_actions{{action=\"{action}\"}}"),
-            n as f64,
-        );
+        shared.set(Gauge::PlanActions { action }, n as f64);
     }
     shared
         .local
@@ -496,7 +487,7 @@ fn clock_skews(
             Some(s) => format!("{s}: this host sends no creates until the clocks agree"),
             None => "clocks agree again within max_clock_skew".to_string(),
         };
-        shared.event("error", None, None, None, text);
+        shared.event(EventKind::Error, None, None, None, text);
     }
     let mut all = seen;
     // Reports only from hosts heard from now: a host shut down to fix its clock must not

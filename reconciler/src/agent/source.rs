@@ -10,8 +10,10 @@ use crate::desired::{self, Snapshot};
 use crate::source::{self, GitSource};
 
 use super::decide;
+use super::events::EventKind;
+use super::metrics::Counter;
+use super::pace::{Pace, Woke};
 use super::state::{poll_interval, HostsFile, Shared};
-use super::stopped;
 
 fn write_hosts_file(
     state_dir: &std::path::Path,
@@ -76,7 +78,7 @@ fn note_departures(s: &Shared, snap: &Snapshot) -> std::io::Result<()> {
     drop(departed);
     for host in left {
         s.event(
-            "departed",
+            EventKind::Departed,
             None,
             None,
             snap.commit.as_deref(),
@@ -142,7 +144,7 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
     let mut src = None;
     let mut last: Option<String> = None;
     let mut last_error: Option<String> = None;
-    let mut backoff = Duration::from_millis(500);
+    let mut pace = Pace::new(Duration::from_millis(500), Duration::from_secs(60));
     // Local repos are watched, so a commit is seen at once.
     let watch = shared.cfg.desired.watch;
     // Only a write of the branch's ref is news (issue 12, item 4): the agent's own fetch
@@ -198,20 +200,18 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
             Ok(Err((_, e))) => Err(e),
             Err(e) => Err(e.to_string()),
         };
-        let mut wait = poll_interval(&s);
-        let failed = outcome.is_err();
-        match outcome {
+        let poll = poll_interval(&s);
+        let wait = match outcome {
             Ok(Fetched::Unchanged) => {
                 last_error = None;
-                backoff = Duration::from_millis(500);
                 if woken {
                     // A trigger asks for a pass even when the commit did not change.
                     s.wake_reconcile.notify_one();
                 }
+                pace.success(poll)
             }
             Ok(Fetched::Good(snap)) => {
                 last_error = None;
-                backoff = Duration::from_millis(500);
                 let commit = snap.commit.clone();
                 last = commit.clone();
                 let listed = snap.cluster.hosts.contains_key(s.me());
@@ -220,7 +220,7 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
                     // Safety rule 9: its guests stay where they are, and this agent goes
                     // on publishing them; it creates, changes and destroys nothing.
                     s.event(
-                        "error",
+                        EventKind::Error,
                         None,
                         None,
                         commit.as_deref(),
@@ -233,7 +233,7 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
                     );
                 } else if listed && was.is_some() {
                     s.event(
-                        "snapshot",
+                        EventKind::Snapshot,
                         None,
                         None,
                         commit.as_deref(),
@@ -261,7 +261,7 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
                     s.wake_reconcile.notify_one();
                 } else {
                     s.event(
-                        "snapshot",
+                        EventKind::Snapshot,
                         None,
                         None,
                         commit.as_deref(),
@@ -273,7 +273,7 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
                     );
                     if let Err(e) = note_departures(&s, &snap) {
                         s.event(
-                            "error",
+                            EventKind::Error,
                             None,
                             None,
                             commit.as_deref(),
@@ -283,22 +283,25 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
                     s.snapshot.send_replace(Some(Arc::new(*snap)));
                     s.wake_reconcile.notify_one();
                 }
+                pace.success(poll)
             }
             Ok(Fetched::Invalid(commit, why)) => {
                 last = Some(commit.clone());
-                s.count("flotilla_snapshots_invalid_total");
+                s.count(Counter::SnapshotsInvalid);
                 s.event(
-                    "error",
+                    EventKind::Error,
                     None,
                     None,
                     Some(&commit),
                     format!("desired state at {commit} is invalid; nothing from it is applied, the last good one is kept: {why}"),
                 );
+                // The fetch worked: the next one comes at the ordinary pace.
+                pace.success(poll)
             }
             Err(e) => {
                 if last_error.as_deref() != Some(e.as_str()) {
                     s.event(
-                        "error",
+                        EventKind::Error,
                         None,
                         None,
                         None,
@@ -306,21 +309,19 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
                     );
                 }
                 last_error = Some(e);
-                wait = wait.min(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(60));
+                // A failed fetch waits out its backoff whatever wakes it.
+                pace.error().min(poll)
             }
-        }
-        let mut stop = s.stop.subscribe();
+        };
         woken = false;
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            // A failed fetch waits out its backoff whatever wakes it.
-            _ = s.wake_fetch.notified(), if !failed => {
+        match pace.wait(wait, &[&s.wake_fetch], &s.stop).await {
+            Woke::Timer => {}
+            Woke::News(_) => {
                 // Coalesce a burst of file-system events into one fetch.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 woken = true;
             }
-            _ = stopped(&mut stop) => return,
+            Woke::Stopped => return,
         }
     }
 }

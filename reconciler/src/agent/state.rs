@@ -20,7 +20,8 @@ use crate::message::{self, tubes, Envelope, Inventory, JobResult, Message, Origi
 use crate::planner::Kind;
 
 use super::config::AgentConfig;
-use super::events::{Event, EventLog};
+use super::events::{Event, EventKind, EventLog};
+use super::metrics::{Counter, Gauge};
 use super::peers::Peers;
 use super::stopped;
 use super::{decide, departed, identity, lease, listing, replay, seq, usage, worker};
@@ -276,12 +277,9 @@ impl Shared {
             r = Err(crate::auth::Rejection::Replayed(env.id.clone()));
         }
         if let Err(e) = &r {
-            self.count(&format!(
-                "flotilla_rejected_total{{reason=\"{}\"}}",
-                e.label()
-            ));
+            self.count(Counter::Rejected { reason: e.label() });
             self.event(
-                "rejected",
+                EventKind::Rejected,
                 env.body.vm(),
                 Some(&env.id),
                 None,
@@ -412,38 +410,39 @@ impl Shared {
         }
     }
 
-    /// Adds one to a counter (a Prometheus series name, labels included).
-    pub(super) fn count(&self, series: &str) {
+    /// Adds one to a counter.
+    pub(super) fn count(&self, series: Counter<'_>) {
         self.add(series, 1.0);
     }
 
     /// Adds `v` to a counter.
-    pub(super) fn add(&self, series: &str, v: f64) {
+    pub(super) fn add(&self, series: Counter<'_>, v: f64) {
         *self
             .counters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(series.to_string())
+            .entry(series.series())
             .or_default() += v;
     }
 
     /// Sets a gauge.
-    pub(super) fn set(&self, series: &str, v: f64) {
+    pub(super) fn set(&self, series: Gauge<'_>, v: f64) {
         self.gauges
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(series.to_string(), v);
+            .insert(series.series(), v);
     }
 
+    /// Records an event in the event log, and logs it at its kind's level.
     pub(super) fn event(
         &self,
-        kind: &str,
+        kind: EventKind,
         vm: Option<&str>,
         job: Option<&str>,
         commit: Option<&str>,
         message: String,
     ) {
-        tracing::info!(kind, vm, job, commit, "{message}");
+        super::events::trace(kind, vm, job, commit, &message);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -451,7 +450,7 @@ impl Shared {
             at: now.as_secs(),
             at_ms: now.as_millis() as u64,
             host: self.me().to_string(),
-            kind: kind.to_string(),
+            kind: kind.as_str().to_string(),
             vm: vm.map(str::to_string),
             job: job.map(str::to_string),
             commit: commit.map(str::to_string),

@@ -24,7 +24,9 @@ use crate::placement::{self, Decision, HostView};
 use crate::planner::config_changes;
 use crate::size::Size;
 
+use super::events::EventKind;
 use super::hooks::{self, HookInput};
+use super::metrics::Counter;
 use super::usage::Claims;
 use super::Shared;
 
@@ -136,7 +138,9 @@ async fn handle(shared: &Arc<Shared>, client: &mut Client, job: Job) {
     });
     let end = match decoded {
         Err(e) => {
-            shared.count("flotilla_rejected_total{reason=\"undecodable\"}");
+            shared.count(Counter::Rejected {
+                reason: "undecodable",
+            });
             End::Bury(format!("cannot decode: {e}"), None)
         }
         // The tube the job was reserved from is half of its address (safety rule 7).
@@ -150,7 +154,7 @@ async fn handle(shared: &Arc<Shared>, client: &mut Client, job: Job) {
             // deadline.
             Ok(stats) if built_here(shared, &env, &stats.tube) => {
                 shared.event(
-                    "job",
+                    EventKind::Job,
                     env.body.vm(),
                     Some(&env.id),
                     None,
@@ -203,13 +207,13 @@ async fn handle(shared: &Arc<Shared>, client: &mut Client, job: Job) {
         ),
         End::Bury(why, r) => {
             shared.event(
-                "buried",
+                EventKind::Buried,
                 None,
                 None,
                 None,
                 format!("job {id} buried: {why}"),
             );
-            shared.count("flotilla_jobs_buried_total");
+            shared.count(Counter::JobsBuried);
             if let Some((origin, r)) = &r {
                 shared.send_result(origin, r).await;
             }
@@ -378,9 +382,10 @@ async fn run(
                     reason: why.clone(),
                     attempts,
                 };
-                shared.count(&format!(
-                    "flotilla_jobs_total{{kind=\"{kind}\",outcome=\"failed\"}}"
-                ));
+                shared.count(Counter::Jobs {
+                    kind,
+                    outcome: "failed",
+                });
                 let r = origin.map(|o| {
                     let r = result(&env, &vm, &me, &o.commit, outcome);
                     (o, r)
@@ -445,9 +450,9 @@ async fn forward(shared: &Arc<Shared>, env: &Envelope, job: CreateJob, to: &str)
     {
         Ok(_) => {
             shared.forward_settled(&env.id);
-            shared.count("flotilla_forwards_total");
+            shared.count(Counter::Forwards);
             shared.event(
-                "forward",
+                EventKind::Forward,
                 Some(&vm),
                 Some(&env.id),
                 None,
@@ -589,13 +594,16 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
             }
             Decision::Forward { to, job } => return Built::Forward(job, to),
             Decision::Unplaceable { reason } => {
-                shared.count("flotilla_jobs_total{kind=\"create\",outcome=\"unplaceable\"}");
+                shared.count(Counter::Jobs {
+                    kind: "create",
+                    outcome: "unplaceable",
+                });
                 return ended(done(Outcome::Unplaceable { reason }));
             }
         }
     }
     shared.event(
-        "job",
+        EventKind::Job,
         Some(&job.vm),
         Some(&env.id),
         Some(&job.origin.commit),
@@ -643,9 +651,12 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
     }
     ended(match outcome {
         Ok(()) => {
-            shared.count("flotilla_jobs_total{kind=\"create\",outcome=\"done\"}");
+            shared.count(Counter::Jobs {
+                kind: "create",
+                outcome: "done",
+            });
             shared.event(
-                "job",
+                EventKind::Job,
                 Some(&job.vm),
                 Some(&env.id),
                 Some(&job.origin.commit),
@@ -656,7 +667,7 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
         Err(StepError::Cancelled) => End::Release(Duration::ZERO, "stopped by shutdown".into()),
         Err(e) => {
             shared.event(
-                "error",
+                EventKind::Error,
                 Some(&job.vm),
                 Some(&env.id),
                 Some(&job.origin.commit),
@@ -694,7 +705,7 @@ fn build(shared: &Shared, env: &Envelope, job: &CreateJob, resume: bool) -> Resu
     if r.is_err() && !name_taken(&r) {
         if let Err(e) = remove_half_made(shared, &job.vm) {
             shared.event(
-                "error",
+                EventKind::Error,
                 Some(&job.vm),
                 Some(&env.id),
                 None,
@@ -841,7 +852,7 @@ fn build_steps(shared: &Shared, env: &Envelope, job: &CreateJob) -> Result<(), S
     )?;
     for (hook, out) in ran {
         shared.event(
-            "hook",
+            EventKind::Hook,
             Some(&job.vm),
             Some(&env.id),
             None,
@@ -915,12 +926,12 @@ fn op(shared: &Shared, env: &Envelope) -> End {
         return End::Release(Duration::from_secs(1), "no desired state read yet".into());
     };
     if let Err(why) = super::recheck::recheck(&env.body, &marker, &snap) {
-        shared.count(&format!(
-            "flotilla_jobs_total{{kind=\"{}\",outcome=\"dropped\"}}",
-            env.body.kind()
-        ));
+        shared.count(Counter::Jobs {
+            kind: env.body.kind(),
+            outcome: "dropped",
+        });
         shared.event(
-            "dropped",
+            EventKind::Dropped,
             Some(vm),
             Some(&env.id),
             Some(&origin.commit),
@@ -936,7 +947,7 @@ fn op(shared: &Shared, env: &Envelope) -> End {
             Ok(held) => held,
             Err(Admit::NoRoom(reason)) => {
                 shared.event(
-                    "job",
+                    EventKind::Job,
                     Some(vm),
                     Some(&env.id),
                     Some(&origin.commit),
@@ -979,12 +990,12 @@ fn op(shared: &Shared, env: &Envelope) -> End {
     }
     match r {
         Ok(()) => {
-            shared.count(&format!(
-                "flotilla_jobs_total{{kind=\"{}\",outcome=\"done\"}}",
-                env.body.kind()
-            ));
+            shared.count(Counter::Jobs {
+                kind: env.body.kind(),
+                outcome: "done",
+            });
             shared.event(
-                "job",
+                EventKind::Job,
                 Some(vm),
                 Some(&env.id),
                 Some(&origin.commit),
@@ -994,7 +1005,7 @@ fn op(shared: &Shared, env: &Envelope) -> End {
         }
         Err(e) => {
             shared.event(
-                "error",
+                EventKind::Error,
                 Some(vm),
                 Some(&env.id),
                 Some(&origin.commit),
