@@ -120,6 +120,10 @@ pub enum EventKind {
     Forget,
     /// The host's lease was taken.
     Lease,
+    /// A peer's clock is beyond `max_clock_skew`: creates are held back.
+    ClockSkew,
+    /// The clocks agree again after a [`EventKind::ClockSkew`].
+    ClockAgreed,
     /// Something failed.
     Error,
 }
@@ -156,6 +160,7 @@ impl EventKind {
             EventKind::Refused => "refused",
             EventKind::Forget => "forget",
             EventKind::Lease => "lease",
+            EventKind::ClockSkew | EventKind::ClockAgreed => "clock",
             EventKind::Error => "error",
         }
     }
@@ -171,7 +176,8 @@ impl EventKind {
             | EventKind::Refused
             | EventKind::Buried
             | EventKind::Departed
-            | EventKind::Forget => Level::Warn,
+            | EventKind::Forget
+            | EventKind::ClockSkew => Level::Warn,
             _ => Level::Info,
         }
     }

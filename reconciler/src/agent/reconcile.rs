@@ -483,11 +483,17 @@ fn clock_skews(
         changed
     };
     if changed {
-        let text = match &sighting {
-            Some(s) => format!("{s}: this host sends no creates until the clocks agree"),
-            None => "clocks agree again within max_clock_skew".to_string(),
+        let (kind, text) = match &sighting {
+            Some(s) => (
+                EventKind::ClockSkew,
+                format!("{s}: this host sends no creates until the clocks agree"),
+            ),
+            None => (
+                EventKind::ClockAgreed,
+                "clocks agree again within max_clock_skew".to_string(),
+            ),
         };
-        shared.event(EventKind::Error, None, None, None, text);
+        shared.event(kind, None, None, None, text);
     }
     let mut all = seen;
     // Reports only from hosts heard from now: a host shut down to fix its clock must not
