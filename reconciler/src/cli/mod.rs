@@ -32,7 +32,8 @@ enum Command {
     Validate(validate::Args),
     /// Show what it takes to make the hosts equal to a desired repo (a dry run).
     ///
-    /// Exit 0 when nothing would change, 2 when something would, 1 on error.
+    /// Exit 0 when nothing would change (blocked items alone change nothing), 2 when
+    /// something would, 1 on error.
     Plan(plan::Args),
     /// Reconcile the cluster now (a trigger to every host); with --wait, show progress
     /// until it has converged.
