@@ -358,6 +358,10 @@ mod tests {
             waiting: vec![],
             left_cluster: None,
             agent: None,
+            reconciled_at: 0,
+            blocked: vec![],
+            ops: vec![],
+            desired_error: None,
         };
         Envelope::new("c", host, host, Message::Inventory(inv))
     }

@@ -82,6 +82,16 @@ pub(super) fn inventory(
             sent_at: i.recorded_at,
         })
         .collect();
+    let ops = shared
+        .ops
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(vm, o)| message::OpInFlightItem {
+            vm: vm.clone(),
+            kind: o.kind,
+        })
+        .collect();
     Ok(Inventory {
         host: shared.me().to_string(),
         applied_commit: local.applied_commit.clone(),
@@ -107,6 +117,10 @@ pub(super) fn inventory(
                 .conflicts(message::now());
             a
         }),
+        reconciled_at: local.reconciled_at,
+        blocked: local.blocked.clone(),
+        ops,
+        desired_error: local.desired_error.clone(),
     })
 }
 
