@@ -35,13 +35,23 @@ enum Command {
     /// Exit 0 when nothing would change (blocked items alone change nothing), 2 when
     /// something would, 1 on error.
     Plan(plan::Args),
-    /// Reconcile the cluster now (a trigger to every host); with --wait, show progress
-    /// until it has converged.
+    /// Reconcile the cluster now (a trigger to every host); with --wait, read the tip of
+    /// the desired branch from git and show progress until every host has applied it (or
+    /// a descendant pushed meanwhile), then say which commit converged.
     ///
-    /// Exit 0 when triggered (converged with --wait), 1 otherwise.
+    /// Exit 0 when triggered (with --wait: converged, nothing left to act on); 1 on error,
+    /// a trigger not delivered, a tip that does not validate (said at once: commit, file,
+    /// line, the commit the hosts keep applying) or no convergence within --timeout; 2
+    /// when converged but blocked items, destroys held by the prune guard or creates
+    /// waiting to retry are left (listed).
     Apply(cluster::ApplyArgs),
-    /// Hosts, their capacity and inventory age, every VM, creates in flight, the commit
-    /// each host has applied, recent failures.
+    /// What needs action (hosts that do not answer, a desired commit that does not
+    /// validate, blocked VMs, destroys held by the prune guard), then hosts, VMs, jobs in
+    /// flight and recent failures; times in RFC 3339.
+    ///
+    /// Exit 0 when nothing needs action, 1 when a host does not answer (or on error), 2
+    /// when every host answers and something needs action. Filters apply to the exit
+    /// code too.
     Status(cluster::StatusArgs),
     /// The local agent's event log: what was done, where, why, with which result.
     Events(cluster::EventsArgs),
