@@ -107,8 +107,8 @@ pub enum Message {
     Stop(VmJob),
     /// The outcome of a job, sent to the owner that asked.
     Result(JobResult),
-    /// A host's actual state and capacity.
-    Inventory(Inventory),
+    /// A host's actual state and capacity (boxed: it is by far the largest message).
+    Inventory(Box<Inventory>),
     /// Reconcile now (sent by the desired repo's post-receive hook or `flotilla trigger`).
     Trigger(Trigger),
     /// An operator says a host is gone for good (`flotilla host forget`): stop waiting
@@ -719,7 +719,7 @@ mod tests {
                 },
                 inventory_seq: Some(7),
             }),
-            Message::Inventory(Inventory {
+            Message::Inventory(Box::new(Inventory {
                 host: "host1".into(),
                 applied_commit: None,
                 commit: None,
@@ -748,7 +748,7 @@ mod tests {
                 blocked: vec![],
                 ops: vec![],
                 desired_error: None,
-            }),
+            })),
             Message::Trigger(Trigger {
                 reason: "push".into(),
             }),

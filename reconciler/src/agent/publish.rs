@@ -202,7 +202,7 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
             &snap.cluster.id,
             shared.me(),
             shared.me(),
-            Message::Inventory(inv),
+            Message::Inventory(Box::new(inv)),
         ));
         if let Err(e) = shared.peers.publish_inventory(&addr, &env).await {
             tracing::warn!(error = %e, "cannot publish the inventory");
