@@ -443,6 +443,10 @@ mod tests {
             waiting: vec![],
             left_cluster: None,
             agent: None,
+            reconciled_at: 0,
+            blocked: vec![],
+            ops: vec![],
+            desired_error: None,
         }
     }
 

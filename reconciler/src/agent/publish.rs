@@ -84,6 +84,16 @@ pub(super) fn inventory(
             sent_at: i.recorded_at,
         })
         .collect();
+    let ops = shared
+        .ops
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(vm, o)| message::OpInFlightItem {
+            vm: vm.clone(),
+            kind: o.kind,
+        })
+        .collect();
     Ok(Inventory {
         host: shared.me().to_string(),
         applied_commit: local.applied_commit.clone(),
@@ -109,6 +119,10 @@ pub(super) fn inventory(
                 .conflicts(message::now());
             a
         }),
+        reconciled_at: local.reconciled_at,
+        blocked: local.blocked.clone(),
+        ops,
+        desired_error: local.desired_error.clone(),
     })
 }
 
@@ -196,7 +210,7 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
             &snap.cluster.id,
             shared.me(),
             shared.me(),
-            Message::Inventory(inv),
+            Message::Inventory(Box::new(inv)),
         ));
         if let Err(e) = shared.peers.publish_inventory(&addr, &env).await {
             tracing::warn!(error = %e, "cannot publish the inventory");

@@ -426,6 +426,9 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
             tracing::debug!(vm = %b.vm, reason = ?b.reason, "{}", b.detail);
         }
     }
+    // The whole plan's, not only this host's: a VM held by a host that left the cluster
+    // is reported by the hosts that still plan.
+    let blocked = plan.blocked().map(blocked_item).collect();
     if nothing_to_do {
         shared
             .local
@@ -452,14 +455,29 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
     ] {
         shared.set(Gauge::PlanActions { action }, n as f64);
     }
-    shared
-        .local
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .reconciled_commit = snap.commit.clone();
+    {
+        let mut local = shared.local.lock().unwrap_or_else(|p| p.into_inner());
+        local.reconciled_commit = snap.commit.clone();
+        local.reconciled_at = message::now();
+        local.blocked = blocked;
+    }
     tracing::debug!(took = ?started.elapsed(), "reconciled");
     shared.wake_publish.notify_one();
     Ok(!unseen.is_empty() || catching_up)
+}
+
+/// A blocked difference as inventories carry it.
+fn blocked_item(b: &planner::Blocked) -> message::BlockedItem {
+    let reason = serde_json::to_value(b.reason)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{:?}", b.reason));
+    message::BlockedItem {
+        host: b.host.clone(),
+        vm: b.vm.clone(),
+        reason,
+        detail: b.detail.clone(),
+    }
 }
 
 /// Issue 14, case 4: the clock skews beyond `max_clock_skew` that stop this host's

@@ -103,7 +103,7 @@ fn local_repo(url: &str) -> Option<PathBuf> {
 enum Fetched {
     Unchanged,
     Good(Box<Snapshot>),
-    Invalid(String, String),
+    Invalid(String, String, crate::message::DesiredError),
 }
 
 fn fetch_and_load(src: &GitSource, branch: &str, last: Option<&str>) -> Result<Fetched, String> {
@@ -133,7 +133,16 @@ fn fetch_and_load(src: &GitSource, branch: &str, last: Option<&str>) -> Result<F
                 .map(|d| d.to_string())
                 .collect::<Vec<_>>()
                 .join("; ");
-            Ok(Fetched::Invalid(commit, text))
+            let first = invalid.0.first();
+            let error = crate::message::DesiredError {
+                commit: commit.clone(),
+                file: first.map(|d| d.file.clone()).unwrap_or_default(),
+                line: first.map_or(0, |d| d.line),
+                column: first.map_or(0, |d| d.column),
+                message: first.map(|d| d.message.clone()).unwrap_or_default(),
+                errors: invalid.0.len(),
+            };
+            Ok(Fetched::Invalid(commit, text, error))
         }
     }
 }
@@ -214,6 +223,7 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
                 last_error = None;
                 let commit = snap.commit.clone();
                 last = commit.clone();
+                s.local().desired_error = None;
                 let listed = snap.cluster.hosts.contains_key(s.me());
                 let was = s.local().left_cluster.clone();
                 if !listed && was.is_none() {
@@ -285,8 +295,10 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
                 }
                 pace.success(poll)
             }
-            Ok(Fetched::Invalid(commit, why)) => {
+            Ok(Fetched::Invalid(commit, why, error)) => {
                 last = Some(commit.clone());
+                s.local().desired_error = Some(error);
+                s.wake_publish.notify_one();
                 s.count(Counter::SnapshotsInvalid);
                 s.event(
                     EventKind::Error,

@@ -105,6 +105,12 @@ pub(super) struct Local {
     pub(super) waiting: Vec<message::WaitingCreate>,
     /// Peers' clocks this host saw beyond `max_clock_skew` in its last pass.
     pub(super) clock_skew: Option<String>,
+    /// When the last reconcile pass ended (seconds since the Unix epoch).
+    pub(super) reconciled_at: u64,
+    /// What the last pass left blocked.
+    pub(super) blocked: Vec<message::BlockedItem>,
+    /// Why the newest fetched desired commit does not validate, while it does not.
+    pub(super) desired_error: Option<message::DesiredError>,
 }
 
 /// State shared by the agent's tasks.

@@ -65,18 +65,25 @@ enum Command {
     Validate(validate::Args),
     /// Show what it takes to make the hosts equal to a desired repo (a dry run).
     ///
-    /// Exit 0 when nothing would change, 2 when something would, 1 on error.
+    /// Exit 0 when nothing would change (blocked items alone change nothing), 2 when
+    /// something would, 1 on error.
     Plan(plan::Args),
-    /// Reconcile the cluster now (a trigger to every host); with --wait, show progress
-    /// until it has converged.
+    /// Reconcile the cluster now (a trigger to every host); with --wait, read the tip of
+    /// the desired branch from git and show progress until every host has applied it (or
+    /// a descendant pushed meanwhile), then say which commit converged.
     ///
     /// Exit status: see below.
     #[command(
-        after_help = "Exit status:\n  0   triggered; with --wait: converged, nothing left over\n  1   an error, or with --wait not converged within --timeout\n  2   with --wait: converged, but with creates that failed and wait to retry (listed)\n  64  bad usage"
+        after_help = "Exit status:\n  0   triggered; with --wait: converged, nothing left to act on\n  1   an error, a trigger not delivered, a desired tip that does not validate (said at\n      once: commit, file, line, the commit the hosts keep applying), or with --wait\n      not converged within --timeout\n  2   with --wait: converged, but blocked items, destroys held by the prune guard or\n      creates waiting to retry are left (listed)\n  64  bad usage"
     )]
     Apply(cluster::ApplyArgs),
-    /// Hosts, their capacity and inventory age, every VM, creates in flight, the commit
-    /// each host has applied, recent failures.
+    /// What needs action (hosts that do not answer, a desired commit that does not
+    /// validate, blocked VMs, destroys held by the prune guard), then hosts, VMs, jobs in
+    /// flight and recent failures; times in RFC 3339.
+    ///
+    /// Exit 0 when nothing needs action, 1 when a host does not answer (or on error), 2
+    /// when every host answers and something needs action. Filters apply to the exit
+    /// code too.
     Status(cluster::StatusArgs),
     /// The local agent's event log: what was done, where, why, with which result.
     Events(cluster::EventsArgs),

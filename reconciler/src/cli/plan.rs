@@ -204,5 +204,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Output::Text => render::plan_text(&plan, super::style(args.no_color)),
     };
     print!("{text}");
-    Ok(ExitCode::from(if plan.has_changes() { 2 } else { 0 }))
+    // Blocked items alone change nothing: they are shown, and the exit says "no changes"
+    // (issue 15, truth 4).
+    let changes = plan.actions().next().is_some();
+    Ok(ExitCode::from(if changes { 2 } else { 0 }))
 }
