@@ -757,6 +757,14 @@ impl MemClient {
         &self.watched
     }
 
+    /// Whether the connection is still open on the server. A connection the server
+    /// closed while idle is replaced before the next call, as the real client's stale
+    /// check (which sees the EOF) does.
+    fn live(&self) -> bool {
+        self.conn
+            .is_some_and(|c| self.server.lock().conns.contains_key(&c))
+    }
+
     /// Drops the current connection and opens a new one with the used and watched tubes.
     pub async fn reconnect(&mut self) -> Result<(), Error> {
         if let Some(c) = self.conn.take() {
@@ -793,7 +801,7 @@ impl MemClient {
         let body = async {
             let mut retried = false;
             loop {
-                if self.conn.is_none() {
+                if !self.live() {
                     self.reconnect().await?;
                 }
                 let Some(conn) = self.conn.take() else {
@@ -840,7 +848,7 @@ impl MemClient {
     ) -> Result<Option<Job>, Error> {
         let mut retried = false;
         loop {
-            if self.conn.is_none() {
+            if !self.live() {
                 self.reconnect().await?;
             }
             let Some(conn) = self.conn.take() else {

@@ -542,6 +542,18 @@ async fn body_too_big<H: Harness>() {
     c.put(&big[..65535], P).await.unwrap();
 }
 
+/// A reserve abandoned by its caller costs the connection, so a job that arrives later
+/// is not held by a connection nobody reads.
+async fn cancelled_reserve<H: Harness>() {
+    let h = H::start(false);
+    let mut c = h.connect().await;
+    let _ = tokio::time::timeout(Duration::from_millis(50), c.reserve()).await;
+    let mut p = h.connect().await;
+    let id = p.put(b"x", P).await.unwrap();
+    assert_eq!(c.stats_job(id).await.unwrap().state, "ready");
+    assert_eq!(c.connects(), 2);
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod real {
@@ -577,4 +589,145 @@ conformance!(
     restart_without_binlog,
     stopped_server,
     body_too_big,
+    cancelled_reserve,
 );
+
+/// The in-memory server's own behaviours and fault hooks, which a real server cannot show
+/// on demand.
+mod mem_only {
+    use super::*;
+    use beanstalk::mem::PutFault;
+
+    fn server(binlog: bool) -> MemServer {
+        MemServer::new(
+            "mem:1",
+            MemConfig {
+                binlog,
+                ..MemConfig::default()
+            },
+        )
+    }
+
+    /// The connection that has waited longest gets the job, as in beanstalkd.
+    #[tokio::test(start_paused = true)]
+    async fn longest_waiter_first() {
+        let s = server(false);
+        let mut a = s.connect().await.unwrap();
+        let mut b = s.connect().await.unwrap();
+        let mut p = s.connect().await.unwrap();
+        let (ja, jb, ids) = tokio::join!(
+            a.reserve(),
+            async {
+                sleep(Duration::from_millis(10)).await;
+                b.reserve().await
+            },
+            async {
+                sleep(Duration::from_millis(20)).await;
+                (p.put(b"1", P).await.unwrap(), p.put(b"2", P).await.unwrap())
+            }
+        );
+        assert_eq!((ja.unwrap().id, jb.unwrap().id), ids);
+    }
+
+    /// A dropped connection releases its jobs at once; a reserve waiting on it goes on
+    /// on a new connection (it is safe to repeat), as the real client's does.
+    #[tokio::test(start_paused = true)]
+    async fn dropped_connection() {
+        let s = server(false);
+        let mut a = s.connect().await.unwrap();
+        let mut p = s.connect().await.unwrap();
+        let id = p.put(b"held", P).await.unwrap();
+        assert_eq!(a.reserve().await.unwrap().id, id);
+        s.drop_connection(a.conn_id().unwrap());
+        assert_eq!(p.stats_job(id).await.unwrap().state, "ready");
+        p.delete(id).await.unwrap();
+        let conn = a.conn_id();
+        let (job, id2) = tokio::join!(a.reserve(), async {
+            sleep(Duration::from_millis(10)).await;
+            s.drop_all_connections();
+            sleep(Duration::from_millis(10)).await;
+            p.put(b"later", P).await.unwrap()
+        });
+        assert_eq!(job.unwrap().id, id2);
+        assert_ne!(a.conn_id(), conn);
+        assert_eq!(a.connects(), 3);
+    }
+
+    /// A server going down under a waiting reserve: the reserve fails with the connect
+    /// error, and a restart with the binlog makes the held job ready.
+    #[tokio::test(start_paused = true)]
+    async fn down_under_a_waiting_reserve() {
+        let s = server(true);
+        let mut a = s.connect().await.unwrap();
+        let id = a.put(b"j", P).await.unwrap();
+        a.reserve().await.unwrap();
+        let (r, ()) = tokio::join!(a.reserve_with_timeout(Duration::from_secs(10)), async {
+            sleep(Duration::from_secs(1)).await;
+            s.stop();
+        });
+        assert!(matches!(r, Err(Error::Connect { .. })), "{r:?}");
+        s.start();
+        assert_eq!(a.reserve().await.unwrap().id, id);
+    }
+
+    /// Fault hooks: a put stored twice, a put seen late.
+    #[tokio::test(start_paused = true)]
+    async fn duplicated_and_delayed_puts() {
+        let s = server(false);
+        let mut c = s.connect().await.unwrap();
+        s.on_put(Some(Box::new(|_tube: &str, body: &[u8]| match body {
+            b"twice" => PutFault::Duplicate,
+            b"late" => PutFault::Delay(Duration::from_secs(5)),
+            _ => PutFault::None,
+        })));
+        let id = c.put(b"twice", P).await.unwrap();
+        assert_eq!(
+            c.peek(id + 1).await.unwrap().map(|j| j.body),
+            Some(b"twice"[..].into())
+        );
+        c.delete(id).await.unwrap();
+        c.delete(id + 1).await.unwrap();
+        let late = c.put(b"late", P).await.unwrap();
+        assert_eq!(c.peek(late).await.unwrap(), None);
+        assert_eq!(c.stats_tube("default").await.unwrap().current_jobs_ready, 0);
+        let t0 = Instant::now();
+        assert_eq!(c.reserve().await.unwrap().id, late);
+        assert_eq!(t0.elapsed(), Duration::from_secs(5));
+    }
+
+    /// Latency longer than the call timeout: the call times out unapplied and the next
+    /// one opens a new connection.
+    #[tokio::test(start_paused = true)]
+    async fn latency_and_call_timeout() {
+        let s = server(false);
+        let mut c = MemClient::connect_with(
+            &s,
+            beanstalk::Options {
+                call_timeout: Some(Duration::from_secs(2)),
+                connect_timeout: Duration::from_secs(1),
+            },
+        )
+        .await
+        .unwrap();
+        s.set_latency(Duration::from_secs(3));
+        let err = c.put(b"x", P).await.unwrap_err();
+        assert!(
+            matches!(err, Error::Timeout { command: "put", .. }),
+            "{err:?}"
+        );
+        s.set_latency(Duration::from_millis(100));
+        assert_eq!(c.peek(1).await.unwrap(), None);
+        assert_eq!(c.connects(), 2);
+    }
+
+    /// Servers are independent: each numbers its jobs from 1.
+    #[tokio::test(start_paused = true)]
+    async fn servers_are_independent() {
+        let (s1, s2) = (server(false), server(false));
+        let mut a = s1.connect().await.unwrap();
+        let mut b = s2.clone().connect().await.unwrap();
+        assert_eq!(a.put(b"a", P).await.unwrap(), 1);
+        assert_eq!(b.put(b"b", P).await.unwrap(), 1);
+        assert_eq!(a.put(b"a", P).await.unwrap(), 2);
+    }
+}
