@@ -377,7 +377,7 @@ impl Server {
             let Some(c) = self.waiting.iter().copied().find(|c| {
                 self.conns
                     .get(c)
-                    .is_some_and(|r| r.watched.iter().any(|w| *w == tube))
+                    .is_some_and(|r| r.watched.contains(&tube))
             }) else {
                 return handed;
             };
