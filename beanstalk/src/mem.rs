@@ -374,11 +374,12 @@ impl Server {
                 return handed;
             };
             let tube = self.jobs[&id].tube.clone();
-            let Some(c) = self.waiting.iter().copied().find(|c| {
-                self.conns
-                    .get(c)
-                    .is_some_and(|r| r.watched.contains(&tube))
-            }) else {
+            let Some(c) = self
+                .waiting
+                .iter()
+                .copied()
+                .find(|c| self.conns.get(c).is_some_and(|r| r.watched.contains(&tube)))
+            else {
                 return handed;
             };
             let job = self.reserve(c, id, now);
