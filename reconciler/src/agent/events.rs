@@ -124,6 +124,11 @@ pub enum EventKind {
     ClockSkew,
     /// The clocks agree again after a [`EventKind::ClockSkew`].
     ClockAgreed,
+    /// agent.yaml was read again on SIGHUP and differs from the running one: it takes
+    /// effect at the next start.
+    ConfigChanged,
+    /// agent.yaml was read again on SIGHUP and is what the agent runs with.
+    ConfigUnchanged,
     /// Something failed.
     Error,
 }
@@ -161,6 +166,7 @@ impl EventKind {
             EventKind::Forget => "forget",
             EventKind::Lease => "lease",
             EventKind::ClockSkew | EventKind::ClockAgreed => "clock",
+            EventKind::ConfigChanged | EventKind::ConfigUnchanged => "config",
             EventKind::Error => "error",
         }
     }
@@ -177,7 +183,8 @@ impl EventKind {
             | EventKind::Buried
             | EventKind::Departed
             | EventKind::Forget
-            | EventKind::ClockSkew => Level::Warn,
+            | EventKind::ClockSkew
+            | EventKind::ConfigChanged => Level::Warn,
             _ => Level::Info,
         }
     }

@@ -439,6 +439,31 @@ impl Shared {
             .insert(series.series(), v);
     }
 
+    /// SIGHUP: agent.yaml was read again (`fresh`, or why it could not be). The agent
+    /// keeps running with the configuration it started with, so a hangup never stops it
+    /// or half-applies a change; the event says whether a restart would change anything,
+    /// and a reconcile pass and a fetch run now, as after a trigger.
+    pub fn hangup(&self, fresh: Result<AgentConfig, String>) {
+        let (kind, message) = match fresh {
+            Err(e) => (
+                EventKind::Error,
+                format!("SIGHUP: agent.yaml does not load, the agent keeps running with the one it started with: {e}"),
+            ),
+            // Debug shows every setting (paths, not secrets: the key is read from a file).
+            Ok(c) if format!("{c:?}") == format!("{:?}", self.cfg) => (
+                EventKind::ConfigUnchanged,
+                "SIGHUP: agent.yaml unchanged; reconciling now".to_string(),
+            ),
+            Ok(_) => (
+                EventKind::ConfigChanged,
+                "SIGHUP: agent.yaml changed; it takes effect when the agent restarts (e.g. supervisorctl restart flotilla); reconciling now with the running settings".to_string(),
+            ),
+        };
+        self.event(kind, None, None, None, message);
+        self.wake_fetch.notify_one();
+        self.wake_reconcile.notify_one();
+    }
+
     /// Records an event in the event log, and logs it at its kind's level.
     pub(super) fn event(
         &self,
