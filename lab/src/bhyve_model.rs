@@ -430,6 +430,17 @@ impl Place {
                 if guest.runs.get(&g) != Some(&Phase::Locked) {
                     return;
                 }
+                // Another guest of this name got its vmm instance first: this one cannot
+                // make its own, and its supervisor gives up.
+                if guest
+                    .runs
+                    .iter()
+                    .any(|(o, p)| *o != g && matches!(p, Phase::Loader | Phase::Running))
+                {
+                    guest.log.push("vm_create: File exists".into());
+                    guest.runs.remove(&g);
+                    return;
+                }
                 if let Some(reason) = guest.conf().get("sim_fail_boot").map(str::to_string) {
                     guest.log.push(format!("fatal; {reason}"));
                     guest.runs.remove(&g);
@@ -480,10 +491,7 @@ impl Place {
     }
 
     fn used(&self) -> u64 {
-        self.guests
-            .values()
-            .flat_map(|g| g.images.values())
-            .sum()
+        self.guests.values().flat_map(|g| g.images.values()).sum()
     }
 
     fn autostart(&self, name: &str) -> Option<u32> {
@@ -677,21 +685,32 @@ impl Place {
             self.pass(window);
             edit_words(&mut list, name, on);
             self.vm_list = list;
-            self.record(now, CallKind::Autostart { name: name.into(), on });
+            self.record(
+                now,
+                CallKind::Autostart {
+                    name: name.into(),
+                    on,
+                },
+            );
             if self.vm_list.iter().any(|v| v == name) == on {
                 return Ok(());
             }
         }
         Err(BackendError::Output {
             command,
-            reason: format!("vm_list still {} {name} after 5 edits", if on { "lacks" } else { "has" }),
+            reason: format!(
+                "vm_list still {} {name} after 5 edits",
+                if on { "lacks" } else { "has" }
+            ),
         })
     }
 
     fn conf_mut(&mut self, name: &str) -> Result<&mut Guest, BackendError> {
-        self.guests.get_mut(name).ok_or_else(|| BackendError::NotFound {
-            name: name.to_string(),
-        })
+        self.guests
+            .get_mut(name)
+            .ok_or_else(|| BackendError::NotFound {
+                name: name.to_string(),
+            })
     }
 }
 
@@ -791,7 +810,10 @@ impl SimBhyve {
     pub fn log(&self, name: &str) -> Vec<String> {
         let mut p = self.place();
         p.now();
-        p.guests.get(name).map(|g| g.log.clone()).unwrap_or_default()
+        p.guests
+            .get(name)
+            .map(|g| g.log.clone())
+            .unwrap_or_default()
     }
 
     /// `vm_list` now.
@@ -1007,7 +1029,10 @@ impl Backend for SimBhyve {
         p.count("vm create");
         if spec.datastore.as_deref().is_some_and(|d| d != "default") {
             let ds = spec.datastore.clone().unwrap_or_default();
-            return Err(cmd_err(command, &format!("unable to load datastore - '{ds}'")));
+            return Err(cmd_err(
+                command,
+                &format!("unable to load datastore - '{ds}'"),
+            ));
         }
         let Some(template) = p.templates.get(&spec.template).cloned() else {
             let path = p.vm_dir.join(format!(".templates/{}.conf", spec.template));
@@ -1018,7 +1043,10 @@ impl Backend for SimBhyve {
         };
         let tconf = Conf::parse(&template);
         if tconf.get("disk0_name").is_none_or(str::is_empty) {
-            return Err(cmd_err(command, "template is missing disk0_name specification"));
+            return Err(cmd_err(
+                command,
+                "template is missing disk0_name specification",
+            ));
         }
         if p.full {
             return Err(cmd_err(
@@ -1034,7 +1062,11 @@ impl Backend for SimBhyve {
         };
         p.seq += 1;
         let seq = p.seq;
-        set(&mut text, "uuid", &format!("00000000-0000-4000-8000-{seq:012x}"));
+        set(
+            &mut text,
+            "uuid",
+            &format!("00000000-0000-4000-8000-{seq:012x}"),
+        );
         let h = crate::sim::md5::hex(format!("{}:{}:0", p.name, spec.name).as_bytes());
         let mac = format!("58:9c:fc:0{}:{}:{}", &h[0..1], &h[1..3], &h[3..5]);
         set(&mut text, "network0_mac", &mac);
@@ -1068,7 +1100,10 @@ impl Backend for SimBhyve {
             }
             if !matches!(dev, "custom" | "iscsi") {
                 let Ok(s) = size.parse::<Size>() else {
-                    return Err(cmd_err(command, "failed to create sparse file for disk image"));
+                    return Err(cmd_err(
+                        command,
+                        "failed to create sparse file for disk image",
+                    ));
                 };
                 images.insert(disk.to_string(), s.0);
             }
@@ -1077,7 +1112,10 @@ impl Backend for SimBhyve {
         }
         let need: u64 = images.values().sum();
         if p.capacity.is_some_and(|c| p.used() + need > c) {
-            return Err(cmd_err(command, "failed to create sparse file for disk image"));
+            return Err(cmd_err(
+                command,
+                "failed to create sparse file for disk image",
+            ));
         }
         p.guests.insert(
             spec.name.clone(),
@@ -1094,7 +1132,12 @@ impl Backend for SimBhyve {
                 pid: 0,
             },
         );
-        p.record(now, CallKind::Create { name: spec.name.clone() });
+        p.record(
+            now,
+            CallKind::Create {
+                name: spec.name.clone(),
+            },
+        );
         Ok(())
     }
 
