@@ -27,7 +27,7 @@
 //!   `start_lock` its supervisor writes `run.lock` (`Locked (host)` for `locked`), runs
 //!   the loader (`Bootloader` for `loader`) and bhyve (`Running`). A second start inside
 //!   the window goes ahead too and, when it locks, destroys the vmm instance: the first
-//!   guest dies (exit 137, recorded as [`Call::GuestKilled`]) and its supervisor's
+//!   guest dies (exit 137, recorded as [`CallKind::GuestKilled`]) and its supervisor's
 //!   cleanup removes the lock, so the survivor runs without one.
 //! - A guest killed with its supervisor ([`SimBhyve::kill_with_supervisor`]) leaves a
 //!   stale vmm entry and a stale `run.lock`; [`SimBhyve::crash_host_of`] is the same
