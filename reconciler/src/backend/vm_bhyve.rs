@@ -211,8 +211,8 @@ pub fn parse_datastores(command: &str, text: &str) -> Result<Vec<Datastore>, Bac
 }
 
 /// Checked before a name reaches a command line, so that no argument can be mistaken
-/// for an option or a path.
-fn check_name(what: &str, name: &str) -> Result<(), BackendError> {
+/// for an option or a path. Public so that stand-ins refuse the same names.
+pub fn check_name(what: &str, name: &str) -> Result<(), BackendError> {
     if crate::names::is_vm_name(name) {
         Ok(())
     } else {
@@ -226,7 +226,7 @@ fn check_name(what: &str, name: &str) -> Result<(), BackendError> {
 /// A config value that survives both `sysrc`'s quoting and vm-bhyve's reader: no
 /// quotes, no `#` (everything after it is dropped), no line breaks, nothing `sh` would
 /// expand, and no trailing blank (stripped on read).
-fn check_value(key: &str, value: &str) -> Result<(), BackendError> {
+pub fn check_value(key: &str, value: &str) -> Result<(), BackendError> {
     let bad = value
         .chars()
         .find(|c| matches!(c, '"' | '\'' | '#' | '\n' | '\r' | '\\' | '`' | '$'));
@@ -245,7 +245,9 @@ fn check_value(key: &str, value: &str) -> Result<(), BackendError> {
     Ok(())
 }
 
-fn check_key(key: &str) -> Result<(), BackendError> {
+/// A config key vm-bhyve reads back: a shell variable name starting with a lower-case
+/// letter.
+pub fn check_key(key: &str) -> Result<(), BackendError> {
     let ok =
         key.as_bytes().first().is_some_and(u8::is_ascii_lowercase) && crate::conf::is_var_name(key);
     if ok {
