@@ -606,7 +606,7 @@ impl Shared {
             .cfg
             .backend
             .list_interval
-            .map_or(Duration::from_secs(300), |d| d.0);
+            .map_or(listing::MAX_AGE, |d| d.0);
         if let Some(vms) = self.listing.kept(max_age) {
             return Ok(vms);
         }
@@ -614,7 +614,7 @@ impl Shared {
         let listing = self.admission().usage.begin(Instant::now());
         let vms = self.backend.list()?;
         self.admission().usage.listed(listing, &vms);
-        self.listing.keep(token, &vms);
+        self.listing.keep(token, listing, &vms);
         Ok(vms)
     }
 
