@@ -47,6 +47,10 @@ pub struct Listing {
     /// Set once the vm_dir watch runs; nothing is kept before.
     watched: AtomicBool,
     kept: Mutex<Option<Kept>>,
+    /// Held by the caller that lists for the kept listing (see [`Listing::turn`]).
+    turn: Mutex<()>,
+    /// Callers waiting for their turn.
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 struct Kept {
@@ -84,6 +88,17 @@ impl Listing {
         let k = kept.as_ref()?;
         (k.generation == self.generation.load(Ordering::SeqCst) && k.at.elapsed() < max_age)
             .then(|| (k.usage, k.vms.clone()))
+    }
+
+    /// One caller at a time looks for the kept listing and lists when there is none:
+    /// hold the guard across both. After a job's end the pass woken by its result and
+    /// the inventory it woke each found the listing stale and listed side by side; now
+    /// the second waits and takes what the first kept.
+    pub fn turn(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let g = self.turn.lock().unwrap_or_else(|p| p.into_inner());
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        g
     }
 
     /// Call before listing: the token [`Listing::keep`] wants.
@@ -323,6 +338,7 @@ pub fn watch(
                 if !l.seen_on_disk(&ev.paths) {
                     return;
                 }
+                tracing::debug!(paths = ?ev.paths, kind = ?ev.kind, "the vm_dir changed: the kept listing is stale");
             }
             Ok(_) => return,
         }
@@ -422,11 +438,18 @@ pub(crate) mod tests {
     #[derive(Default)]
     pub(crate) struct Counting {
         pub(crate) lists: std::sync::atomic::AtomicUsize,
+        /// When set, a listing waits until this holds of the listings counted so far.
+        gate: Option<Box<dyn Fn(usize) -> bool + Send + Sync>>,
     }
 
     impl Backend for Counting {
         fn list(&self) -> Result<Vec<ActualVm>, BackendError> {
             self.lists.fetch_add(1, Ordering::SeqCst);
+            if let Some(open) = &self.gate {
+                while !open(self.lists.load(Ordering::SeqCst)) {
+                    std::thread::yield_now();
+                }
+            }
             Ok(Vec::new())
         }
         fn create(&self, _: &CreateSpec) -> Result<(), BackendError> {
@@ -471,6 +494,7 @@ pub(crate) mod tests {
 
     /// What a pass or an inventory does (`list_local`): the kept listing, or a new one.
     fn pass(l: &Listing, b: &dyn Backend) {
+        let _turn = l.turn();
         if l.kept(MAX_AGE).is_some() {
             return;
         }
@@ -568,5 +592,32 @@ pub(crate) mod tests {
         l.keep(t, token(), &[]);
         assert!(seen(&l, "/vm"), "the datastore itself");
         assert!(seen(&l, "/elsewhere/x"), "outside every datastore");
+    }
+
+    /// Guards issue 12, Measure (calls per create): after a job's end, the pass woken
+    /// by its result and the inventory it woke both found the listing stale and listed
+    /// side by side (two listings per create on a host that built one VM). The second
+    /// waits for the first's listing. The first listing is held until the second caller
+    /// waits for its turn or has listed itself: no timing decides.
+    #[test]
+    fn two_callers_after_a_change_share_one_listing() {
+        let l = Arc::new(watched(&["/vm"]));
+        let gate_l = l.clone();
+        let counting = Arc::new(Counting {
+            lists: Default::default(),
+            gate: Some(Box::new(move |lists| {
+                lists >= 2 || gate_l.waiting.load(Ordering::SeqCst) > 0
+            })),
+        });
+        let callers: Vec<_> = (0..2)
+            .map(|_| {
+                let (l, b) = (l.clone(), counting.clone());
+                std::thread::spawn(move || pass(&l, b.as_ref()))
+            })
+            .collect();
+        for c in callers {
+            c.join().unwrap();
+        }
+        assert_eq!(counting.lists.load(Ordering::SeqCst), 1);
     }
 }

@@ -607,6 +607,7 @@ impl Shared {
             .backend
             .list_interval
             .map_or(listing::MAX_AGE, |d| d.0);
+        let _turn = self.listing.turn();
         if let Some(vms) = self.listing.kept(max_age) {
             return Ok(vms);
         }
