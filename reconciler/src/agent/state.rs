@@ -520,7 +520,6 @@ impl Shared {
         }
     }
 
-    /// The overload threshold this host crosses now, if any.
     /// Lists this host's VMs and tells admission what they claim.
     /// A listing kept since no change was seen is as good and costs no `vm list`.
     pub(super) fn list_local(&self) -> Result<Vec<ActualVm>, BackendError> {
@@ -528,7 +527,8 @@ impl Shared {
             .cfg
             .backend
             .list_interval
-            .map_or(Duration::from_secs(300), |d| d.0);
+            .map_or(listing::MAX_AGE, |d| d.0);
+        let _turn = self.listing.turn();
         if let Some(vms) = self.listing.kept(max_age) {
             return Ok(vms);
         }
@@ -536,7 +536,7 @@ impl Shared {
         let listing = self.admission().usage.begin(Instant::now());
         let vms = self.backend.list()?;
         self.admission().usage.listed(listing, &vms);
-        self.listing.keep(token, &vms);
+        self.listing.keep(token, listing, &vms);
         Ok(vms)
     }
 
@@ -544,6 +544,7 @@ impl Shared {
         self.admission.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The overload threshold this host crosses now, if any.
     pub(super) fn overload(
         &self,
         running_memory: crate::size::Size,

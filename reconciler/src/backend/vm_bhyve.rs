@@ -591,6 +591,46 @@ impl VmBhyve {
         Ok((state, text))
     }
 
+    /// Waits up to `within` until the guest is down: its `run.lock` gone (vm-bhyve's
+    /// `_run` holds it while the guest runs or restarts, and removes it last), which
+    /// costs no call to see, and `vm info` of this guest alone saying `stopped`. `vm
+    /// list` reads every guest; a stop polled it each interval. Should `vm info` still
+    /// see it run without a lock, it is asked again after 2, 4, 8 intervals. Returns
+    /// whether it stopped, and the last state seen.
+    fn await_stopped(
+        &self,
+        name: &str,
+        dir: &Path,
+        within: Duration,
+    ) -> Result<(bool, String), BackendError> {
+        let deadline = Instant::now() + within;
+        let lock = dir.join("run.lock");
+        let (mut wait, mut gap) = (0u32, 1u32);
+        let mut last = String::from("running (run.lock held)");
+        loop {
+            let timed_out = Instant::now() >= deadline;
+            if !lock.exists() || timed_out {
+                wait = wait.saturating_sub(1);
+                if wait == 0 || timed_out {
+                    let (state, text) = self.info_state(name)?;
+                    if state == RunState::Stopped && !lock.exists() {
+                        return Ok((true, text));
+                    }
+                    last = text;
+                    (wait, gap) = (gap, (gap * 2).min(LOOK_GAP_MAX));
+                }
+            }
+            if timed_out {
+                return Ok((false, last));
+            }
+            std::thread::sleep(
+                self.cfg
+                    .poll_interval
+                    .min(deadline.saturating_duration_since(Instant::now())),
+            );
+        }
+    }
+
     /// Polls until `done` holds or `within` has passed; returns the last probe and
     /// whether `done` held.
     fn wait(
@@ -1118,10 +1158,9 @@ impl Backend for VmBhyve {
             RunState::Locked => return Err(self.locked_error(&p)),
             RunState::Running | RunState::Bootloader => {}
         }
-        // Exits 0 whatever happened; its warnings are on stderr, the truth is in `vm list`.
+        // Exits 0 whatever happened; its warnings are on stderr, the truth is the guest's.
         self.vm(&["stop", name])?;
-        let stopped = |p: &Probe| Ok(p.row.state == RunState::Stopped);
-        if self.wait(name, timeout, stopped)?.1 {
+        if self.await_stopped(name, &p.dir, timeout)?.0 {
             return Ok(StopOutcome::Shutdown);
         }
         tracing::warn!(
@@ -1136,7 +1175,7 @@ impl Backend for VmBhyve {
             }
             return Err(e);
         }
-        let (p, done) = self.wait(name, self.cfg.poweroff_timeout, stopped)?;
+        let (done, last) = self.await_stopped(name, &p.dir, self.cfg.poweroff_timeout)?;
         if done {
             Ok(StopOutcome::PoweredOff)
         } else {
@@ -1144,7 +1183,7 @@ impl Backend for VmBhyve {
                 name: name.to_string(),
                 wanted: "Stopped",
                 waited: timeout + self.cfg.poweroff_timeout,
-                last: p.row.state_text,
+                last,
             })
         }
     }
