@@ -443,6 +443,8 @@ mod tests {
             waiting: vec![],
             left_cluster: None,
             agent: None,
+            switches: Default::default(),
+            recent_events: vec![],
         }
     }
 

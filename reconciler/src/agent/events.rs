@@ -4,6 +4,7 @@
 //! event, so `flotilla events` can read it while the agent runs and nothing is lost when
 //! the agent dies. The log is rotated to `events.jsonl.1` past [`MAX_LOG`] bytes.
 
+use std::collections::VecDeque;
 use std::fs::{self, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -44,15 +45,20 @@ pub struct Event {
 #[derive(Debug)]
 pub struct EventLog {
     path: PathBuf,
-    lock: Mutex<()>,
+    /// Held while appending; keeps the latest events this process logged, for its
+    /// inventory ([`EventLog::recent`]).
+    lock: Mutex<VecDeque<Event>>,
 }
+
+/// How many events [`EventLog::recent`] can give.
+const KEEP: usize = 200;
 
 impl EventLog {
     /// The log in `state_dir`.
     pub fn new(state_dir: &Path) -> EventLog {
         EventLog {
             path: state_dir.join("events.jsonl"),
-            lock: Mutex::new(()),
+            lock: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -61,9 +67,22 @@ impl EventLog {
         &self.path
     }
 
+    /// The last `n` events this process logged (at most 200), oldest first.
+    pub fn recent(&self, n: usize) -> Vec<Event> {
+        let kept = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        kept.iter()
+            .skip(kept.len().saturating_sub(n))
+            .cloned()
+            .collect()
+    }
+
     /// Appends `event`; a failure to write is logged, never fatal.
     pub fn append(&self, event: &Event) {
-        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kept = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        kept.push_back(event.clone());
+        while kept.len() > KEEP {
+            kept.pop_front();
+        }
         if fs::metadata(&self.path).is_ok_and(|m| m.len() > MAX_LOG) {
             let _ = fs::rename(&self.path, self.path.with_extension("jsonl.1"));
         }

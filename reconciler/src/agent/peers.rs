@@ -358,6 +358,8 @@ mod tests {
             waiting: vec![],
             left_cluster: None,
             agent: None,
+            switches: Default::default(),
+            recent_events: vec![],
         };
         Envelope::new("c", host, host, Message::Inventory(inv))
     }

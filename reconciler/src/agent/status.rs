@@ -48,6 +48,9 @@ pub struct HostStatus {
     /// A peer clock it sees beyond `max_clock_skew`: no creates are sent meanwhile.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clock_skew: Option<String>,
+    /// Drained by an operator (`flotilla host drain`): it places no new creates.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 /// A host name seen under two identities: two agents claim it, and no create goes to or
@@ -110,6 +113,10 @@ pub struct ClusterStatus {
     /// readable, say); `None` when every inventory shown verified.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unverified: Option<String>,
+    /// Drains and suspends, as any host's inventory shows them (`flotilla host drain`,
+    /// `suspend`).
+    #[serde(default, skip_serializing_if = "crate::control::Switches::is_empty")]
+    pub switches: crate::control::Switches,
 }
 
 /// How `gather` treats the inventories' signatures.
@@ -166,6 +173,7 @@ pub async fn gather(hosts: &HostsFile, verify: Verify<'_>) -> (ClusterStatus, Ve
         failures: Vec::new(),
         identity_conflicts: Vec::new(),
         unverified,
+        switches: Default::default(),
     };
     let mut invs = Vec::new();
     let listed = hosts.hosts.iter().map(|(n, a)| (n, a, false));
@@ -187,6 +195,7 @@ pub async fn gather(hosts: &HostsFile, verify: Verify<'_>) -> (ClusterStatus, Ve
             identity: None,
             left_cluster,
             clock_skew: None,
+            draining: false,
         };
         match r {
             Ok(Ok((Some(inv), _))) => {
@@ -199,6 +208,14 @@ pub async fn gather(hosts: &HostsFile, verify: Verify<'_>) -> (ClusterStatus, Ve
                 h.overload = inv.overload.clone();
                 h.clock_skew = inv.clock_skew.clone();
                 h.identity = inv.agent.as_ref().map(|a| a.identity.clone());
+                h.draining = inv.switches.drains(name);
+                out.switches
+                    .drained
+                    .extend(inv.switches.drained.iter().cloned());
+                out.switches.suspend_all |= inv.switches.suspend_all;
+                out.switches
+                    .suspended
+                    .extend(inv.switches.suspended.iter().cloned());
                 for vm in &inv.vms {
                     out.vms.push(VmStatus {
                         vm: vm.name.clone(),
@@ -232,6 +249,10 @@ pub async fn gather(hosts: &HostsFile, verify: Verify<'_>) -> (ClusterStatus, Ve
     out.vms
         .sort_by(|a, b| a.vm.cmp(&b.vm).then(a.host.cmp(&b.host)));
     out.identity_conflicts = identity_conflicts(&invs);
+    // A host that missed the drain message still shows as draining when others know.
+    for h in &mut out.hosts {
+        h.draining |= out.switches.drains(&h.host);
+    }
     (out, invs)
 }
 
@@ -295,7 +316,7 @@ pub fn render_text(s: &ClusterStatus) -> String {
         };
         let _ = writeln!(
             o,
-            "  {:<10} {:<21} applied {:<10}  {}  {}{}{}{}",
+            "  {:<10} {:<21} applied {:<10}  {}  {}{}{}{}{}",
             h.host,
             h.beanstalkd,
             short(h.applied_commit.as_deref()),
@@ -313,7 +334,26 @@ pub fn render_text(s: &ClusterStatus) -> String {
                 "  LEFT cluster.yaml: its VMs are held there until it shows them gone or `flotilla host forget`"
             } else {
                 ""
+            },
+            if h.draining {
+                "  DRAINING: no new creates (`flotilla host undrain`)"
+            } else {
+                ""
             }
+        );
+    }
+    if s.switches.suspend_all {
+        let _ = writeln!(
+            o,
+            "\nSUSPENDED: the whole cluster; nothing is acted on until `flotilla resume`"
+        );
+    }
+    if !s.switches.suspended.is_empty() {
+        let names: Vec<&str> = s.switches.suspended.iter().map(String::as_str).collect();
+        let _ = writeln!(
+            o,
+            "\nSUSPENDED VMS (`flotilla resume VM`): {}",
+            names.join(", ")
         );
     }
     if !s.identity_conflicts.is_empty() {
@@ -341,7 +381,7 @@ pub fn render_text(s: &ClusterStatus) -> String {
     for v in &managed {
         let _ = writeln!(
             o,
-            "  {:<24} {:<10} {:<10}{}",
+            "  {:<24} {:<10} {:<10}{}{}",
             v.vm,
             v.host,
             format!("{:?}", v.state).to_lowercase(),
@@ -349,6 +389,11 @@ pub fn render_text(s: &ClusterStatus) -> String {
                 (_, true) => "  held by a host that left cluster.yaml",
                 (false, false) => "  half-made",
                 (true, false) => "",
+            },
+            if s.switches.suspends(&v.vm) {
+                "  suspended"
+            } else {
+                ""
             }
         );
     }
@@ -476,6 +521,7 @@ mod tests {
             failures: vec![],
             identity_conflicts: found,
             unverified: None,
+            switches: Default::default(),
         };
         let text = render_text(&st);
         assert!(text.contains("TWO AGENTS UNDER ONE HOST NAME"), "{text}");

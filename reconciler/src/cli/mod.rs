@@ -15,6 +15,7 @@ mod cluster;
 mod desired;
 mod plan;
 mod validate;
+mod verbs;
 
 /// GitOps reconciler for FreeBSD bhyve VMs.
 #[derive(Debug, Parser)]
@@ -52,6 +53,22 @@ enum Command {
     /// Hosts as the cluster's agents know them.
     #[command(subcommand)]
     Host(cluster::HostCommand),
+    /// Plan failed and unplaceable creates (and failed ops) again now, rather than after
+    /// `worker.retry_failed`: every one, or those of the VMs named. Every host is told (a
+    /// signed message) and logs it.
+    ///
+    /// Exit 0 when every host got it, 1 otherwise.
+    Retry(verbs::RetryArgs),
+    /// Stop acting on one VM, or on the whole cluster (as `flux suspend`): no create,
+    /// destroy, update, start or stop is sent for it; passes still run and report.
+    /// Survives restarts; `status` shows it.
+    ///
+    /// Exit 0 when every host got it, 1 otherwise.
+    Suspend(verbs::SuspendArgs),
+    /// Undo `suspend`; without a VM, resume the cluster and every VM suspended alone.
+    ///
+    /// Exit 0 when every host got it, 1 otherwise.
+    Resume(verbs::SuspendArgs),
     /// Run this host's agent: source, reconciler, worker, inbox, inventory. Exit 0 on
     /// SIGTERM, 78 on a bad configuration.
     Agent(agent::Args),
@@ -92,6 +109,11 @@ pub fn main() -> ExitCode {
         Command::Events(args) => cluster::events(args),
         Command::Trigger(args) => cluster::trigger(args),
         Command::Host(cluster::HostCommand::Forget(args)) => cluster::host_forget(args),
+        Command::Host(cluster::HostCommand::Drain(args)) => verbs::drain(args),
+        Command::Host(cluster::HostCommand::Undrain(args)) => verbs::undrain(args),
+        Command::Retry(args) => verbs::retry(args),
+        Command::Suspend(args) => verbs::suspend(args),
+        Command::Resume(args) => verbs::resume(args),
         Command::Agent(args) => agent::run(args),
     };
     match result {

@@ -871,6 +871,7 @@ fn place(
             reserved: Usage::default(),
             limits: &limits,
             overload: None,
+            drained: false,
         };
         match decide(&job, view) {
             Decision::Admit { .. } => {
