@@ -261,6 +261,14 @@ fn a_suspended_vm_is_not_acted_on_until_resumed() {
             .any(|l| l.contains("keep") && l.contains("suspended")),
         "{text}"
     );
+    // `plan` through host1's agent config shows the held-back destroy as suspended.
+    let repo = c.repo.display().to_string();
+    let (code, out, err) = c.flotilla(&["plan", &repo, "--agent-config", &config]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        out.contains("suspended: keep is not acted on until `flotilla resume keep`"),
+        "{out}"
+    );
 
     // Still suspended after a restart: the restarted agent runs passes and leaves it.
     c.stop_agent(0);

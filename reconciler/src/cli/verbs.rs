@@ -131,3 +131,39 @@ fn send(agent: &AgentArgs, verb: Verb, timeout: Dur) -> anyhow::Result<ExitCode>
     }
     Ok(ExitCode::from(if failed.is_empty() { 0 } else { 1 }))
 }
+
+/// Adds a warning to `plan` for each action the agent of `agent_config` holds back
+/// because its VM (or the cluster) is suspended, as its state directory records it.
+pub(super) fn mark_suspended(
+    plan: &mut flotilla::planner::Plan,
+    agent_config: &std::path::Path,
+) -> anyhow::Result<()> {
+    let cfg = AgentConfig::load(agent_config)?;
+    let store = flotilla::agent::control::SwitchStore::open(&cfg.state_dir)?;
+    plan.warnings.extend(suspended_warnings(plan, store.get()));
+    Ok(())
+}
+
+/// One line per action on a suspended VM.
+fn suspended_warnings(
+    plan: &flotilla::planner::Plan,
+    switches: &flotilla::control::Switches,
+) -> Vec<String> {
+    let mut out: Vec<String> = plan
+        .actions()
+        .filter(|a| switches.suspends(a.vm()))
+        .map(|a| {
+            format!(
+                "suspended: {} is not acted on until `flotilla resume{}`",
+                a.vm(),
+                if switches.suspend_all {
+                    String::new()
+                } else {
+                    format!(" {}", a.vm())
+                }
+            )
+        })
+        .collect();
+    out.dedup();
+    out
+}
