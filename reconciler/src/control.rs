@@ -54,6 +54,69 @@ pub enum Verb {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         vm: Option<String>,
     },
+    /// Mark the unmanaged VM `vm` on `host` managed, as imported ([`IMPORTED`]): `host`
+    /// writes its marker; the others only log it.
+    Import {
+        /// The VM.
+        vm: String,
+        /// The host it is on.
+        host: String,
+    },
+}
+
+/// The `spec_hash` of an imported VM's marker: it was made equal to no spec yet. The
+/// planner never destroys such a VM while no VM file desires it (it is blocked,
+/// "imported: commit its VM file"), and updates the marker once one does.
+pub const IMPORTED: &str = "imported";
+
+/// Whether `vm`'s marker says it was imported and not yet made equal to a spec.
+pub fn imported(vm: &crate::actual::ActualVm) -> bool {
+    vm.marker.as_ref().is_some_and(|m| m.spec_hash == IMPORTED)
+}
+
+/// The VM file `flotilla import` writes for `vm`, found on `host`, from its vm-bhyve
+/// config: pinned to `host` (where it is), profile CS0 with the VM's own cpu, memory and
+/// disk, and every other key of its config under `config:` but those vm-bhyve generates.
+pub fn vm_file(vm: &crate::actual::ActualVm, host: &str) -> String {
+    use std::fmt::Write;
+    // A JSON string is a YAML double-quoted scalar: every value survives as it is.
+    let q = |v: &str| serde_json::to_string(v).unwrap_or_default();
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "# Imported by `flotilla import` from its vm-bhyve config on {host}.\n\
+         # The profile's template keys are added to `config` below: check the plan first."
+    );
+    let _ = writeln!(o, "name: {}", q(&vm.name));
+    let _ = writeln!(o, "profile: CS0");
+    let _ = writeln!(o, "cpu: {}", vm.cpu.max(1));
+    let _ = writeln!(o, "memory: {}", vm.memory);
+    if let Some(d) = vm
+        .disks
+        .first()
+        .filter(|d| d.growable() && d.size.bytes() > 0)
+    {
+        let _ = writeln!(o, "disk: {}", d.size);
+    }
+    let _ = writeln!(o, "host: {}", q(host));
+    let running = matches!(
+        vm.state,
+        crate::actual::RunState::Running | crate::actual::RunState::Bootloader
+    );
+    let _ = writeln!(o, "state: {}", if running { "running" } else { "stopped" });
+    let generated = |k: &str| {
+        matches!(k, "cpu" | "memory" | "uuid")
+            || (k.starts_with("disk") && k.ends_with("_size"))
+            || (k.starts_with("network") && k.ends_with("_mac"))
+    };
+    let keys: Vec<(&String, &String)> = vm.config.iter().filter(|(k, _)| !generated(k)).collect();
+    if !keys.is_empty() {
+        let _ = writeln!(o, "config:");
+        for (k, v) in keys {
+            let _ = writeln!(o, "  {k}: {}", q(v));
+        }
+    }
+    o
 }
 
 impl Verb {
@@ -61,6 +124,7 @@ impl Verb {
     pub fn vm(&self) -> Option<&str> {
         match self {
             Verb::Suspend { vm } | Verb::Resume { vm } => vm.as_deref(),
+            Verb::Import { vm, .. } => Some(vm),
             Verb::Retry { vms } if vms.len() == 1 => Some(&vms[0]),
             _ => None,
         }
@@ -74,6 +138,7 @@ impl Verb {
             Verb::Undrain { .. } => "undrain",
             Verb::Suspend { .. } => "suspend",
             Verb::Resume { .. } => "resume",
+            Verb::Import { .. } => "import",
         }
     }
 }
@@ -113,7 +178,7 @@ impl Switches {
     pub fn apply(&mut self, verb: &Verb) -> bool {
         let before = self.clone();
         match verb {
-            Verb::Retry { .. } => {}
+            Verb::Retry { .. } | Verb::Import { .. } => {}
             Verb::Drain { host } => {
                 self.drained.insert(host.clone());
             }
@@ -173,6 +238,47 @@ mod tests {
             host: "host2".into()
         }));
         assert!(s.is_empty());
+    }
+
+    /// Guards issue 15, verb 4: the VM file import writes from a vm-bhyve config is a
+    /// valid VM file, pinned where the VM is, with its cpu, memory, disk and config,
+    /// without the keys vm-bhyve generates.
+    #[test]
+    fn an_imported_vm_file_validates() {
+        let mut vm =
+            crate::actual::sample_vm("hand", "1G", &["30G"], crate::actual::RunState::Running);
+        vm.cpu = 2;
+        for (k, v) in [
+            ("cpu", "2"),
+            ("memory", "1G"),
+            ("uuid", "4a5b"),
+            ("disk0_name", "disk0.img"),
+            ("disk0_size", "30G"),
+            ("network0_mac", "58:9c:fc:00:00:01"),
+            ("loader", "bhyveload"),
+            ("comment", "made by hand"),
+        ] {
+            vm.config.insert(k.into(), v.into());
+        }
+        let text = vm_file(&vm, "host2");
+        for absent in ["uuid", "disk0_size", "network0_mac", "  cpu", "  memory"] {
+            assert!(!text.contains(absent), "{absent} in\n{text}");
+        }
+        let mut files = crate::desired::FileSet::new();
+        files.insert(
+            "cluster.yaml",
+            "cluster: lab\nhosts:\n  host2:\n    beanstalkd: 127.0.0.1:1\n    limits: { memory: 16G, storage: 400G, vms: 16 }\n",
+        );
+        files.insert("vms/hand.yaml", text.clone());
+        let snap = match crate::desired::load(&files, None) {
+            Ok(s) => s,
+            Err(e) => panic!("{text}\n{e:?}"),
+        };
+        let spec = &snap.vms["hand"];
+        assert_eq!((spec.cpu, spec.memory.to_string()), (2, "1G".to_string()));
+        assert_eq!(spec.disk.to_string(), "30G");
+        assert_eq!(spec.host.as_deref(), Some("host2"));
+        assert_eq!(spec.config["loader"], "bhyveload");
     }
 
     /// A verb survives the trip through JSON as the control message carries it.

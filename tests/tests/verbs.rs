@@ -293,3 +293,91 @@ fn a_suspended_vm_is_not_acted_on_until_resumed() {
     });
     assert!(logged_everywhere(&c, "resume", "the cluster resumed"));
 }
+
+/// Guards issue 15, verb 4: `flotilla import` shows the VM file of an unmanaged VM made
+/// by hand, writes it only with --yes, and its host marks it managed as imported: not
+/// destroyed while no file desires it (safety), taken over once the file is committed,
+/// refused a second time.
+#[test]
+fn import_adopts_an_unmanaged_vm_without_making_it_destroyable() {
+    let specs = vec![
+        HostSpec::new("host1", Some("host2")),
+        HostSpec::new("host2", None),
+    ];
+    let mut c = Cluster::start(&specs, Options::default());
+    c.start_agents();
+    // The desired state is not empty: a managed VM not in it would be destroyed.
+    c.commit(
+        &[(
+            "vms/keep.yaml",
+            Some(&vm_yaml("keep", "CS0", "host: host1\n")),
+        )],
+        "one VM",
+    );
+    c.wait_until("keep running", CONVERGE, |c| c.running_complete(0, "keep"));
+    c.make_by_hand(1, "hand");
+    c.wait_until("status shows hand unmanaged on host2", CONVERGE, |c| {
+        status(c)["vms"].as_array().is_some_and(|vs| {
+            vs.iter()
+                .any(|v| v["vm"] == "hand" && v["host"] == "host2" && v["managed"] == false)
+        })
+    });
+    let config = c.hosts[0].config.display().to_string();
+    let checkout = c.dir.path().join("checkout");
+    let checkout_s = checkout.display().to_string();
+
+    let (code, shown, err) = c.flotilla(&["import", "hand", "--config", &config]);
+    assert_eq!(code, 0, "{shown}{err}");
+    assert!(
+        shown.contains("name: \"hand\"\n") && shown.contains("host: \"host2\"\n"),
+        "{shown}"
+    );
+    assert!(err.contains("not written"), "{err}");
+    assert!(!checkout.exists());
+    let (code, _, err) = c.flotilla(&["import", "nosuch", "--config", &config]);
+    assert_eq!(code, 1, "{err}");
+
+    let (code, out, err) = c.flotilla(&[
+        "import",
+        "hand",
+        "--repo",
+        &checkout_s,
+        "--yes",
+        "--config",
+        &config,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let file = std::fs::read_to_string(checkout.join("vms/hand.yaml")).expect("the VM file");
+    assert_eq!(file, shown);
+    assert!(c
+        .events(1)
+        .iter()
+        .any(|e| e.kind == "import" && e.message.contains("hand imported")));
+    assert!(c
+        .events(0)
+        .iter()
+        .any(|e| e.kind == "import" && e.message.contains("import of hand on host2")));
+    // host2 planned with hand managed and undesired, and blocked it.
+    c.wait_until("host2 blocked hand as imported", CONVERGE, |c| {
+        std::fs::read_to_string(&c.hosts[1].log)
+            .unwrap_or_default()
+            .contains("imported: commit its VM file")
+    });
+    assert_eq!(c.holders("hand"), vec![1]);
+    assert!(c.running_complete(1, "hand"));
+    let (code, _, err) = c.flotilla(&["import", "hand", "--config", &config]);
+    assert_eq!(code, 1);
+    assert!(err.contains("managed already"), "{err}");
+
+    // Committed: its marker takes the spec's hash, and it stays where it is.
+    c.commit(&[("vms/hand.yaml", Some(&file))], "import hand");
+    c.wait_until("hand's marker has its spec's hash", CONVERGE, |c| {
+        c.vms(1).iter().any(|v| {
+            v.name == "hand"
+                && v.marker
+                    .as_ref()
+                    .is_some_and(|m| m.spec_hash != flotilla::control::IMPORTED)
+        })
+    });
+    assert_eq!(c.holders("hand"), vec![1]);
+}

@@ -93,6 +93,24 @@ pub(super) fn on_control(shared: &Arc<Shared>, c: &Control, from: &str) {
                 return;
             }
         },
+        Verb::Import { vm, host } if host != shared.me() => {
+            format!("import of {vm} on {host} asked {said}")
+        }
+        Verb::Import { vm, .. } => match import(shared, vm) {
+            Ok(()) => format!(
+                "{vm} imported {said}: managed now; it is not destroyed while no VM file desires it"
+            ),
+            Err(e) => {
+                shared.event(
+                    "error",
+                    Some(vm),
+                    None,
+                    None,
+                    format!("import of {vm} asked {said} refused: {e}"),
+                );
+                return;
+            }
+        },
         verb => {
             let changed = shared.switches().apply(verb);
             let what = match verb {
@@ -112,7 +130,7 @@ pub(super) fn on_control(shared: &Arc<Shared>, c: &Control, from: &str) {
                 Verb::Resume { vm: None } => {
                     "the cluster resumed, and every VM suspended alone".into()
                 }
-                Verb::Retry { .. } => String::new(),
+                Verb::Retry { .. } | Verb::Import { .. } => String::new(),
             };
             match changed {
                 Ok(true) => format!("{what} ({said})"),
@@ -134,6 +152,56 @@ pub(super) fn on_control(shared: &Arc<Shared>, c: &Control, from: &str) {
     shared.event(kind, vm, None, None, text);
     shared.wake_reconcile.notify_one();
     shared.wake_publish.notify_one();
+}
+
+/// Marks the unmanaged VM `vm` of this host managed, as imported: refused when it
+/// carries a marker (managed here or by another cluster), when another host shows a VM
+/// of that name, or while a build or op holds it.
+fn import(shared: &Shared, vm: &str) -> Result<(), String> {
+    let snap = shared
+        .snapshot()
+        .ok_or("no desired state read yet; try again")?;
+    let elsewhere: Vec<String> = shared
+        .inventories
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|(h, inv)| h.as_str() != shared.me() && inv.vms.iter().any(|v| v.name == vm))
+        .map(|(h, _)| h.clone())
+        .collect();
+    if !elsewhere.is_empty() {
+        return Err(format!(
+            "a VM of that name is on {} too",
+            elsewhere.join(", ")
+        ));
+    }
+    let mut adm = shared.admission();
+    if adm.building.contains(vm) || adm.operating.contains(vm) {
+        return Err("a build or change of it is under way".into());
+    }
+    match shared.backend.read_marker(vm) {
+        Ok(None) => {}
+        Ok(Some(m)) if m.cluster == snap.cluster.id => return Err("it is managed already".into()),
+        Ok(Some(m)) => return Err(format!("it is managed by cluster `{}`", m.cluster)),
+        Err(e) => return Err(e.to_string()),
+    }
+    // Held as an op, so no other slot acts on it while the marker is written.
+    adm.operating.insert(vm.to_string());
+    drop(adm);
+    let marker = crate::actual::Marker {
+        format_version: crate::actual::Marker::FORMAT_VERSION,
+        cluster: snap.cluster.id.clone(),
+        job_id: format!("import-{}", message::now()),
+        spec_hash: crate::control::IMPORTED.into(),
+        commit: snap.commit.clone().unwrap_or_default(),
+        owner: shared.me().to_string(),
+        protect: false,
+        complete: true,
+        placed_from: None,
+    };
+    let res = shared.backend.write_marker(vm, &marker);
+    shared.admission().operating.remove(vm);
+    res.map_err(|e| e.to_string())
 }
 
 /// Brings the retry time of this host's failed creates of `vms` (all when empty), and

@@ -69,6 +69,13 @@ enum Command {
     ///
     /// Exit 0 when every host got it, 1 otherwise.
     Resume(verbs::SuspendArgs),
+    /// Adopt an unmanaged VM: show the VM file made from its vm-bhyve config; with
+    /// --repo DIR --yes, write it to DIR/vms/NAME.yaml and have its host mark it managed.
+    /// Until the file is committed the VM is blocked ("imported"), never destroyed.
+    /// Refused for a name already managed or on more than one host.
+    ///
+    /// Exit 0 when shown (or written and marked), 1 otherwise.
+    Import(verbs::ImportArgs),
     /// Run this host's agent: source, reconciler, worker, inbox, inventory. Exit 0 on
     /// SIGTERM, 78 on a bad configuration.
     Agent(agent::Args),
@@ -114,6 +121,7 @@ pub fn main() -> ExitCode {
         Command::Retry(args) => verbs::retry(args),
         Command::Suspend(args) => verbs::suspend(args),
         Command::Resume(args) => verbs::resume(args),
+        Command::Import(args) => verbs::import(args),
         Command::Agent(args) => agent::run(args),
     };
     match result {

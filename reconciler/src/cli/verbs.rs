@@ -167,3 +167,129 @@ fn suspended_warnings(
     out.dedup();
     out
 }
+
+/// Arguments of `import`.
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// The unmanaged VM.
+    #[arg(value_name = "NAME")]
+    vm: String,
+    /// The desired repo's checkout to write `vms/NAME.yaml` into (with --yes).
+    #[arg(long, value_name = "DIR")]
+    repo: Option<std::path::PathBuf>,
+    /// Write the file and mark the VM managed; without it, only show the file.
+    #[arg(long, requires = "repo")]
+    yes: bool,
+    #[command(flatten)]
+    agent: AgentArgs,
+    /// How long to wait for the VM's host to mark it managed.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_dur)]
+    timeout: Dur,
+}
+
+/// `flotilla import NAME`: shows the VM file of an unmanaged VM; with `--yes`, writes it
+/// into `--repo` and asks the VM's host to mark it managed (as imported: never
+/// destroyed before the file is committed).
+pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
+    use flotilla::agent::status;
+    let hosts = args.agent.hosts()?;
+    let keys = super::cluster::status_keys(&args.agent);
+    let (st, invs) = runtime()?.block_on(status::gather(&hosts, super::cluster::verify(&keys)));
+    let silent: Vec<&str> = st
+        .hosts
+        .iter()
+        .filter(|h| h.error.is_some())
+        .map(|h| h.host.as_str())
+        .collect();
+    if !silent.is_empty() {
+        // A silent host may hold a VM of the same name: importing could make two.
+        anyhow::bail!(
+            "hosts {} do not answer; import needs every host's inventory to know the name is free",
+            silent.join(", ")
+        );
+    }
+    let found: Vec<(&str, &flotilla::actual::ActualVm)> = invs
+        .iter()
+        .flat_map(|inv| {
+            inv.vms
+                .iter()
+                .filter(|v| v.name == args.vm)
+                .map(move |v| (inv.host.as_str(), v))
+        })
+        .collect();
+    let (host, vm) = match found.as_slice() {
+        [] => anyhow::bail!("no host has a VM named `{}`", args.vm),
+        [(h, v)] => (*h, *v),
+        more => anyhow::bail!(
+            "`{}` is taken elsewhere in the cluster: VMs of that name are on {}",
+            args.vm,
+            more.iter().map(|(h, _)| *h).collect::<Vec<_>>().join(", ")
+        ),
+    };
+    match &vm.marker {
+        Some(m) if m.cluster == hosts.cluster => {
+            anyhow::bail!("`{}` on {host} is managed already", args.vm)
+        }
+        Some(m) => anyhow::bail!(
+            "`{}` on {host} is managed by cluster `{}`, not this one",
+            args.vm,
+            m.cluster
+        ),
+        None => {}
+    }
+    let text = flotilla::control::vm_file(vm, host);
+    print!("{text}");
+    let Some(repo) = args.repo.as_ref().filter(|_| args.yes) else {
+        eprintln!(
+            "flotilla: not written: run again with --repo DIR --yes to write vms/{}.yaml and mark {} on {host} managed",
+            args.vm, args.vm
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    let path = repo.join("vms").join(format!("{}.yaml", args.vm));
+    std::fs::create_dir_all(repo.join("vms"))?;
+    // Never over another file: the name must be free in the desired repo too.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    eprintln!("flotilla: wrote {}", path.display());
+    let code = send(
+        &args.agent,
+        Verb::Import {
+            vm: args.vm.clone(),
+            host: host.to_string(),
+        },
+        Dur(std::time::Duration::from_secs(5)),
+    )?;
+    if code != ExitCode::SUCCESS {
+        return Ok(code);
+    }
+    let started = std::time::Instant::now();
+    let checked = keys;
+    while started.elapsed() < args.timeout.0 {
+        let (_, invs) =
+            runtime()?.block_on(status::gather(&hosts, super::cluster::verify(&checked)));
+        let managed = invs.iter().filter(|i| i.host == host).any(|i| {
+            i.vms
+                .iter()
+                .any(|v| v.name == args.vm && v.is_managed_by(&hosts.cluster))
+        });
+        if managed {
+            eprintln!(
+                "flotilla: {} on {host} is managed now (imported: never destroyed before its file is committed); commit and push {}",
+                args.vm,
+                path.display()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    eprintln!(
+        "flotilla: {host} has not shown {} managed within {:?}; its event log says why",
+        args.vm, args.timeout.0
+    );
+    Ok(ExitCode::from(1))
+}
