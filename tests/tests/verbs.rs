@@ -381,3 +381,102 @@ fn import_adopts_an_unmanaged_vm_without_making_it_destroyable() {
     });
     assert_eq!(c.holders("hand"), vec![1]);
 }
+
+/// Guards issue 15, verb 5: `flotilla events --cluster` gathers every host's events
+/// (each host's own record of a verb), filters by `--since`, prints JSON lines with a
+/// `version`, and `--follow` prints what comes later; plain `events` stays local.
+#[test]
+fn events_cluster_gathers_every_hosts_events() {
+    let specs = vec![
+        HostSpec::new("host1", Some("host2")),
+        HostSpec::new("host2", None),
+    ];
+    let mut c = Cluster::start(&specs, Options::default());
+    c.start_agents();
+    let config = c.hosts[0].config.display().to_string();
+    verb(&c, &["host", "drain", "host2"]);
+    let lines = |c: &Cluster, extra: &[&str]| -> Vec<serde_json::Value> {
+        let mut args = vec![
+            "events",
+            "--cluster",
+            "--output",
+            "json",
+            "--config",
+            &config,
+        ];
+        args.extend(extra);
+        let (code, out, err) = c.flotilla(&args);
+        assert_eq!(code, 0, "{err}");
+        out.lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    };
+    let drains = |ls: &[serde_json::Value]| -> Vec<String> {
+        ls.iter()
+            .filter(|l| l["kind"] == "drain")
+            .filter_map(|l| l["host"].as_str().map(str::to_string))
+            .collect()
+    };
+    c.wait_until("both hosts' drain events published", CONVERGE, |c| {
+        drains(&lines(c, &[])) == ["host1", "host2"] || drains(&lines(c, &[])) == ["host2", "host1"]
+    });
+    let all = lines(&c, &[]);
+    assert!(all.iter().all(|l| l["version"] == 1), "{all:?}");
+    assert!(lines(&c, &["--since", "2000-01-01T00:00:00Z"]).len() >= all.len());
+    let future = lines(&c, &["--since", "2999-01-01T00:00:00+02:00"]);
+    assert!(future.is_empty(), "{future:?}");
+    let (code, _, err) = c.flotilla(&["events", "--since", "yesterday", "--config", &config]);
+    assert_eq!(code, 64, "{err}");
+    // Local: host1's own log only.
+    let (_, local, _) = c.flotilla(&["events", "--config", &config]);
+    assert!(local.lines().all(|l| l.contains(" host1 ")), "{local}");
+
+    // --follow prints an event that happens after it started.
+    let mut follow = std::process::Command::new(flotilla_e2e::bin_dir().join("flotilla"))
+        .args([
+            "events",
+            "--cluster",
+            "--follow",
+            "--since",
+            "1s",
+            "--config",
+            &config,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("events --follow");
+    let stdout = follow.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    verb(&c, &["host", "undrain", "host2"]);
+    let deadline = std::time::Instant::now() + CONVERGE;
+    let mut got = Vec::new();
+    while std::time::Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(l) => got.push(l),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(e) => panic!("events --follow ended: {e}"),
+        }
+        let undrains = got.iter().filter(|l| l.contains(" undrain ")).count();
+        if undrains == 2 {
+            break;
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert_eq!(
+        got.iter().filter(|l| l.contains(" undrain ")).count(),
+        2,
+        "{got:?}"
+    );
+}

@@ -1,14 +1,14 @@
 //! `status`, `apply`, `events` and `trigger`: the operator's view of a running cluster,
 //! through the hosts' beanstalkd servers and the local agent's state directory.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use flotilla::agent::config::{AgentConfig, Dur};
-use flotilla::agent::{events, status, HostsFile};
+use flotilla::agent::{status, HostsFile};
 use flotilla::message::{self, tubes, Envelope, Message, Trigger};
 
 use super::Output;
@@ -308,49 +308,6 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-}
-
-/// Arguments of `events`.
-#[derive(Debug, clap::Args)]
-pub struct EventsArgs {
-    #[command(flatten)]
-    agent: AgentArgs,
-    /// Only events about this VM.
-    #[arg(long, value_name = "NAME")]
-    vm: Option<String>,
-    /// Only the last N events.
-    #[arg(long, value_name = "N")]
-    last: Option<usize>,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "text")]
-    output: Output,
-}
-
-pub fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
-    let dir = args.agent.state_dir()?;
-    let path: &Path = &dir.join("events.jsonl");
-    let mut evs = events::read(path).with_context(|| format!("reading {}", path.display()))?;
-    if let Some(vm) = &args.vm {
-        evs.retain(|e| e.vm.as_deref() == Some(vm.as_str()));
-    }
-    if let Some(n) = args.last {
-        let skip = evs.len().saturating_sub(n);
-        evs.drain(..skip);
-    }
-    for e in &evs {
-        match args.output {
-            Output::Json => println!("{}", serde_json::to_string(e)?),
-            Output::Text => println!(
-                "{} {:<8} {:<9} {:<20} {}",
-                e.at,
-                e.host,
-                e.kind,
-                e.vm.as_deref().unwrap_or("-"),
-                e.message
-            ),
-        }
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// `flotilla host …`.

@@ -13,6 +13,7 @@ use flotilla::render::Style;
 mod agent;
 mod cluster;
 mod desired;
+mod events;
 mod plan;
 mod validate;
 mod verbs;
@@ -43,8 +44,11 @@ enum Command {
     /// Hosts, their capacity and inventory age, every VM, creates in flight, the commit
     /// each host has applied, recent failures.
     Status(cluster::StatusArgs),
-    /// The local agent's event log: what was done, where, why, with which result.
-    Events(cluster::EventsArgs),
+    /// The local agent's event log, or with --cluster every host's recent events: what
+    /// was done, where, why, with which result.
+    ///
+    /// Exit 0, or 1 when the log (or with --cluster, a host) cannot be read.
+    Events(events::EventsArgs),
     /// Ask hosts to fetch the desired repo and reconcile now (the post-receive hook's
     /// command).
     ///
@@ -113,7 +117,7 @@ pub fn main() -> ExitCode {
         Command::Plan(args) => plan::run(args),
         Command::Apply(args) => cluster::apply(args),
         Command::Status(args) => cluster::status(args),
-        Command::Events(args) => cluster::events(args),
+        Command::Events(args) => events::run(args),
         Command::Trigger(args) => cluster::trigger(args),
         Command::Host(cluster::HostCommand::Forget(args)) => cluster::host_forget(args),
         Command::Host(cluster::HostCommand::Drain(args)) => verbs::drain(args),
