@@ -94,6 +94,8 @@ impl std::fmt::Display for Destination {
 /// What a message says.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+// The inventory is the large one: one per host and publication, never many in memory.
+#[allow(clippy::large_enum_variant)]
 pub enum Message {
     /// Build a VM (on this host if it fits, else forward it along the chain).
     Create(CreateJob),
