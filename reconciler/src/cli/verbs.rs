@@ -139,8 +139,14 @@ pub(super) fn mark_suspended(
     agent_config: &std::path::Path,
 ) -> anyhow::Result<()> {
     let cfg = AgentConfig::load(agent_config)?;
-    let store = flotilla::agent::control::SwitchStore::open(&cfg.state_dir)?;
-    plan.warnings.extend(suspended_warnings(plan, store.get()));
+    // A user who may plan but not read the agent's state directory still gets the plan.
+    match flotilla::agent::control::SwitchStore::open(&cfg.state_dir) {
+        Ok(store) => {
+            let warnings = suspended_warnings(plan, store.get());
+            plan.warnings.extend(warnings);
+        }
+        Err(e) => plan.warnings.push(format!("suspended VMs not shown: {e}")),
+    }
     Ok(())
 }
 
