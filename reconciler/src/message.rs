@@ -114,6 +114,8 @@ pub enum Message {
     /// An operator says a host is gone for good (`flotilla host forget`): stop waiting
     /// for it and drop what its last inventory showed.
     Forget(Forget),
+    /// An operator's verb (`flotilla retry`, `host drain`, `suspend`, …).
+    Control(crate::control::Control),
 }
 
 impl Message {
@@ -129,6 +131,7 @@ impl Message {
             Message::Inventory(_) => "inventory",
             Message::Trigger(_) => "trigger",
             Message::Forget(_) => "forget",
+            Message::Control(_) => "control",
         }
     }
 
@@ -141,7 +144,7 @@ impl Message {
             }
             Message::Result(_) => tubes::RESULTS,
             Message::Inventory(_) => tubes::INVENTORY,
-            Message::Trigger(_) | Message::Forget(_) => tubes::CONTROL,
+            Message::Trigger(_) | Message::Forget(_) | Message::Control(_) => tubes::CONTROL,
         }
     }
 
@@ -152,6 +155,7 @@ impl Message {
             Message::Destroy(j) | Message::Start(j) | Message::Stop(j) => Some(&j.vm),
             Message::Update(j) => Some(&j.vm),
             Message::Result(r) => Some(&r.vm),
+            Message::Control(c) => c.verb.vm(),
             Message::Inventory(_) | Message::Trigger(_) | Message::Forget(_) => None,
         }
     }
@@ -515,6 +519,12 @@ pub struct Inventory {
     /// Set when the newest desired commit it fetched does not validate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_error: Option<DesiredError>,
+    /// The drains and suspends this host knows of (`flotilla host drain`, `suspend`).
+    #[serde(default, skip_serializing_if = "crate::control::Switches::is_empty")]
+    pub switches: crate::control::Switches,
+    /// This host's most recent events, newest last, for `flotilla events --cluster`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_events: Vec<crate::agent::events::Event>,
 }
 
 /// A host an operator declared gone for good.
@@ -748,6 +758,8 @@ mod tests {
                 blocked: vec![],
                 ops: vec![],
                 desired_error: None,
+                switches: Default::default(),
+                recent_events: vec![],
             })),
             Message::Trigger(Trigger {
                 reason: "push".into(),

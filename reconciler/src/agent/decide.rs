@@ -447,6 +447,8 @@ mod tests {
             blocked: vec![],
             ops: vec![],
             desired_error: None,
+            switches: Default::default(),
+            recent_events: vec![],
         }
     }
 

@@ -18,6 +18,7 @@
 //! hand finish or releases them, and exits.
 
 pub mod config;
+pub mod control;
 pub mod decide;
 pub mod departed;
 pub mod events;

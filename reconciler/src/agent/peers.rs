@@ -362,6 +362,8 @@ mod tests {
             blocked: vec![],
             ops: vec![],
             desired_error: None,
+            switches: Default::default(),
+            recent_events: vec![],
         };
         Envelope::new("c", host, host, Message::Inventory(Box::new(inv)))
     }

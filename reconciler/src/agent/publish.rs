@@ -123,8 +123,14 @@ pub(super) fn inventory(
         blocked: local.blocked.clone(),
         ops,
         desired_error: local.desired_error.clone(),
+        switches: shared.switches().get().clone(),
+        recent_events: shared.events.recent(RECENT_EVENTS),
     })
 }
+
+/// How many of its latest events a host publishes in its inventory: enough for
+/// `flotilla events --cluster --follow` between two publications, small beside the VMs.
+const RECENT_EVENTS: usize = 100;
 
 /// Safety rule 8: an inventory in this host's own tube under another identity than
 /// this agent's, listed since it took the lease, was published by another agent under

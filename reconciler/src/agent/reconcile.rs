@@ -361,6 +361,13 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
         Emit::Op(a) => !retrying_ops.contains(&(a.vm().to_string(), a.kind())),
         Emit::Create(_) => true,
     });
+    // Issue 15, verb 3: a suspended VM (or cluster) is planned and reported, never
+    // acted on; it counts as held back, so the commit is not applied meanwhile.
+    let switches = shared.switches().get().clone();
+    emits.retain(|e| {
+        let (Emit::Op(a) | Emit::Create(a)) = e;
+        !switches.suspends(a.vm())
+    });
     let held_back = selected - emits.len();
     let waiting_creates = plan
         .actions()

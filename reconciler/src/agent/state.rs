@@ -24,7 +24,7 @@ use super::events::{Event, EventKind, EventLog};
 use super::metrics::{Counter, Gauge};
 use super::peers::Peers;
 use super::stopped;
-use super::{decide, departed, identity, lease, listing, replay, seq, usage, worker};
+use super::{control, decide, departed, identity, lease, listing, replay, seq, usage, worker};
 
 /// `<state_dir>/hosts.json`: the cluster's hosts as of the last good snapshot, so that
 /// `flotilla status`, `apply` and `trigger` on this host know where every beanstalkd is.
@@ -162,6 +162,8 @@ pub struct Shared {
     pub(super) inventory_seq: seq::InventorySeq,
     /// This host's listing, kept while nothing changes it (issue 12, item 4).
     pub(super) listing: Arc<listing::Listing>,
+    /// Drains and suspends operators set (issue 15), kept on disk.
+    pub(super) switches: Mutex<control::SwitchStore>,
 }
 
 /// The backend the config describes: vm-bhyve's `vm`, or the simulator when `sim_dir` is
@@ -216,6 +218,8 @@ impl Shared {
             cfg.message_window.0.as_secs(),
             message::now(),
         );
+        let switches =
+            control::SwitchStore::open(&cfg.state_dir).map_err(|e| state(e.to_string()))?;
         let listing = Arc::new(listing::Listing::default());
         let backend = Arc::new(listing::Tracked {
             inner: backend,
@@ -252,6 +256,7 @@ impl Shared {
             unsure_forwards: Mutex::default(),
             inventory_seq,
             listing,
+            switches: Mutex::new(switches),
         }))
     }
 
@@ -305,6 +310,10 @@ impl Shared {
         if let Err(e) = acted.record(&env.id, env.sent_at, message::now()) {
             tracing::warn!(error = %e, "cannot record an acted message id");
         }
+    }
+
+    pub(super) fn switches(&self) -> std::sync::MutexGuard<'_, control::SwitchStore> {
+        self.switches.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(super) fn local(&self) -> std::sync::MutexGuard<'_, Local> {

@@ -52,6 +52,9 @@ pub struct HostStatus {
     /// A peer clock it sees beyond `max_clock_skew`: no creates are sent meanwhile.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clock_skew: Option<String>,
+    /// Drained by an operator (`flotilla host drain`): it places no new creates.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 /// A host name seen under two identities: two agents claim it, and no create goes to or
@@ -139,6 +142,10 @@ pub struct ClusterStatus {
     /// readable, say); `None` when every inventory shown verified.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unverified: Option<String>,
+    /// Drains and suspends, as any host's inventory shows them (`flotilla host drain`,
+    /// `suspend`).
+    #[serde(default, skip_serializing_if = "crate::control::Switches::is_empty")]
+    pub switches: crate::control::Switches,
 }
 
 /// How `gather` treats the inventories' signatures.
@@ -216,6 +223,7 @@ pub async fn gather(hosts: &HostsFile, verify: Verify<'_>) -> (ClusterStatus, Ve
         needs_action: Vec::new(),
         identity_conflicts: Vec::new(),
         unverified,
+        switches: Default::default(),
     };
     let mut blocked = std::collections::BTreeSet::new();
     let mut invs = Vec::new();
@@ -239,6 +247,7 @@ pub async fn gather(hosts: &HostsFile, verify: Verify<'_>) -> (ClusterStatus, Ve
             identity: None,
             left_cluster,
             clock_skew: None,
+            draining: false,
         };
         match r {
             Ok(Ok((Some(inv), _))) => {
@@ -263,6 +272,14 @@ pub async fn gather(hosts: &HostsFile, verify: Verify<'_>) -> (ClusterStatus, Ve
                 h.overload = inv.overload.clone();
                 h.clock_skew = inv.clock_skew.clone();
                 h.identity = inv.agent.as_ref().map(|a| a.identity.clone());
+                h.draining = inv.switches.drains(name);
+                out.switches
+                    .drained
+                    .extend(inv.switches.drained.iter().cloned());
+                out.switches.suspend_all |= inv.switches.suspend_all;
+                out.switches
+                    .suspended
+                    .extend(inv.switches.suspended.iter().cloned());
                 for vm in &inv.vms {
                     out.vms.push(VmStatus {
                         vm: vm.name.clone(),
@@ -296,6 +313,10 @@ pub async fn gather(hosts: &HostsFile, verify: Verify<'_>) -> (ClusterStatus, Ve
     out.vms
         .sort_by(|a, b| a.vm.cmp(&b.vm).then(a.host.cmp(&b.host)));
     out.identity_conflicts = identity_conflicts(&invs);
+    // A host that missed the drain message still shows as draining when others know.
+    for h in &mut out.hosts {
+        h.draining |= out.switches.drains(&h.host);
+    }
     out.blocked = blocked.into_iter().collect();
     out.needs_action = needs_action(&out);
     (out, invs)
@@ -565,6 +586,9 @@ pub fn render_text(s: &ClusterStatus) -> String {
             if h.left_cluster {
                 notes.push("LEFT cluster.yaml: its VMs are held there until it shows them gone or `flotilla host forget`".into());
             }
+            if h.draining {
+                notes.push("DRAINING: no new creates (`flotilla host undrain`)".into());
+            }
             vec![
                 h.host.clone(),
                 h.beanstalkd.clone(),
@@ -590,6 +614,20 @@ pub fn render_text(s: &ClusterStatus) -> String {
         ],
         &rows,
     );
+    if s.switches.suspend_all {
+        let _ = writeln!(
+            o,
+            "\nSUSPENDED: the whole cluster; nothing is acted on until `flotilla resume`"
+        );
+    }
+    if !s.switches.suspended.is_empty() {
+        let names: Vec<&str> = s.switches.suspended.iter().map(String::as_str).collect();
+        let _ = writeln!(
+            o,
+            "\nSUSPENDED VMS (`flotilla resume VM`): {}",
+            names.join(", ")
+        );
+    }
     if !s.identity_conflicts.is_empty() {
         let _ = writeln!(
             o,
@@ -625,6 +663,9 @@ pub fn render_text(s: &ClusterStatus) -> String {
                 notes.push("held by a host that left cluster.yaml".into());
             } else if !v.complete {
                 notes.push("half-made".into());
+            }
+            if s.switches.suspends(&v.vm) {
+                notes.push("suspended".into());
             }
             vec![
                 v.vm.clone(),
@@ -908,6 +949,7 @@ mod tests {
             needs_action: vec![],
             identity_conflicts: found,
             unverified: None,
+            switches: Default::default(),
         };
         let text = render_text(&st);
         assert!(text.contains("TWO AGENTS UNDER ONE HOST NAME"), "{text}");

@@ -575,6 +575,7 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
                     reserved: Usage::default(),
                     limits: &limits,
                     overload: overload.as_deref(),
+                    drained: shared.switches().get().drains(me),
                 },
             )
         };

@@ -1,14 +1,14 @@
 //! `status`, `apply`, `events` and `trigger`: the operator's view of a running cluster,
 //! through the hosts' beanstalkd servers and the local agent's state directory.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use flotilla::agent::config::{AgentConfig, Dur};
-use flotilla::agent::{events, status, HostsFile};
+use flotilla::agent::{status, HostsFile};
 use flotilla::message::{self, tubes, Envelope, Message, Trigger};
 
 use super::Output;
@@ -30,12 +30,12 @@ pub struct AgentArgs {
 const HOSTS_FILE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 impl AgentArgs {
-    fn state_dir(&self) -> anyhow::Result<PathBuf> {
+    pub(super) fn state_dir(&self) -> anyhow::Result<PathBuf> {
         let cfg = AgentConfig::load(&self.config)?;
         Ok(cfg.state_dir)
     }
 
-    fn hosts(&self) -> anyhow::Result<HostsFile> {
+    pub(super) fn hosts(&self) -> anyhow::Result<HostsFile> {
         let path = self.state_dir()?.join(HostsFile::NAME);
         // An agent that has just started writes the file once it has read the desired
         // repo: give it that moment rather than failing on "No such file".
@@ -76,20 +76,20 @@ impl AgentArgs {
 /// The cluster keys and message window that inventories are checked with, or why they
 /// cannot be had: `status` may run as a user who cannot read the key, and then shows
 /// the inventories unverified, saying so.
-fn status_keys(agent: &AgentArgs) -> Result<(flotilla::auth::Keys, u64), String> {
+pub(super) fn status_keys(agent: &AgentArgs) -> Result<(flotilla::auth::Keys, u64), String> {
     let cfg = AgentConfig::load(&agent.config).map_err(|e| format!("{e:#}"))?;
     let keys = flotilla::auth::Keys::load(&cfg.key_file).map_err(|e| format!("{e:#}"))?;
     Ok((keys, cfg.message_window.0.as_secs()))
 }
 
-fn verify(keys: &Result<(flotilla::auth::Keys, u64), String>) -> status::Verify<'_> {
+pub(super) fn verify(keys: &Result<(flotilla::auth::Keys, u64), String>) -> status::Verify<'_> {
     match keys {
         Ok((k, window)) => status::Verify::With(k, *window),
         Err(why) => status::Verify::Without(why.clone()),
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
@@ -188,7 +188,7 @@ fn addressed(hosts: &HostsFile) -> Vec<(Option<String>, String)> {
         .collect()
 }
 
-fn hostname() -> String {
+pub(super) fn hostname() -> String {
     std::process::Command::new("hostname")
         .output()
         .ok()
@@ -227,7 +227,7 @@ pub struct TriggerArgs {
     timeout: Dur,
 }
 
-fn parse_dur(s: &str) -> Result<Dur, String> {
+pub(super) fn parse_dur(s: &str) -> Result<Dur, String> {
     flotilla::desired::parse_duration(s)
         .map(Dur)
         .ok_or_else(|| format!("`{s}` is not a duration (e.g. 500ms, 5s, 2m, 1h30m)"))
@@ -453,67 +453,6 @@ fn report_leftovers(st: &status::ClusterStatus) -> u8 {
     }
 }
 
-/// Arguments of `events`.
-#[derive(Debug, clap::Args)]
-pub struct EventsArgs {
-    #[command(flatten)]
-    agent: AgentArgs,
-    /// Only events about this VM.
-    #[arg(long, value_name = "NAME")]
-    vm: Option<String>,
-    /// Only the last N events.
-    #[arg(long, value_name = "N")]
-    last: Option<usize>,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "text")]
-    output: Output,
-}
-
-/// The version of each line of `events --output json` (schemas/v1/events.schema.json).
-const EVENTS_FORMAT_VERSION: u32 = 1;
-
-/// One line of `events --output json`: the event as logged, versioned like the other
-/// JSON outputs so that a reader can tell a format it does not know.
-#[derive(serde::Serialize)]
-struct EventLine<'a> {
-    format_version: u32,
-    #[serde(flatten)]
-    event: &'a events::Event,
-}
-
-pub fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
-    let dir = args.agent.state_dir()?;
-    let path: &Path = &dir.join("events.jsonl");
-    let mut evs = events::read(path).with_context(|| format!("reading {}", path.display()))?;
-    if let Some(vm) = &args.vm {
-        evs.retain(|e| e.vm.as_deref() == Some(vm.as_str()));
-    }
-    if let Some(n) = args.last {
-        let skip = evs.len().saturating_sub(n);
-        evs.drain(..skip);
-    }
-    for e in &evs {
-        match args.output {
-            Output::Json => println!(
-                "{}",
-                serde_json::to_string(&EventLine {
-                    format_version: EVENTS_FORMAT_VERSION,
-                    event: e,
-                })?
-            ),
-            Output::Text => println!(
-                "{} {:<8} {:<9} {:<20} {}",
-                e.at,
-                e.host,
-                e.kind,
-                e.vm.as_deref().unwrap_or("-"),
-                e.message
-            ),
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
 /// `flotilla host …`.
 #[derive(Debug, clap::Subcommand)]
 pub enum HostCommand {
@@ -525,6 +464,17 @@ pub enum HostCommand {
     ///
     /// Exit 0 when every other host got it, 1 otherwise.
     Forget(ForgetArgs),
+    /// Place no new creates on a host (Nomad's node drain): its worker forwards them
+    /// along the hop chain, and a create pinned to it (`host:`) is unplaceable,
+    /// "drained". Its VMs stay. Every host is told (a signed message) and logs it; the
+    /// drain survives restarts, and `status` shows the host as DRAINING.
+    ///
+    /// Exit 0 when every host got it, 1 otherwise.
+    Drain(super::verbs::HostArgs),
+    /// Undo `host drain`: creates are placed on the host again.
+    ///
+    /// Exit 0 when every host got it, 1 otherwise.
+    Undrain(super::verbs::HostArgs),
 }
 
 /// Arguments of `host forget`.

@@ -37,8 +37,10 @@ macro_rules! eprintln {
 mod agent;
 mod cluster;
 mod desired;
+mod events;
 mod plan;
 mod validate;
+mod verbs;
 
 /// GitOps reconciler for FreeBSD bhyve VMs.
 #[derive(Debug, Parser)]
@@ -85,8 +87,11 @@ enum Command {
     /// when every host answers and something needs action. Filters apply to the exit
     /// code too.
     Status(cluster::StatusArgs),
-    /// The local agent's event log: what was done, where, why, with which result.
-    Events(cluster::EventsArgs),
+    /// The local agent's event log, or with --cluster every host's recent events: what
+    /// was done, where, why, with which result.
+    ///
+    /// Exit 0, or 1 when the log (or with --cluster, a host) cannot be read.
+    Events(events::EventsArgs),
     /// Ask hosts to fetch the desired repo and reconcile now (the post-receive hook's
     /// command).
     ///
@@ -95,6 +100,29 @@ enum Command {
     /// Hosts as the cluster's agents know them.
     #[command(subcommand)]
     Host(cluster::HostCommand),
+    /// Plan failed and unplaceable creates (and failed ops) again now, rather than after
+    /// `worker.retry_failed`: every one, or those of the VMs named. Every host is told (a
+    /// signed message) and logs it.
+    ///
+    /// Exit 0 when every host got it, 1 otherwise.
+    Retry(verbs::RetryArgs),
+    /// Stop acting on one VM, or on the whole cluster (as `flux suspend`): no create,
+    /// destroy, update, start or stop is sent for it; passes still run and report.
+    /// Survives restarts; `status` shows it.
+    ///
+    /// Exit 0 when every host got it, 1 otherwise.
+    Suspend(verbs::SuspendArgs),
+    /// Undo `suspend`; without a VM, resume the cluster and every VM suspended alone.
+    ///
+    /// Exit 0 when every host got it, 1 otherwise.
+    Resume(verbs::SuspendArgs),
+    /// Adopt an unmanaged VM: show the VM file made from its vm-bhyve config; with
+    /// --repo DIR --yes, write it to DIR/vms/NAME.yaml and have its host mark it managed.
+    /// Until the file is committed the VM is blocked ("imported"), never destroyed.
+    /// Refused for a name already managed or on more than one host.
+    ///
+    /// Exit 0 when shown (or written and marked), 1 otherwise.
+    Import(verbs::ImportArgs),
     /// Run this host's agent: source, reconciler, worker, inbox, inventory. Exit 0 on
     /// SIGTERM, 78 on a bad configuration.
     Agent(agent::Args),
@@ -134,9 +162,15 @@ pub fn main() -> ExitCode {
         Command::Plan(args) => plan::run(args),
         Command::Apply(args) => cluster::apply(args),
         Command::Status(args) => cluster::status(args),
-        Command::Events(args) => cluster::events(args),
+        Command::Events(args) => events::run(args),
         Command::Trigger(args) => cluster::trigger(args),
         Command::Host(cluster::HostCommand::Forget(args)) => cluster::host_forget(args),
+        Command::Host(cluster::HostCommand::Drain(args)) => verbs::drain(args),
+        Command::Host(cluster::HostCommand::Undrain(args)) => verbs::undrain(args),
+        Command::Retry(args) => verbs::retry(args),
+        Command::Suspend(args) => verbs::suspend(args),
+        Command::Resume(args) => verbs::resume(args),
+        Command::Import(args) => verbs::import(args),
         Command::Agent(args) => agent::run(args),
     };
     match result {

@@ -198,7 +198,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         allow_prune: args.allow_prune,
         allow_empty: args.allow_empty,
     };
-    let plan = planner::plan(&snapshot, &actual, &in_flight, &options);
+    let mut plan = planner::plan(&snapshot, &actual, &in_flight, &options);
+    if let Some(path) = &args.agent_config {
+        super::verbs::mark_suspended(&mut plan, path)?;
+    }
     let text = match args.output {
         Output::Json => render::plan_json(&plan),
         Output::Text => render::plan_text(&plan, super::style(args.no_color)),
