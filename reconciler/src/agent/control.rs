@@ -8,6 +8,7 @@ use crate::control::{Control, Switches, Verb};
 use crate::intents::{Intent, IntentStatus};
 use crate::message;
 
+use super::events::EventKind;
 use super::state::Shared;
 
 /// `<state_dir>/switches.json`: drains and suspends, kept across restarts.
@@ -77,6 +78,14 @@ pub fn retries(intent: &Intent, vms: &[String]) -> bool {
 /// reconciler woken.
 pub(super) fn on_control(shared: &Arc<Shared>, c: &Control, from: &str) {
     let kind = c.verb.name();
+    let event_kind = match &c.verb {
+        Verb::Retry { .. } => EventKind::Retry,
+        Verb::Drain { .. } => EventKind::Drain,
+        Verb::Undrain { .. } => EventKind::Undrain,
+        Verb::Suspend { .. } => EventKind::Suspend,
+        Verb::Resume { .. } => EventKind::Resume,
+        Verb::Import { .. } => EventKind::Import,
+    };
     let vm = c.verb.vm();
     let said = format!("by {} (sent from {from})", c.by);
     let text = match &c.verb {
@@ -89,7 +98,13 @@ pub(super) fn on_control(shared: &Arc<Shared>, c: &Control, from: &str) {
                 retried.join(", ")
             ),
             Err(e) => {
-                shared.event("error", vm, None, None, format!("retry asked {said}: {e}"));
+                shared.event(
+                    EventKind::Error,
+                    vm,
+                    None,
+                    None,
+                    format!("retry asked {said}: {e}"),
+                );
                 return;
             }
         },
@@ -102,7 +117,7 @@ pub(super) fn on_control(shared: &Arc<Shared>, c: &Control, from: &str) {
             ),
             Err(e) => {
                 shared.event(
-                    "error",
+                    EventKind::Error,
                     Some(vm),
                     None,
                     None,
@@ -137,7 +152,7 @@ pub(super) fn on_control(shared: &Arc<Shared>, c: &Control, from: &str) {
                 Ok(false) => format!("{what} ({said}; it already was)"),
                 Err(e) => {
                     shared.event(
-                        "error",
+                        EventKind::Error,
                         vm,
                         None,
                         None,
@@ -148,8 +163,8 @@ pub(super) fn on_control(shared: &Arc<Shared>, c: &Control, from: &str) {
             }
         }
     };
-    tracing::warn!(kind, by = %c.by, "{text}");
-    shared.event(kind, vm, None, None, text);
+    // Logged at WARN by its kind: an operator changed the cluster's state.
+    shared.event(event_kind, vm, None, None, text);
     shared.wake_reconcile.notify_one();
     shared.wake_publish.notify_one();
 }

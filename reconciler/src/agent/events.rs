@@ -148,6 +148,18 @@ pub enum EventKind {
     ConfigChanged,
     /// agent.yaml was read again on SIGHUP and is what the agent runs with.
     ConfigUnchanged,
+    /// `flotilla retry`: failed creates and ops planned again now.
+    Retry,
+    /// `flotilla host drain`: no new creates placed on a host.
+    Drain,
+    /// `flotilla host undrain`.
+    Undrain,
+    /// `flotilla suspend`: reconciliation stops acting on a VM or the cluster.
+    Suspend,
+    /// `flotilla resume`.
+    Resume,
+    /// `flotilla import`: an unmanaged VM adopted.
+    Import,
     /// Something failed.
     Error,
 }
@@ -186,6 +198,12 @@ impl EventKind {
             EventKind::Lease => "lease",
             EventKind::ClockSkew | EventKind::ClockAgreed => "clock",
             EventKind::ConfigChanged | EventKind::ConfigUnchanged => "config",
+            EventKind::Retry => "retry",
+            EventKind::Drain => "drain",
+            EventKind::Undrain => "undrain",
+            EventKind::Suspend => "suspend",
+            EventKind::Resume => "resume",
+            EventKind::Import => "import",
             EventKind::Error => "error",
         }
     }
@@ -203,7 +221,14 @@ impl EventKind {
             | EventKind::Departed
             | EventKind::Forget
             | EventKind::ClockSkew
-            | EventKind::ConfigChanged => Level::Warn,
+            | EventKind::ConfigChanged
+            // An operator changed the cluster's state: worth seeing at WARN.
+            | EventKind::Retry
+            | EventKind::Drain
+            | EventKind::Undrain
+            | EventKind::Suspend
+            | EventKind::Resume
+            | EventKind::Import => Level::Warn,
             _ => Level::Info,
         }
     }

@@ -814,6 +814,7 @@ mod tests {
             needs_action: vec![],
             identity_conflicts: vec![],
             unverified: None,
+            switches: Default::default(),
         }
     }
 
@@ -833,6 +834,7 @@ mod tests {
             identity: None,
             left_cluster: false,
             clock_skew: None,
+            draining: false,
         }
     }
 
