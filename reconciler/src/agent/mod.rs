@@ -21,6 +21,7 @@ pub mod config;
 pub mod decide;
 pub mod departed;
 pub mod events;
+pub mod health;
 pub mod hooks;
 pub mod identity;
 pub mod lease;
@@ -38,6 +39,7 @@ mod emit;
 mod inbox;
 mod publish;
 mod reconcile;
+pub mod registry;
 mod source;
 mod state;
 

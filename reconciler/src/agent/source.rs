@@ -10,6 +10,7 @@ use crate::desired::{self, Snapshot};
 use crate::source::{self, GitSource};
 
 use super::decide;
+use super::health::FetchEnd;
 use super::state::{poll_interval, HostsFile, Shared};
 use super::stopped;
 
@@ -198,6 +199,19 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
             Ok(Err((_, e))) => Err(e),
             Err(e) => Err(e.to_string()),
         };
+        s.seen().fetch_ended(
+            crate::message::now(),
+            match &outcome {
+                Ok(Fetched::Unchanged) => FetchEnd::Unchanged,
+                Ok(Fetched::Good(_)) => FetchEnd::Loaded,
+                Ok(Fetched::Invalid(commit, why)) => FetchEnd::Invalid(commit, why),
+                Err(e) => FetchEnd::Failed(e),
+            },
+        );
+        // Good: fetched, and the tip loads (an unchanged invalid tip is not).
+        if outcome.is_ok() && s.seen().invalid_tip.is_none() {
+            s.metrics.fetched(crate::message::now());
+        }
         let mut wait = poll_interval(&s);
         let failed = outcome.is_err();
         match outcome {
