@@ -208,6 +208,7 @@ async fn owners_at<'a>(
 /// creates wait for hosts not heard from yet (the next pass should come soon).
 async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bool, String> {
     let started = Instant::now();
+    shared.seen().reconcile_turn = Some(message::now());
     if !shared.lease.held() {
         // Safety rule 8: without the host's lease this agent may be a second one.
         return Ok(false);
@@ -428,6 +429,9 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
             format!("cannot send {n} creates to {to}: {e}; they wait for the next pass"),
         );
     }
+    shared.metrics.plan(&plan.summary(), plan.blocked());
+    shared.metrics.inventories(&inventories);
+    shared.seen().blocked = plan.blocked().cloned().collect();
     for b in plan.blocked() {
         if b.host == me {
             tracing::debug!(vm = %b.vm, reason = ?b.reason, "{}", b.detail);

@@ -11,6 +11,7 @@ use crate::source::{self, GitSource};
 
 use super::decide;
 use super::events::EventKind;
+use super::health::FetchEnd;
 use super::metrics::Counter;
 use super::pace::{Pace, Woke};
 use super::state::{poll_interval, HostsFile, Shared};
@@ -209,6 +210,19 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
             Ok(Err((_, e))) => Err(e),
             Err(e) => Err(e.to_string()),
         };
+        s.seen().fetch_ended(
+            crate::message::now(),
+            match &outcome {
+                Ok(Fetched::Unchanged) => FetchEnd::Unchanged,
+                Ok(Fetched::Good(_)) => FetchEnd::Loaded,
+                Ok(Fetched::Invalid(commit, why, _)) => FetchEnd::Invalid(commit, why),
+                Err(e) => FetchEnd::Failed(e),
+            },
+        );
+        // Good: fetched, and the tip loads (an unchanged invalid tip is not).
+        if outcome.is_ok() && s.seen().invalid_tip.is_none() {
+            s.metrics.fetched(crate::message::now());
+        }
         let poll = poll_interval(&s);
         let wait = match outcome {
             Ok(Fetched::Unchanged) => {

@@ -129,8 +129,9 @@ pub struct Shared {
     pub(super) inventories: Mutex<BTreeMap<String, Inventory>>,
     pub(super) latencies: Mutex<BTreeMap<String, Duration>>,
     pub(super) local: Mutex<Local>,
-    pub(super) counters: Mutex<BTreeMap<String, f64>>,
-    pub(super) gauges: Mutex<BTreeMap<String, f64>>,
+    pub(super) metrics: super::registry::Metrics,
+    /// What the loops last did, for `/healthz` and the status page.
+    pub(super) seen: Mutex<super::health::Seen>,
     pub(super) wake_reconcile: Notify,
     /// Results came in: a pass is due, but not at once (see the reconcile loop).
     pub(super) results_in: Notify,
@@ -238,8 +239,11 @@ impl Shared {
             inventories: Mutex::default(),
             latencies: Mutex::default(),
             local: Mutex::default(),
-            counters: Mutex::default(),
-            gauges: Mutex::default(),
+            metrics: super::registry::Metrics::new(),
+            seen: Mutex::new(super::health::Seen {
+                started_at: message::now(),
+                ..Default::default()
+            }),
             wake_reconcile: Notify::new(),
             results_in: Notify::new(),
             wake_fetch: Notify::new(),
@@ -432,20 +436,17 @@ impl Shared {
 
     /// Adds `v` to a counter.
     pub(super) fn add(&self, series: Counter<'_>, v: f64) {
-        *self
-            .counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(series.series())
-            .or_default() += v;
+        self.metrics.add(&series.series(), v);
     }
 
     /// Sets a gauge.
     pub(super) fn set(&self, series: Gauge<'_>, v: f64) {
-        self.gauges
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(series.series(), v);
+        self.metrics.set(&series.series(), v);
+    }
+
+    /// What the loops last did.
+    pub(super) fn seen(&self) -> std::sync::MutexGuard<'_, super::health::Seen> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// SIGHUP: agent.yaml was read again (`fresh`, or why it could not be). The agent
