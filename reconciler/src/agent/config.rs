@@ -305,6 +305,10 @@ pub struct AgentConfig {
     /// `IP:PORT`, or a bare port for `127.0.0.1:PORT`; off when absent.
     #[serde(default, deserialize_with = "http_addr")]
     pub http: Option<SocketAddr>,
+    /// Allows `http` on an address other than loopback: whoever reaches it reads the
+    /// cluster's status, events and metrics (nothing there changes anything).
+    #[serde(default)]
+    pub http_public: bool,
     /// Log format.
     #[serde(default)]
     pub log_format: LogFormat,
@@ -363,9 +367,9 @@ impl AgentConfig {
             return Err(invalid("`worker.max_creates` must be at least 1".into()));
         }
         if let Some(addr) = cfg.http {
-            if !addr.ip().is_loopback() {
+            if !addr.ip().is_loopback() && !cfg.http_public {
                 return Err(invalid(format!(
-                    "`http: {addr}` is not a loopback address; /metrics is served on loopback only (put a proxy in front to expose it)"
+                    "`http: {addr}` is not a loopback address: set `http_public: true` to serve the status page and /metrics there (whoever reaches it reads the cluster's status), or put a proxy in front"
                 )));
             }
         }
@@ -470,6 +474,7 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("not a loopback address"), "{e}");
+        assert!(e.contains("http_public: true"), "{e}");
     }
 
     /// Guards issue 15 (metrics served loopback by default): a bare port binds the
@@ -491,5 +496,11 @@ mod tests {
         );
         assert_eq!(parse("\"[::1]:9108\"").unwrap(), "[::1]:9108".parse().ok());
         assert_eq!(parse("null").unwrap(), None);
+        // Beyond loopback only when asked for in so many words.
+        assert!(parse("0.0.0.0:9108").is_err());
+        assert_eq!(
+            parse("0.0.0.0:9108\nhttp_public: true").unwrap(),
+            "0.0.0.0:9108".parse().ok()
+        );
     }
 }
