@@ -34,6 +34,7 @@ enum StepError {
     Cancelled,
 }
 
+/// What admitting a create came to: send it on to the next host, or end the job here.
 pub(super) enum Built {
     Forward(Box<CreateJob>, String),
     End(Box<End>),
@@ -43,6 +44,9 @@ fn ended(end: End) -> Built {
     Built::End(Box::new(end))
 }
 
+/// Sends the create on to host `to` as `job`, its next hop, under the same job id. The
+/// job here is done once the put succeeds; else it is released for a later try (to `to`
+/// only, should the put have reached it).
 pub(super) async fn forward(shared: &Arc<Shared>, env: &Envelope, job: CreateJob, to: &str) -> End {
     if shared.identity_conflict(to) {
         return End::Release(

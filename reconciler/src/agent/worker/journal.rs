@@ -9,10 +9,13 @@ fn journal_path(shared: &Shared, vm: &str) -> std::path::PathBuf {
     shared.cfg.state_dir.join("building").join(vm)
 }
 
+/// The id of the job that began building `vm`, if the journal holds one.
 pub(super) fn journaled(shared: &Shared, vm: &str) -> Option<String> {
     std::fs::read_to_string(journal_path(shared, vm)).ok()
 }
 
+/// Records (`Some(job)`, synced before `vm create`) or clears (`None`) the journal
+/// entry of `vm`.
 pub(super) fn journal(shared: &Shared, vm: &str, job: Option<&str>) -> std::io::Result<()> {
     let path = journal_path(shared, vm);
     match job {

@@ -38,7 +38,7 @@ use ops::op;
 
 /// How a job ends on this host.
 #[derive(Debug)]
-pub(super) enum End {
+enum End {
     /// Done with: delete it, and send the result if any.
     Delete(Option<(Origin, JobResult)>),
     /// Try again after `delay`; not a failure (waiting for room, a peer, a lock).
