@@ -29,6 +29,7 @@ use crate::message::{self, tubes, Envelope, JobResult, Message, Outcome};
 
 use super::events::EventKind;
 use super::metrics::Counter;
+use super::pace::Backoff;
 use super::Shared;
 // The parts name these `super::…`, as they did when the worker was one file.
 use super::{listing, recheck, Admission};
@@ -67,7 +68,7 @@ fn result(env: &Envelope, vm: &str, host: &str, commit: &str, outcome: Outcome) 
 
 /// Runs one worker slot until shutdown.
 pub(super) async fn slot(shared: Arc<Shared>, creates: bool) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = connect_backoff();
     while !shared.stopping() {
         let Some(addr) = shared.own_addr() else {
             shared.sleep(Duration::from_millis(200)).await;
@@ -77,12 +78,11 @@ pub(super) async fn slot(shared: Arc<Shared>, creates: bool) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(%addr, error = %format!("{e:#}"), "worker cannot reach beanstalkd; retrying");
-                shared.sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                shared.sleep(backoff.failed()).await;
                 continue;
             }
         };
-        backoff = Duration::from_millis(200);
+        backoff.succeeded();
         while !shared.stopping() {
             if !shared.lease.held() {
                 // Safety rule 8: without the host's lease this agent may be a second one.
@@ -106,6 +106,12 @@ pub(super) async fn slot(shared: Arc<Shared>, creates: bool) {
             }
         }
     }
+}
+
+/// How a slot retries a beanstalkd it cannot reach: 200 ms, doubling up to 10 s, and
+/// 200 ms again once it connected.
+fn connect_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(10))
 }
 
 async fn connect(addr: &str, creates: bool) -> Result<Client, beanstalk::Error> {
@@ -410,5 +416,26 @@ pub(super) fn params(pri: u32, ttr: Duration) -> PutParams {
         pri,
         delay: 0,
         ttr: ttr.as_secs().clamp(1, u32::MAX as u64) as u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Guards issue 13, part 1 (one backoff helper): a slot that cannot reach beanstalkd
+    /// retries at the pace of the loop written out here before: 200 ms, doubling up to
+    /// 10 s, and 200 ms again after a connection.
+    #[test]
+    fn a_slot_retries_beanstalkd_at_the_same_pace() {
+        let ms = Duration::from_millis;
+        let mut b = connect_backoff();
+        let waits: Vec<_> = (0..8).map(|_| b.failed()).collect();
+        assert_eq!(
+            waits,
+            [200, 400, 800, 1600, 3200, 6400, 10_000, 10_000].map(ms)
+        );
+        b.succeeded();
+        assert_eq!(b.failed(), ms(200));
     }
 }
