@@ -202,9 +202,13 @@ fn a_drained_host_places_no_new_creates_until_undrained() {
     c.wait_until("pinned built on host1", CONVERGE, |c| {
         c.holders("pinned") == vec![0]
     });
-    assert!(status(&c)["hosts"]
-        .as_array()
-        .is_some_and(|hs| hs.iter().all(|h| h["draining"].is_null())));
+    // Status reads the published inventories: each shows the undrain from its next
+    // publication on.
+    c.wait_until("status shows no host draining", CONVERGE, |c| {
+        status(c)["hosts"]
+            .as_array()
+            .is_some_and(|hs| hs.iter().all(|h| h["draining"].is_null()))
+    });
 }
 
 /// Guards issue 15, verb 3: a suspended VM is not acted on (its file deleted, it is not
