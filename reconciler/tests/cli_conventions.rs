@@ -60,6 +60,41 @@ fn a_closed_pipe_ends_the_command_quietly() {
     }
 }
 
+/// Guards issue 15, conventions (no panic on a closed pipe), the issue's own example:
+/// `flotilla events | head -1` exited 101 before the conventions (events now prints
+/// through the same escaping, flushing writer as every command). The local event log
+/// here has many lines and the reader is gone before the first is written.
+#[test]
+fn events_to_a_closed_pipe_end_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let line = r#"{"at":1795986000,"at_ms":1795986000000,"host":"h1","kind":"job","vm":"web1","job":null,"commit":null,"message":"built"}"#;
+    std::fs::write(state.join("events.jsonl"), format!("{line}\n").repeat(5000)).unwrap();
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "host: h1\ndesired:\n  url: /nonexistent\nstate_dir: {}\nkey_file: /nonexistent/key\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    for output in ["text", "json"] {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        drop(ours);
+        let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["events", "--output", output, "--config"])
+            .arg(&config)
+            .stdout(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{output}: {}", stderr(&out));
+        assert_eq!(stderr(&out), "", "{output}");
+    }
+}
+
 /// Guards issue 15, conventions (control characters escaped): a VM name from the
 /// desired repo reached the terminal with its escape sequences (here: clear the
 /// screen, and a right-to-left override).

@@ -121,7 +121,6 @@ impl Printer {
             seen.clear();
         }
         seen.insert(key);
-        use std::io::Write;
         let line = match self.output {
             Output::Json => serde_json::to_string(&JsonLine {
                 format_version: JSON_VERSION,
@@ -129,16 +128,16 @@ impl Printer {
             })?,
             Output::Text => format!(
                 "{} {:<8} {:<9} {:<20} {}",
-                e.at,
+                flotilla::agent::status::rfc3339(e.at),
                 e.host,
                 e.kind,
                 e.vm.as_deref().unwrap_or("-"),
                 e.message
             ),
         };
-        let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "{line}")?;
-        stdout.flush()?;
+        // Escaped, flushed (for --follow), and quiet when the reader has gone, like every
+        // command's output.
+        println!("{line}");
         Ok(())
     }
 }
