@@ -9,8 +9,15 @@
 //!
 //! A plain directory is read as it is on disk, for checks before a commit or a push; its
 //! snapshot has no commit id.
+//!
+//! [`Source`] is what the agent needs from the desired repo, as a seam: [`GitSource`]
+//! implements it over git, and the lab's simulated remote implements it in memory, so a
+//! simulation can run the agent against a branch that moves on a virtual clock.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use git2::{
     FetchOptions, ObjectType, Oid, RemoteCallbacks, Repository, TreeWalkMode, TreeWalkResult,
@@ -42,6 +49,44 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
+    /// The commit is not in this clone (never fetched), or the text is not a commit id.
+    #[error("commit `{0}` is not in this clone")]
+    UnknownCommit(String),
+    /// A step failed for a reason that is neither git's nor the file system's: a
+    /// background task that died, or a simulated remote that is down.
+    #[error("{what}: {reason}")]
+    Failed {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+/// A boxed future, as the seams' methods return them (object-safe and `Send`).
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the agent needs from the desired repo: a clone of its remote that is fetched,
+/// whose refs resolve to commits (40-hex ids) and whose commits read as the loader's
+/// input. A remote that cannot be reached leaves the last fetched commits readable.
+pub trait Source: Send + Sync {
+    /// Fetches the remote's branches and tags into the clone.
+    fn fetch(&self) -> BoxFut<'_, Result<(), SourceError>>;
+    /// The commit `reference` names in the clone, as of the last fetch: a branch, a
+    /// tag, a full ref or a commit id; `HEAD` (or an empty string) is the remote's HEAD.
+    fn resolve<'a>(&'a self, reference: &'a str) -> BoxFut<'a, Result<String, SourceError>>;
+    /// The desired repo's files in `commit`, which this clone must have fetched.
+    fn read<'a>(&'a self, commit: &'a str) -> BoxFut<'a, Result<FileSet, SourceError>>;
+    /// Whether `commit` is a descendant of `ancestor` (not equal to it); an error when
+    /// the clone lacks either.
+    fn is_descendant<'a>(
+        &'a self,
+        commit: &'a str,
+        ancestor: &'a str,
+    ) -> BoxFut<'a, Result<bool, SourceError>>;
+    /// Completes when the watched branch's ref may have moved since the last call
+    /// returned (a change before the call counts); never, when the clone has no watch.
+    fn changed(&self) -> BoxFut<'_, ()>;
 }
 
 fn git(what: impl Into<String>) -> impl FnOnce(git2::Error) -> SourceError {
@@ -52,16 +97,73 @@ fn git(what: impl Into<String>) -> impl FnOnce(git2::Error) -> SourceError {
 /// A bare clone of a desired repo's remote.
 pub struct GitSource {
     url: String,
-    repo: Repository,
+    // Shared with the blocking tasks of the [`Source`] impl; libgit2's repository is not
+    // `Sync`, and one call at a time is what the agent does anyway.
+    repo: Arc<Mutex<Repository>>,
+    watch: Option<BranchWatch>,
+}
+
+/// A file-system watch of one branch's ref in a local repo, for [`Source::changed`].
+struct BranchWatch {
+    news: Arc<tokio::sync::Notify>,
+    // Kept for its drop, which ends the watch; behind a mutex so the source stays `Sync`.
+    _watcher: Mutex<notify::RecommendedWatcher>,
 }
 
 impl std::fmt::Debug for GitSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GitSource")
             .field("url", &self.url)
-            .field("path", &self.repo.path())
+            .field("path", &self.lock().path())
+            .field("watch", &self.watch.is_some())
             .finish()
     }
+}
+
+/// A local path (or file:// URL) of the desired repo, for the file-system watch: its
+/// `.git` directory when it has a work tree, else itself (bare); None for a network URL.
+pub fn local_repo(url: &str) -> Option<PathBuf> {
+    let path = url.strip_prefix("file://").unwrap_or(url);
+    if path.contains("://") || path.contains('@') {
+        return None;
+    }
+    let p = PathBuf::from(path);
+    let git = p.join(".git");
+    Some(if git.is_dir() { git } else { p })
+}
+
+/// Watches the ref of `branch` in the local repo at `url` and calls `on_change` when it
+/// is written; None when `url` is not local or the watch cannot be set up. Dropping the
+/// watcher ends the watch.
+pub fn watch_branch(
+    url: &str,
+    branch: &str,
+    on_change: impl Fn() + Send + 'static,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let path = local_repo(url)?;
+    // Only a write of the branch's ref is news (issue 12, item 4): a fetch from the repo
+    // opens files under `.git`, and a watch woken by that fetched and reconciled without
+    // end.
+    let refs = PathBuf::from("refs/heads").join(branch);
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let news = res.is_ok_and(|ev| {
+            !matches!(ev.kind, notify::EventKind::Access(_))
+                && ev
+                    .paths
+                    .iter()
+                    .any(|p| p.ends_with(&refs) || p.ends_with("packed-refs"))
+        });
+        if news {
+            on_change();
+        }
+    })
+    .ok()?;
+    // The refs, not the objects: a commit writes many objects and one ref.
+    w.watch(&path.join("refs/heads"), notify::RecursiveMode::Recursive)
+        .ok()?;
+    w.watch(&path, notify::RecursiveMode::NonRecursive).ok()?;
+    Some(w)
 }
 
 /// A directory name under a cache root for `url`: readable, and unique per URL.
@@ -115,17 +217,28 @@ impl GitSource {
                 Repository::init_bare(dir).map_err(git(format!("creating {}", dir.display())))?
             }
         };
-        match repo.find_remote("origin") {
-            Ok(r) if r.url().ok() == Some(url.as_str()) => {}
-            Ok(_) => repo
-                .remote_set_url("origin", &url)
-                .map_err(git("setting the remote's url"))?,
-            Err(_) => {
-                repo.remote("origin", &url)
-                    .map_err(git("adding the remote"))?;
-            }
-        }
-        Ok(GitSource { url, repo })
+        set_origin(&repo, &url)?;
+        Ok(GitSource {
+            url,
+            repo: Arc::new(Mutex::new(repo)),
+            watch: None,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Repository> {
+        self.repo.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Watches the remote's `branch` when the remote is a local repo, so that
+    /// [`Source::changed`] completes when it moves; returns whether it watches.
+    pub fn watch(&mut self, branch: &str) -> bool {
+        let news = Arc::new(tokio::sync::Notify::new());
+        let n = news.clone();
+        self.watch = watch_branch(&self.url, branch, move || n.notify_one()).map(|w| BranchWatch {
+            news,
+            _watcher: Mutex::new(w),
+        });
+        self.watch.is_some()
     }
 
     /// The remote's URL.
@@ -135,139 +248,232 @@ impl GitSource {
 
     /// Fetches every branch and tag, and the remote's HEAD.
     pub fn fetch(&self) -> Result<(), SourceError> {
-        let mut remote = self
-            .repo
-            .find_remote("origin")
-            .map_err(git("finding the remote"))?;
-        let mut tries = 0;
-        let mut callbacks = RemoteCallbacks::new();
-        callbacks.credentials(move |url, username, allowed| {
-            // libgit2 calls again after each refusal; stop instead of looping forever.
-            tries += 1;
-            if tries > 3 {
-                return Err(git2::Error::from_str("authentication failed"));
-            }
-            if allowed.contains(git2::CredentialType::SSH_KEY) {
-                return git2::Cred::ssh_key_from_agent(username.unwrap_or("git"));
-            }
-            if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) {
-                let config = git2::Config::open_default()?;
-                return git2::Cred::credential_helper(&config, url, username);
-            }
-            git2::Cred::default()
-        });
-        let mut opts = FetchOptions::new();
-        opts.remote_callbacks(callbacks);
-        opts.download_tags(git2::AutotagOption::None);
-        remote
-            .fetch(
-                &[
-                    "+refs/heads/*:refs/remotes/origin/*",
-                    "+refs/tags/*:refs/tags/*",
-                    "+HEAD:refs/remotes/origin/HEAD",
-                ],
-                Some(&mut opts),
-                None,
-            )
-            .map_err(git(format!("fetching {}", self.url)))
+        fetch_into(&self.lock(), &self.url)
     }
 
     /// The commit `reference` names: a branch, a tag, a full ref or a commit id; `HEAD`
     /// (or an empty string) is the remote's HEAD.
     pub fn resolve(&self, reference: &str) -> Result<Oid, SourceError> {
-        let r = if reference.is_empty() {
-            "HEAD"
-        } else {
-            reference
-        };
-        let mut candidates = vec![format!("refs/remotes/origin/{r}"), format!("refs/tags/{r}")];
-        if let Some(branch) = r.strip_prefix("refs/heads/") {
-            candidates.push(format!("refs/remotes/origin/{branch}"));
-        }
-        candidates.push(r.to_string());
-        for name in &candidates {
-            if let Ok(obj) = self.repo.revparse_single(name) {
-                if let Ok(c) = obj.peel_to_commit() {
-                    return Ok(c.id());
-                }
-            }
-        }
-        Err(SourceError::RefNotFound(r.to_string()))
+        resolve_in(&self.lock(), reference)
     }
 
     /// Whether `commit` is a descendant of `ancestor` (not equal to it); an error when
     /// this clone lacks either.
     pub fn is_descendant(&self, commit: Oid, ancestor: Oid) -> Result<bool, SourceError> {
-        self.repo
-            .graph_descendant_of(commit, ancestor)
-            .map_err(git(format!("walking from {commit} to {ancestor}")))
+        descendant_in(&self.lock(), commit, ancestor)
     }
 
     /// The desired repo's files in `commit`'s tree.
     pub fn read(&self, commit: Oid) -> Result<FileSet, SourceError> {
-        let commit = self
-            .repo
-            .find_commit(commit)
-            .map_err(git(format!("reading commit {commit}")))?;
-        let tree = commit.tree().map_err(git("reading the commit's tree"))?;
-        let odb = self
-            .repo
-            .odb()
-            .map_err(git("opening the object database"))?;
-        let mut files = FileSet::new();
-        let mut failure = None;
-        tree.walk(TreeWalkMode::PreOrder, |dir, entry| {
-            let path = format!("{dir}{}", entry.name().unwrap_or(""));
-            if entry.kind() == Some(ObjectType::Tree) {
-                // Descend only where the loader looks.
-                let wanted = ["profiles/", "templates/", "vms/"]
-                    .iter()
-                    .any(|top| format!("{path}/").starts_with(top));
-                return if wanted {
-                    TreeWalkResult::Ok
-                } else {
-                    TreeWalkResult::Skip
-                };
+        read_in(&self.lock(), commit)
+    }
+
+    /// Runs `f` on the repository in a blocking task, as the async seam must.
+    fn blocking<T: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&Repository) -> Result<T, SourceError> + Send + 'static,
+    ) -> BoxFut<'static, Result<T, SourceError>> {
+        let repo = self.repo.clone();
+        let what = what.to_string();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                f(&repo.lock().unwrap_or_else(PoisonError::into_inner))
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(SourceError::Failed {
+                    what,
+                    reason: e.to_string(),
+                })
+            })
+        })
+    }
+}
+
+fn oid(commit: &str) -> Result<Oid, SourceError> {
+    // Only full ids: a prefix would resolve to whatever object it happens to match.
+    if commit.len() != 40 {
+        return Err(SourceError::UnknownCommit(commit.to_string()));
+    }
+    Oid::from_str(commit).map_err(|_| SourceError::UnknownCommit(commit.to_string()))
+}
+
+impl Source for GitSource {
+    fn fetch(&self) -> BoxFut<'_, Result<(), SourceError>> {
+        let url = self.url.clone();
+        self.blocking("fetching", move |repo| fetch_into(repo, &url))
+    }
+
+    fn resolve<'a>(&'a self, reference: &'a str) -> BoxFut<'a, Result<String, SourceError>> {
+        let reference = reference.to_string();
+        self.blocking("resolving", move |repo| {
+            resolve_in(repo, &reference).map(|o| o.to_string())
+        })
+    }
+
+    fn read<'a>(&'a self, commit: &'a str) -> BoxFut<'a, Result<FileSet, SourceError>> {
+        let commit = commit.to_string();
+        self.blocking("reading", move |repo| read_in(repo, oid(&commit)?))
+    }
+
+    fn is_descendant<'a>(
+        &'a self,
+        commit: &'a str,
+        ancestor: &'a str,
+    ) -> BoxFut<'a, Result<bool, SourceError>> {
+        let (commit, ancestor) = (commit.to_string(), ancestor.to_string());
+        self.blocking("walking the history", move |repo| {
+            descendant_in(repo, oid(&commit)?, oid(&ancestor)?)
+        })
+    }
+
+    fn changed(&self) -> BoxFut<'_, ()> {
+        match &self.watch {
+            Some(w) => Box::pin(w.news.notified()),
+            None => Box::pin(std::future::pending()),
+        }
+    }
+}
+
+fn set_origin(repo: &Repository, url: &str) -> Result<(), SourceError> {
+    match repo.find_remote("origin") {
+        Ok(r) if r.url().ok() == Some(url) => {}
+        Ok(_) => repo
+            .remote_set_url("origin", url)
+            .map_err(git("setting the remote's url"))?,
+        Err(_) => {
+            repo.remote("origin", url)
+                .map_err(git("adding the remote"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Fetches every branch and tag, and the remote's HEAD.
+fn fetch_into(repo: &Repository, url: &str) -> Result<(), SourceError> {
+    let mut remote = repo
+        .find_remote("origin")
+        .map_err(git("finding the remote"))?;
+    let mut tries = 0;
+    let mut callbacks = RemoteCallbacks::new();
+    callbacks.credentials(move |url, username, allowed| {
+        // libgit2 calls again after each refusal; stop instead of looping forever.
+        tries += 1;
+        if tries > 3 {
+            return Err(git2::Error::from_str("authentication failed"));
+        }
+        if allowed.contains(git2::CredentialType::SSH_KEY) {
+            return git2::Cred::ssh_key_from_agent(username.unwrap_or("git"));
+        }
+        if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) {
+            let config = git2::Config::open_default()?;
+            return git2::Cred::credential_helper(&config, url, username);
+        }
+        git2::Cred::default()
+    });
+    let mut opts = FetchOptions::new();
+    opts.remote_callbacks(callbacks);
+    opts.download_tags(git2::AutotagOption::None);
+    remote
+        .fetch(
+            &[
+                "+refs/heads/*:refs/remotes/origin/*",
+                "+refs/tags/*:refs/tags/*",
+                "+HEAD:refs/remotes/origin/HEAD",
+            ],
+            Some(&mut opts),
+            None,
+        )
+        .map_err(git(format!("fetching {url}")))
+}
+
+/// The commit `reference` names (see [`GitSource::resolve`]).
+fn resolve_in(repo: &Repository, reference: &str) -> Result<Oid, SourceError> {
+    let r = if reference.is_empty() {
+        "HEAD"
+    } else {
+        reference
+    };
+    let mut candidates = vec![format!("refs/remotes/origin/{r}"), format!("refs/tags/{r}")];
+    if let Some(branch) = r.strip_prefix("refs/heads/") {
+        candidates.push(format!("refs/remotes/origin/{branch}"));
+    }
+    candidates.push(r.to_string());
+    for name in &candidates {
+        if let Ok(obj) = repo.revparse_single(name) {
+            if let Ok(c) = obj.peel_to_commit() {
+                return Ok(c.id());
             }
-            if !FileSet::wanted(&path) {
-                return TreeWalkResult::Ok;
-            }
-            // Anything but a regular file is handed over as such, to be an error: skipped,
-            // a VM file replaced by a symlink would read as that VM's removal.
-            let special = match (entry.kind(), entry.filemode()) {
-                (Some(ObjectType::Blob), 0o100644 | 0o100755) => None,
-                (Some(ObjectType::Blob), 0o120000) => Some(Special::Symlink),
-                (Some(ObjectType::Commit), _) => Some(Special::Submodule),
-                _ => Some(Special::Other),
+        }
+    }
+    Err(SourceError::RefNotFound(r.to_string()))
+}
+
+fn descendant_in(repo: &Repository, commit: Oid, ancestor: Oid) -> Result<bool, SourceError> {
+    repo.graph_descendant_of(commit, ancestor)
+        .map_err(git(format!("walking from {commit} to {ancestor}")))
+}
+
+fn read_in(repo: &Repository, commit: Oid) -> Result<FileSet, SourceError> {
+    let commit = repo
+        .find_commit(commit)
+        .map_err(git(format!("reading commit {commit}")))?;
+    let tree = commit.tree().map_err(git("reading the commit's tree"))?;
+    let odb = repo.odb().map_err(git("opening the object database"))?;
+    let mut files = FileSet::new();
+    let mut failure = None;
+    tree.walk(TreeWalkMode::PreOrder, |dir, entry| {
+        let path = format!("{dir}{}", entry.name().unwrap_or(""));
+        if entry.kind() == Some(ObjectType::Tree) {
+            // Descend only where the loader looks.
+            let wanted = ["profiles/", "templates/", "vms/"]
+                .iter()
+                .any(|top| format!("{path}/").starts_with(top));
+            return if wanted {
+                TreeWalkResult::Ok
+            } else {
+                TreeWalkResult::Skip
             };
-            if let Some(kind) = special {
-                files.insert_not_regular(path, kind);
-                return TreeWalkResult::Ok;
+        }
+        if !FileSet::wanted(&path) {
+            return TreeWalkResult::Ok;
+        }
+        // Anything but a regular file is handed over as such, to be an error: skipped,
+        // a VM file replaced by a symlink would read as that VM's removal.
+        let special = match (entry.kind(), entry.filemode()) {
+            (Some(ObjectType::Blob), 0o100644 | 0o100755) => None,
+            (Some(ObjectType::Blob), 0o120000) => Some(Special::Symlink),
+            (Some(ObjectType::Commit), _) => Some(Special::Submodule),
+            _ => Some(Special::Other),
+        };
+        if let Some(kind) = special {
+            files.insert_not_regular(path, kind);
+            return TreeWalkResult::Ok;
+        }
+        match odb.read_header(entry.id()) {
+            Ok((size, _)) if size as u64 > MAX_FILE_SIZE => {
+                files.insert_too_large(path, size as u64);
             }
-            match odb.read_header(entry.id()) {
-                Ok((size, _)) if size as u64 > MAX_FILE_SIZE => {
-                    files.insert_too_large(path, size as u64);
-                }
-                Ok(_) => match self.repo.find_blob(entry.id()) {
-                    Ok(blob) => files.insert(path, blob.content()),
-                    Err(e) => {
-                        failure = Some(git(format!("reading {path}"))(e));
-                        return TreeWalkResult::Abort;
-                    }
-                },
+            Ok(_) => match repo.find_blob(entry.id()) {
+                Ok(blob) => files.insert(path, blob.content()),
                 Err(e) => {
                     failure = Some(git(format!("reading {path}"))(e));
                     return TreeWalkResult::Abort;
                 }
+            },
+            Err(e) => {
+                failure = Some(git(format!("reading {path}"))(e));
+                return TreeWalkResult::Abort;
             }
-            TreeWalkResult::Ok
-        })
-        .or_else(|e| if failure.is_some() { Ok(()) } else { Err(e) })
-        .map_err(git("walking the tree"))?;
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(files),
         }
+        TreeWalkResult::Ok
+    })
+    .or_else(|e| if failure.is_some() { Ok(()) } else { Err(e) })
+    .map_err(git("walking the tree"))?;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(files),
     }
 }
 

@@ -16,7 +16,7 @@
 //! job serves while it runs (it shows the host a moment before the job, as a listing
 //! taken then would, and the usage view holds what the job will claim), so the passes,
 //! inventories and admissions of a build list the host once after it, not once per step.
-//! Admission takes the kept listing too (see `worker::claims_now`).
+//! Admission takes the kept listing too (see `worker::admission::claims_now`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -69,6 +69,22 @@ async fn retire(c: &mut Client, id: u64) -> Result<bool, beanstalk::Error> {
     }
 }
 
+/// The last inventory read at one address for one host.
+#[derive(Debug, Clone)]
+struct LastRead {
+    /// The inventory tube's `total-jobs` (its puts) just before the peek; `None` when a
+    /// publication was under way (more than one ready), so the peek may have found the
+    /// one it retires.
+    puts: Option<u64>,
+    /// When it was read.
+    at: Instant,
+    /// Whether its signature, address and age were checked.
+    verified: bool,
+    /// When it was sent (seconds since the Unix epoch), to check its age again.
+    sent_at: u64,
+    inventory: Option<message::Inventory>,
+}
+
 /// The connections.
 #[derive(Debug)]
 pub struct Peers {
@@ -77,6 +93,15 @@ pub struct Peers {
     published: std::sync::Mutex<HashMap<String, Published>>,
     /// How long a retired inventory stays buried before it is deleted.
     retire_grace: Duration,
+    /// Per address and host, the inventory last read there (issue 13: each pass read
+    /// every peer's inventory again, changed or not).
+    reads: std::sync::Mutex<HashMap<(String, String), LastRead>>,
+    /// How long a read inventory is used without a peek while the put count stays the
+    /// same: a bound against a counter that came back to the same value (a server
+    /// restarted without its binlog).
+    reread_after: Duration,
+    /// `peek-ready` commands this client sent, for benchmarks.
+    peeks: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Peers {
@@ -87,6 +112,9 @@ impl Default for Peers {
             // A peek answered this long after it was asked has long been given up: the
             // reader's call times out after `call_timeout` and drops the connection.
             retire_grace: 2 * options().call_timeout.unwrap_or(Duration::from_secs(5)),
+            reads: std::sync::Mutex::default(),
+            reread_after: Duration::from_secs(30),
+            peeks: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -154,33 +182,97 @@ impl Peers {
         .await
     }
 
+    /// `peek-ready` commands this client has sent.
+    pub fn peeks(&self) -> u64 {
+        self.peeks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Reads the inventory published at `addr`, host `host`'s beanstalkd (the oldest
     /// ready one if several are there for a moment), and how long the server took to
     /// answer. With `verify`, an inventory whose signature does not verify under the keys,
     /// that is not addressed as `host`'s inventory, or that is older than the window
     /// (seconds), is an error.
+    ///
+    /// The inventory is peeked only when the tube's put count moved since the last read
+    /// (any change, smaller too: a server restarted without its binlog counts from zero),
+    /// or that read is older than `reread_after`; otherwise the last one read is
+    /// answered again, its age checked anew.
     pub async fn inventory(
         &self,
         addr: &str,
         host: &str,
         verify: Option<(&crate::auth::Keys, u64)>,
     ) -> Result<(Option<message::Inventory>, Duration), PeerError> {
+        self.inventory_read(addr, host, verify)
+            .await
+            .map(|(inv, took, _)| (inv, took))
+    }
+
+    /// [`Peers::inventory`], and whether it was peeked (true) or the last one read was
+    /// still current (false).
+    pub async fn inventory_read(
+        &self,
+        addr: &str,
+        host: &str,
+        verify: Option<(&crate::auth::Keys, u64)>,
+    ) -> Result<(Option<message::Inventory>, Duration, bool), PeerError> {
         let started = Instant::now();
-        let job = self
-            .with(addr, |c| {
+        let key = (addr.to_string(), host.to_string());
+        let now = message::now();
+        let last = {
+            let reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+            reads.get(&key).cloned().filter(|r| {
+                r.at.elapsed() < self.reread_after
+                    && (r.verified || verify.is_none())
+                    && verify.is_none_or(|(_, window)| r.sent_at.abs_diff(now) <= window)
+            })
+        };
+        let known = last.as_ref().and_then(|r| r.puts);
+        let (puts, job) = self
+            .with(addr, move |c| {
                 Box::pin(async move {
                     c.use_tube(tubes::INVENTORY).await?;
-                    c.peek_ready().await
+                    // Counted before the peek: a put after it moves the count again, so
+                    // the next read peeks whatever this one found.
+                    let st = c.stats_tube(tubes::INVENTORY).await?;
+                    let puts = (st.current_jobs_ready <= 1).then_some(st.total_jobs);
+                    if known.is_some() && puts == known {
+                        return Ok((puts, None));
+                    }
+                    c.peek_ready().await.map(|j| (puts, Some(j)))
                 })
             })
             .await?;
         let took = started.elapsed();
         let Some(job) = job else {
-            return Ok((None, took));
+            return Ok((last.and_then(|r| r.inventory), took, false));
+        };
+        self.peeks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let remember = |inventory: Option<message::Inventory>, sent_at: u64| {
+            self.reads.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                key.clone(),
+                LastRead {
+                    puts,
+                    at: Instant::now(),
+                    verified: verify.is_some(),
+                    sent_at,
+                    inventory,
+                },
+            );
+        };
+        // What fails below is read again next time.
+        self.reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        let Some(job) = job else {
+            remember(None, now);
+            return Ok((None, took, true));
         };
         let decoded = message::decode(&job.body);
         if let (Ok(env), Some((keys, window))) = (&decoded, verify) {
-            if let Err(e) = keys.verify(env, host, tubes::INVENTORY, message::now(), window) {
+            if let Err(e) = keys.verify(env, host, tubes::INVENTORY, now, window) {
                 return Err(PeerError::BadInventory {
                     addr: addr.to_string(),
                     reason: e.to_string(),
@@ -190,8 +282,12 @@ impl Peers {
         match decoded {
             Ok(Envelope {
                 body: Message::Inventory(inv),
+                sent_at,
                 ..
-            }) => Ok((Some(*inv), took)),
+            }) => {
+                remember(Some((*inv).clone()), sent_at);
+                Ok((Some(*inv), took, true))
+            }
             Ok(other) => Err(PeerError::BadInventory {
                 addr: addr.to_string(),
                 reason: format!("a `{}` message in the inventory tube", other.body.kind()),
@@ -482,6 +578,62 @@ mod tests {
             failures.len(),
             &failures[..failures.len().min(5)]
         );
+    }
+
+    /// `peek-ready` commands the server at `addr` has answered.
+    async fn peeks(addr: &str) -> u64 {
+        let mut c = Client::connect(addr).await.unwrap();
+        c.stats().await.unwrap().cmd_peek_ready
+    }
+
+    /// Guards issue 13, scale for real (read an inventory only when it changed): each
+    /// pass read every peer's inventory again, changed or not, so an idle cluster of H
+    /// hosts peeked H² times a pass. A reader asks for an unchanged inventory many times
+    /// and the server answers one peek; a new publication is read at the next ask; a
+    /// server restarted without its binlog (its put count starts again, smaller) is read
+    /// again too.
+    #[tokio::test]
+    async fn an_inventory_is_peeked_only_when_it_changed() {
+        let mut server = Beanstalkd::start_with(Config {
+            max_job_size: Some(2 * 1024 * 1024),
+            ..Config::default()
+        })
+        .expect("beanstalkd");
+        let addr = server.addr();
+        let publisher = Peers::new();
+        for seq in 0..3 {
+            publisher
+                .publish_inventory(&addr, &inventory("h1", seq))
+                .await
+                .unwrap();
+        }
+        let reader = Peers::new();
+        let before = peeks(&addr).await;
+        for _ in 0..5 {
+            let (inv, _) = reader.inventory(&addr, "h1", None).await.unwrap();
+            assert_eq!(inv.map(|i| i.seq), Some(2));
+        }
+        assert_eq!(peeks(&addr).await - before, 1, "five reads, one peek");
+
+        publisher
+            .publish_inventory(&addr, &inventory("h1", 3))
+            .await
+            .unwrap();
+        let (inv, _) = reader.inventory(&addr, "h1", None).await.unwrap();
+        assert_eq!(inv.map(|i| i.seq), Some(3), "a new publication is read");
+        assert_eq!(peeks(&addr).await - before, 2);
+
+        // No binlog: the restarted server has no jobs and counts puts from zero.
+        server.restart().unwrap();
+        let publisher = Peers::new();
+        publisher
+            .publish_inventory(&addr, &inventory("h1", 10))
+            .await
+            .unwrap();
+        // The first call finds its connection closed (and drops it); the next reconnects.
+        let _ = reader.inventory(&addr, "h1", None).await;
+        let (inv, _) = reader.inventory(&addr, "h1", None).await.unwrap();
+        assert_eq!(inv.map(|i| i.seq), Some(10), "read again after a restart");
     }
 
     /// Ready and buried inventories at `addr`.

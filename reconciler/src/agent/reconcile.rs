@@ -17,7 +17,7 @@ use super::decide::{Emit, IntentFate};
 use super::emit::{emit_create, emit_op, Unsent};
 use super::events::EventKind;
 use super::metrics::{Counter, Gauge};
-use super::pace::{Pace, Woke};
+use super::pace::{Backoff, Pace, Woke};
 use super::publish::inventory;
 use super::state::{list_local, poll_interval, Shared};
 
@@ -30,14 +30,22 @@ pub(super) async fn reconcile_loop(shared: Arc<Shared>) {
     let results_gap = Duration::from_secs(1);
     // The same failure is written to the event log once, not at every retry.
     let mut last_error: Option<String> = None;
+    // While creates wait for other hosts, passes come soon, then less often while
+    // nothing they wait for changes (issue 13: every 100 ms, each pass reading every
+    // inventory); news (a wait-for host's new inventory, a result, a trigger) makes the
+    // next one soon again.
+    let mut soon = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
     loop {
         let pass = Instant::now();
         let wait = match shared.snapshot() {
             Some(snap) => match reconcile_once(&shared, &snap).await {
-                Ok(waiting) => {
+                Ok((waiting, news)) => {
                     last_error = None;
+                    if news || !waiting {
+                        soon.succeeded();
+                    }
                     pace.success(if waiting {
-                        Duration::from_millis(100)
+                        soon.failed()
                     } else {
                         poll_interval(&shared)
                     })
@@ -63,9 +71,11 @@ pub(super) async fn reconcile_loop(shared: Arc<Shared>) {
         match pace.wait(wait, &news, &shared.stop).await {
             Woke::Timer => {}
             Woke::News(0) => {
+                soon.succeeded();
                 tokio::time::sleep(min_gap.saturating_sub(pass.elapsed())).await;
             }
             Woke::News(_) => {
+                soon.succeeded();
                 tokio::select! {
                     _ = tokio::time::sleep(results_gap.saturating_sub(pass.elapsed())) => {}
                     _ = shared.wake_reconcile.notified() => {
@@ -79,9 +89,14 @@ pub(super) async fn reconcile_loop(shared: Arc<Shared>) {
 }
 
 /// Reads every other host's inventory; keeps the last one read of a host that does not
-/// answer.
-async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) -> BTreeSet<String> {
+/// answer. Returns the hosts that answered, and those of them whose inventory changed
+/// since the last read (the others are not read again).
+async fn refresh_inventories(
+    shared: &Arc<Shared>,
+    snap: &Snapshot,
+) -> (BTreeSet<String>, BTreeSet<String>) {
     let mut answered = BTreeSet::new();
+    let mut changed = BTreeSet::new();
     let mut reads = Vec::new();
     // Hosts that left cluster.yaml are read too: their guests still exist (rule 9).
     let departed: Vec<(String, String)> = shared
@@ -107,7 +122,8 @@ async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) -> BTreeSet<
             let window = s.cfg.message_window.0.as_secs();
             let r = tokio::time::timeout(
                 Duration::from_secs(3),
-                s.peers.inventory(&addr, &name, Some((&s.keys, window))),
+                s.peers
+                    .inventory_read(&addr, &name, Some((&s.keys, window))),
             )
             .await;
             (name, r)
@@ -116,8 +132,11 @@ async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) -> BTreeSet<
     for r in reads {
         let Ok((name, r)) = r.await else { continue };
         match r {
-            Ok(Ok((Some(inv), took))) if inv.host == name => {
+            Ok(Ok((Some(inv), took, read))) if inv.host == name => {
                 answered.insert(name.clone());
+                if read {
+                    changed.insert(name.clone());
+                }
                 let saw = shared
                     .departed
                     .lock()
@@ -144,15 +163,15 @@ async fn refresh_inventories(shared: &Arc<Shared>, snap: &Snapshot) -> BTreeSet<
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(name, inv);
             }
-            Ok(Ok((Some(inv), _))) => {
+            Ok(Ok((Some(inv), _, _))) => {
                 tracing::warn!(host = %name, claimed = %inv.host, "inventory names another host; ignored");
             }
-            Ok(Ok((None, _))) => {}
+            Ok(Ok((None, _, _))) => {}
             Ok(Err(e)) => tracing::debug!(host = %name, error = %e, "no inventory"),
             Err(_) => tracing::debug!(host = %name, "inventory read timed out"),
         }
     }
-    answered
+    (answered, changed)
 }
 
 /// Who owns which VM under each of `commits`: from the snapshots this agent loaded, else
@@ -204,14 +223,18 @@ async fn owners_at<'a>(
     known
 }
 
-/// One pass: list, read inventories, plan, emit this host's share. Returns true when
-/// creates wait for hosts not heard from yet (the next pass should come soon).
-async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bool, String> {
+/// One pass: list, read inventories, plan, emit this host's share. Returns whether
+/// creates wait for hosts not heard from yet (the next pass should come soon), and
+/// whether a host they wait for published news (a new inventory) since the last pass.
+async fn reconcile_once(
+    shared: &Arc<Shared>,
+    snap: &Arc<Snapshot>,
+) -> Result<(bool, bool), String> {
     let started = Instant::now();
     shared.seen().reconcile_turn = Some(message::now());
     if !shared.lease.held() {
         // Safety rule 8: without the host's lease this agent may be a second one.
-        return Ok(false);
+        return Ok((false, false));
     }
     if let Some(left) = shared.left_cluster() {
         // Safety rule 9: a host that left cluster.yaml acts on nothing; it only goes on
@@ -219,7 +242,7 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
         // that creates waiting for it go ahead.
         shared.local().reconciled_commit = Some(left);
         shared.wake_publish.notify_one();
-        return Ok(false);
+        return Ok((false, false));
     }
     let me = shared.me().to_string();
     let seq = shared.inventory_seq.next();
@@ -227,7 +250,14 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
     let local = list_local(shared)
         .await
         .map_err(|e| format!("listing this host's VMs: {e}"))?;
-    let answered = refresh_inventories(shared, snap).await;
+    let known: BTreeSet<String> = shared
+        .inventories
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .keys()
+        .cloned()
+        .collect();
+    let (answered, changed) = refresh_inventories(shared, snap).await;
     let (departed, forgotten) = {
         let d = shared.departed.lock().unwrap_or_else(|p| p.into_inner());
         (d.hosts().clone(), d.forgotten().clone())
@@ -386,6 +416,10 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
     // Soon again only while a host it waits for answers (it is about to catch up); a
     // silent one is waited for at the ordinary pace.
     let catching_up = waiting.values().flatten().any(|h| answered.contains(h));
+    // A host first heard from, or one waited for with a new inventory.
+    let news = changed
+        .iter()
+        .any(|h| !known.contains(h) || waiting.values().flatten().any(|w| w == h));
     shared.local().waiting = waiting
         .iter()
         .map(|(vm, hosts)| message::WaitingCreate {
@@ -474,7 +508,7 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
     }
     tracing::debug!(took = ?started.elapsed(), "reconciled");
     shared.wake_publish.notify_one();
-    Ok(!unseen.is_empty() || catching_up)
+    Ok((!unseen.is_empty() || catching_up, news))
 }
 
 /// A blocked difference as inventories carry it.

@@ -2,7 +2,6 @@
 //! file-system event, loads and validates it, and keeps the last good snapshot.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -89,17 +88,6 @@ fn note_departures(s: &Shared, snap: &Snapshot) -> std::io::Result<()> {
     write_hosts_file(&s.cfg.state_dir, s.me(), snap, addrs)
 }
 
-/// A local path (or file:// URL) of the desired repo, for the file-system watch.
-fn local_repo(url: &str) -> Option<PathBuf> {
-    let path = url.strip_prefix("file://").unwrap_or(url);
-    if path.contains("://") || path.contains('@') {
-        return None;
-    }
-    let p = PathBuf::from(path);
-    let git = p.join(".git");
-    Some(if git.is_dir() { git } else { p })
-}
-
 /// What one fetch found.
 enum Fetched {
     Unchanged,
@@ -157,33 +145,14 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
     let mut pace = Pace::new(Duration::from_millis(500), Duration::from_secs(60));
     // Local repos are watched, so a commit is seen at once.
     let watch = shared.cfg.desired.watch;
-    // Only a write of the branch's ref is news (issue 12, item 4): the agent's own fetch
-    // opens files under `.git`, and a watch woken by that fetched and reconciled without
-    // end.
-    let branch_ref = PathBuf::from("refs/heads").join(&shared.cfg.desired.branch);
-    let _watcher = local_repo(&url).filter(|_| watch).and_then(|path| {
-        use notify::Watcher;
-        let s = shared.clone();
-        let refs = branch_ref.clone();
-        let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            let news = res.is_ok_and(|ev| {
-                !matches!(ev.kind, notify::EventKind::Access(_))
-                    && ev
-                        .paths
-                        .iter()
-                        .any(|p| p.ends_with(&refs) || p.ends_with("packed-refs"))
-            });
-            if news {
-                s.wake_fetch.notify_one();
-            }
+    let _watcher = watch
+        .then(|| {
+            let s = shared.clone();
+            source::watch_branch(&url, &shared.cfg.desired.branch, move || {
+                s.wake_fetch.notify_one()
+            })
         })
-        .ok()?;
-        // The refs, not the objects: a commit writes many objects and one ref.
-        w.watch(&path.join("refs/heads"), notify::RecursiveMode::Recursive)
-            .ok()?;
-        w.watch(&path, notify::RecursiveMode::NonRecursive).ok()?;
-        Some(w)
-    });
+        .flatten();
     // Whether this fetch was asked for (a trigger or a file-system event).
     let mut woken = false;
     loop {
