@@ -10,37 +10,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 /// Size past which the log is rotated.
 pub const MAX_LOG: u64 = 16 * 1024 * 1024;
 
-/// One thing that happened.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Event {
-    /// Seconds since the Unix epoch.
-    pub at: u64,
-    /// Milliseconds since the Unix epoch (for timing).
-    #[serde(default)]
-    pub at_ms: u64,
-    /// The host that logged it.
-    pub host: String,
-    /// What kind of thing: the name of an [`EventKind`] (`snapshot`, `emit`, `job`,
-    /// `result`, `forward`, `hook`, `error`, …); a string, so that a log written by
-    /// another version still reads.
-    pub kind: String,
-    /// The VM concerned, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vm: Option<String>,
-    /// The job concerned, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub job: Option<String>,
-    /// The desired commit concerned, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub commit: Option<String>,
-    /// What happened, for people.
-    pub message: String,
-}
+/// One thing that happened. (in the protocol crate: messages carry it).
+pub use flotilla_protocol::events::Event;
 
 /// The append-only log of one agent.
 #[derive(Debug)]

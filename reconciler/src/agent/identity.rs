@@ -8,10 +8,7 @@
 //! [`CONFLICT_HOLD`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::path::Path;
-
-use serde::{Deserialize, Serialize};
 
 /// The identity file's name in the vm_dir.
 pub const FILE: &str = ".flotilla-identity";
@@ -20,36 +17,8 @@ pub const FILE: &str = ".flotilla-identity";
 /// that take turns keep it standing; once one is gone it clears.
 pub const CONFLICT_HOLD: u64 = 300;
 
-/// The agent behind an inventory or a lease, as others see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentInfo {
-    /// The host identity (a UUID kept in the vm_dir).
-    pub identity: String,
-    /// The agent's process id.
-    pub pid: u32,
-    /// The machine it runs on (`hostname`).
-    pub machine: String,
-    /// Its state directory.
-    pub state_dir: String,
-    /// When it started, in seconds since the Unix epoch.
-    pub started_at: u64,
-    /// The id of the lease job it holds on its beanstalkd (tube `flotilla.lease`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lease_job: Option<u64>,
-    /// Host names this agent saw under two identities, with the identities.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub conflicts: BTreeMap<String, BTreeSet<String>>,
-}
-
-impl fmt::Display for AgentInfo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "pid {} on {}, state_dir {}, identity {}, started at {}",
-            self.pid, self.machine, self.state_dir, self.identity, self.started_at
-        )
-    }
-}
+/// The agent behind an inventory or a lease, as others see it. (in the protocol crate: messages carry it).
+pub use flotilla_protocol::identity::AgentInfo;
 
 /// Why the identity file cannot be used.
 #[derive(Debug, thiserror::Error)]

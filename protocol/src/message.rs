@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::capacity::{Limits, Usage};
-use crate::size::Size;
+use flotilla_core::capacity::{Limits, Usage};
+use flotilla_core::size::Size;
 
 /// The message format this build writes and reads. Version 2 added the signed
 /// destination ([`Envelope::to`]); hosts of one cluster upgrade together.
@@ -115,7 +115,7 @@ pub enum Message {
     /// for it and drop what its last inventory showed.
     Forget(Forget),
     /// An operator's verb (`flotilla retry`, `host drain`, `suspend`, …).
-    Control(crate::control::Control),
+    Control(flotilla_core::control::Control),
 }
 
 impl Message {
@@ -206,11 +206,11 @@ pub struct VmOrder {
 
 impl VmOrder {
     /// What the VM claims from a host's capacity: its memory, and every disk it will
-    /// take (see [`crate::capacity::storage_of`]).
+    /// take (see [`flotilla_core::capacity::storage_of`]).
     pub fn usage(&self) -> Usage {
         Usage {
             memory: self.memory,
-            storage: crate::capacity::storage_of(&self.template_conf, self.disk),
+            storage: flotilla_core::capacity::storage_of(&self.template_conf, self.disk),
             vms: 1,
         }
     }
@@ -412,7 +412,7 @@ pub struct OpInFlightItem {
     /// The VM.
     pub vm: String,
     /// The op's kind.
-    pub kind: crate::planner::Kind,
+    pub kind: flotilla_core::planner::Kind,
 }
 
 /// The newest fetched desired commit did not validate: the host keeps applying its last
@@ -488,7 +488,7 @@ pub struct Inventory {
     #[serde(default)]
     pub overload: Option<String>,
     /// Every VM on it, managed or not, as vm-bhyve shows them.
-    pub vms: Vec<crate::actual::ActualVm>,
+    pub vms: Vec<flotilla_core::actual::ActualVm>,
     /// Creates this host owns that are still in flight.
     #[serde(default)]
     pub in_flight: Vec<InFlightCreate>,
@@ -505,7 +505,7 @@ pub struct Inventory {
     /// The agent that published it: the host identity, the lease it holds, the host
     /// names it saw under two identities (safety rule 8). Absent from older agents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub agent: Option<crate::agent::identity::AgentInfo>,
+    pub agent: Option<crate::identity::AgentInfo>,
     /// When this host's last reconcile pass ended (seconds since the Unix epoch, its
     /// clock): `apply --wait` waits for a pass after it started. 0 before the first.
     #[serde(default)]
@@ -520,11 +520,14 @@ pub struct Inventory {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_error: Option<DesiredError>,
     /// The drains and suspends this host knows of (`flotilla host drain`, `suspend`).
-    #[serde(default, skip_serializing_if = "crate::control::Switches::is_empty")]
-    pub switches: crate::control::Switches,
+    #[serde(
+        default,
+        skip_serializing_if = "flotilla_core::control::Switches::is_empty"
+    )]
+    pub switches: flotilla_core::control::Switches,
     /// This host's most recent events, newest last, for `flotilla events --cluster`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub recent_events: Vec<crate::agent::events::Event>,
+    pub recent_events: Vec<crate::events::Event>,
 }
 
 /// A host an operator declared gone for good.
@@ -745,7 +748,7 @@ mod tests {
                 failures: vec![],
                 waiting: vec![],
                 left_cluster: Some("c9".into()),
-                agent: Some(crate::agent::identity::AgentInfo {
+                agent: Some(crate::identity::AgentInfo {
                     identity: "5d0c1d9e-4a5b-4c39-9a57-0c8f3b2b8f10".into(),
                     pid: 4242,
                     machine: "m1".into(),
@@ -841,5 +844,36 @@ mod tests {
         fn never_panics_on_any_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
             let _ = decode(&bytes);
         }
+    }
+
+    /// Guards issue 14, case 7: storage counted disk0 only, so three 10G VMs whose
+    /// template adds `disk1_size="100G"` ended at 330G on a 150G host. A VM's request is
+    /// every disk `vm create` makes from its template (file images and zvols; a custom or
+    /// iSCSI device takes nothing here) plus the guest builder's pad on disk0.
+    #[test]
+    fn a_request_counts_every_disk_the_template_adds_and_the_builder_pad() {
+        use flotilla_core::capacity::*;
+        let mut order = sample_create().order;
+        order.disk = Size::gib(10);
+        order.template_conf = "loader=\"bhyveload\"\n\
+            disk0_type=\"nvme\"\ndisk0_name=\"disk0.img\"\ndisk0_size=\"50G\"\n\
+            disk1_type=\"nvme\"\ndisk1_name=\"disk1.img\"\ndisk1_size=\"100G\"\n\
+            disk2_type=\"virtio-blk\"\ndisk2_name=\"disk2.img\"\n\
+            disk3_type=\"virtio-blk\"\ndisk3_dev=\"custom\"\ndisk3_name=\"/dev/zvol/tank/x\"\ndisk3_size=\"1T\"\n\
+            disk5_name=\"after-a-gap.img\"\ndisk5_size=\"1T\"\n"
+            .into();
+        let u = order.usage();
+        // disk0 from the order (`-s` wins over the template), disk1 as the template
+        // says, disk2 at vm create's default of 20G, disk3 a device, disk5 never made.
+        let want = Size::gib(10 + 100 + 20).bytes() + flotilla_core::planner::BUILDER_PAD.bytes();
+        assert_eq!(u.storage, Size(want));
+        assert_eq!((u.memory, u.vms), (order.memory, 1));
+        // Three such VMs no longer fit a 150G host.
+        let limits = Limits {
+            storage: Some(Size::gib(150)),
+            ..Limits::default()
+        };
+        assert!(fits(u, Usage::default(), Usage::default(), &limits).is_ok());
+        assert!(fits(u, Usage::default(), u, &limits).is_err());
     }
 }

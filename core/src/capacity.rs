@@ -307,36 +307,6 @@ mod tests {
         );
     }
 
-    /// Guards issue 14, case 7: storage counted disk0 only, so three 10G VMs whose
-    /// template adds `disk1_size="100G"` ended at 330G on a 150G host. A VM's request is
-    /// every disk `vm create` makes from its template (file images and zvols; a custom or
-    /// iSCSI device takes nothing here) plus the guest builder's pad on disk0.
-    #[test]
-    fn a_request_counts_every_disk_the_template_adds_and_the_builder_pad() {
-        let mut order = crate::message::sample_create().order;
-        order.disk = Size::gib(10);
-        order.template_conf = "loader=\"bhyveload\"\n\
-            disk0_type=\"nvme\"\ndisk0_name=\"disk0.img\"\ndisk0_size=\"50G\"\n\
-            disk1_type=\"nvme\"\ndisk1_name=\"disk1.img\"\ndisk1_size=\"100G\"\n\
-            disk2_type=\"virtio-blk\"\ndisk2_name=\"disk2.img\"\n\
-            disk3_type=\"virtio-blk\"\ndisk3_dev=\"custom\"\ndisk3_name=\"/dev/zvol/tank/x\"\ndisk3_size=\"1T\"\n\
-            disk5_name=\"after-a-gap.img\"\ndisk5_size=\"1T\"\n"
-            .into();
-        let u = order.usage();
-        // disk0 from the order (`-s` wins over the template), disk1 as the template
-        // says, disk2 at vm create's default of 20G, disk3 a device, disk5 never made.
-        let want = Size::gib(10 + 100 + 20).bytes() + crate::planner::BUILDER_PAD.bytes();
-        assert_eq!(u.storage, Size(want));
-        assert_eq!((u.memory, u.vms), (order.memory, 1));
-        // Three such VMs no longer fit a 150G host.
-        let limits = Limits {
-            storage: Some(Size::gib(150)),
-            ..Limits::default()
-        };
-        assert!(fits(u, Usage::default(), Usage::default(), &limits).is_ok());
-        assert!(fits(u, Usage::default(), u, &limits).is_err());
-    }
-
     #[test]
     fn no_limits_means_anything_fits_and_sums_saturate() {
         let huge = Usage {

@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::actual::{ActualVm, Marker};
-use crate::size::Size;
+use flotilla_core::actual::{ActualVm, Marker};
+use flotilla_core::size::Size;
 
 pub use vm_bhyve::{VmBhyve, VmBhyveConfig};
 
@@ -216,7 +216,7 @@ pub trait Backend: Send + Sync {
     fn list(&self) -> Result<Vec<ActualVm>, BackendError>;
 
     /// The directory that holds the host's VMs, where the host identity is kept (see
-    /// [`crate::agent::identity`]); `None` for a backend without one.
+    /// `flotilla::agent::identity`); `None` for a backend without one.
     fn identity_dir(&self) -> Result<Option<PathBuf>, BackendError> {
         Ok(None)
     }

@@ -27,9 +27,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{Backend, BackendError, CreateSpec, StopOutcome};
-use crate::actual::{ActualVm, Disk, Marker, RunState};
-use crate::conf::Conf;
-use crate::size::Size;
+use flotilla_core::actual::{ActualVm, Disk, Marker, RunState};
+use flotilla_core::conf::Conf;
+use flotilla_core::size::Size;
 
 /// Where the commands are and how patient to be.
 #[derive(Debug, Clone)]
@@ -213,7 +213,7 @@ pub fn parse_datastores(command: &str, text: &str) -> Result<Vec<Datastore>, Bac
 /// Checked before a name reaches a command line, so that no argument can be mistaken
 /// for an option or a path. Public so that stand-ins refuse the same names.
 pub fn check_name(what: &str, name: &str) -> Result<(), BackendError> {
-    if crate::names::is_vm_name(name) {
+    if flotilla_core::names::is_vm_name(name) {
         Ok(())
     } else {
         Err(BackendError::Invalid {
@@ -248,8 +248,8 @@ pub fn check_value(key: &str, value: &str) -> Result<(), BackendError> {
 /// A config key vm-bhyve reads back: a shell variable name starting with a lower-case
 /// letter.
 pub fn check_key(key: &str) -> Result<(), BackendError> {
-    let ok =
-        key.as_bytes().first().is_some_and(u8::is_ascii_lowercase) && crate::conf::is_var_name(key);
+    let ok = key.as_bytes().first().is_some_and(u8::is_ascii_lowercase)
+        && flotilla_core::conf::is_var_name(key);
     if ok {
         Ok(())
     } else {
@@ -287,7 +287,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BackendError + '_ {
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename,
 /// so a reader never sees half a file.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BackendError> {
-    crate::atomic::write(path, bytes).map_err(io_err(path))
+    flotilla_atomic::write(path, bytes).map_err(io_err(path))
 }
 
 /// What the backend knows about one guest at one moment.
@@ -884,7 +884,7 @@ fn read_vm_list_opt(rc_conf: &Path) -> Result<Option<Vec<String>>, BackendError>
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err(rc_conf)(e)),
     };
-    Ok(crate::conf::shell_get(&text, "vm_list")
+    Ok(flotilla_core::conf::shell_get(&text, "vm_list")
         .map(|v| v.split_whitespace().map(str::to_string).collect()))
 }
 
@@ -1432,10 +1432,10 @@ eps    default    none       -               No       Stopped
 
     #[test]
     fn names_values_and_keys_are_checked_before_any_command() {
-        assert!(crate::names::is_vm_name("web-01.example"));
-        assert!(!crate::names::is_vm_name("-f"));
-        assert!(!crate::names::is_vm_name("../etc"));
-        assert!(!crate::names::is_vm_name("a"));
+        assert!(flotilla_core::names::is_vm_name("web-01.example"));
+        assert!(!flotilla_core::names::is_vm_name("-f"));
+        assert!(!flotilla_core::names::is_vm_name("../etc"));
+        assert!(!flotilla_core::names::is_vm_name("a"));
         assert!(check_value("k", "virtio-net").is_ok());
         assert!(check_value("k", "a#b").is_err());
         assert!(check_value("k", "a\"b").is_err());

@@ -131,8 +131,8 @@ pub struct HostActual {
 }
 
 /// A guest for tests: `memory` and disk sizes as in the desired files ("512M").
-#[cfg(test)]
-pub(crate) fn sample_vm(name: &str, memory: &str, disks: &[&str], state: RunState) -> ActualVm {
+#[cfg(any(test, feature = "testing"))]
+pub fn sample_vm(name: &str, memory: &str, disks: &[&str], state: RunState) -> ActualVm {
     ActualVm {
         name: name.into(),
         datastore: "default".into(),

@@ -7,8 +7,8 @@
 //! the visited list, unless the chain ends, loops, or has no hops left, in which case the
 //! VM is unplaceable. The hop counter travels in the job; no host resets it.
 
-use crate::capacity::{fits, Limits, Usage};
 use crate::message::{CreateJob, Refusal};
+use flotilla_core::capacity::{fits, Limits, Usage};
 
 /// What a worker does with a create.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,7 +107,7 @@ pub fn decide(job: &CreateJob, host: HostView<'_>) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::size::Size;
+    use flotilla_core::size::Size;
 
     fn job(hops_left: u32) -> CreateJob {
         CreateJob {
