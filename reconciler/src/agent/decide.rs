@@ -214,6 +214,13 @@ impl CommitOwners {
         }
     }
 
+    /// The owners under a commit with these `hosts` and each desired VM's pin (`pins`):
+    /// what [`CommitOwners::of`] takes from a snapshot, for callers without one (the
+    /// protocol model in `model/`).
+    pub fn new(hosts: Vec<String>, pins: BTreeMap<String, Option<String>>) -> CommitOwners {
+        CommitOwners { hosts, pins }
+    }
+
     /// The owner of `vm` under this commit; `None` when the commit does not desire it.
     pub fn owner(&self, vm: &str) -> Option<&str> {
         let pin = self.pins.get(vm)?;
