@@ -141,6 +141,44 @@ impl Faults {
     };
 }
 
+/// Which part of the branch a model runs and how its hosts start: a smaller scenario
+/// reaches a deep interleaving at a depth the checker can explore in a test's time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scenario {
+    /// How many of [`commits`] the remote pushes, c0 first (at least one).
+    pub commits: usize,
+    /// Hosts that start having run their pass on c0 already: they hold c0 and their
+    /// first inventory (c0, nothing held) is on its way to the others.
+    ///
+    /// Such a start is reachable from the cold one: it is the state after the remote's
+    /// first `Head(0)` is delivered to these hosts in index order before any other
+    /// message, since a host on c0 that has seen no peer's inventory only publishes its
+    /// own (its creates wait for the unseen peers). It skips those steps, not states a
+    /// real cluster could not be in.
+    pub warm: &'static [usize],
+    /// The commit the branch is at when the model starts: the remote pushed the ones
+    /// before it and this one already, their `Head`s on their way to every host (the
+    /// state after the remote's first pushes, before any delivery).
+    pub head: u8,
+}
+
+impl Scenario {
+    /// The whole branch, every host starting cold.
+    pub const FULL: Scenario = Scenario {
+        commits: 4,
+        warm: &[],
+        head: 0,
+    };
+    /// The first move of the owner (c0 to c1, host3 added): every host has run its pass
+    /// on c0 (host3 runs, not yet in cluster.yaml) and c1 is pushed: the setting of
+    /// issue 11's hole 6.
+    pub const HOST_ADDED: Scenario = Scenario {
+        commits: 2,
+        warm: &[0, 1, 2],
+        head: 1,
+    };
+}
+
 /// A create job's id: the owner's index and its count.
 pub type Job = (u8, u8);
 
@@ -225,10 +263,17 @@ pub struct HostState {
     /// Peers heard from since the last pass (the old logic's "answered").
     pub answered: BTreeSet<u8>,
     /// What it published last (seq and clock aside): publishes only on change.
-    pub published: Option<(Option<u8>, BTreeMap<u8, Job>, BTreeMap<u8, Job>)>,
+    pub published: Option<Published>,
 }
 
+/// What an inventory said, seq and clock aside: its commit, the VMs held, the creates in
+/// flight.
+pub type Published = (Option<u8>, BTreeMap<u8, Job>, BTreeMap<u8, Job>);
+
 /// An actor's state.
+// One remote beside three hosts: boxing the hosts' states would add an allocation to each
+// of the checker's clones to save a few bytes on one actor.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum State {
     /// A host.
@@ -298,11 +343,15 @@ pub enum Node {
         skew: bool,
         /// The branch's commits.
         commits: Vec<Commit>,
+        /// It starts having run its pass on c0 (see [`Scenario::warm`]).
+        warm: bool,
     },
     /// The git remote.
     Remote {
         /// How many commits it pushes.
         commits: u8,
+        /// The commit it starts at (see [`Scenario::head`]).
+        head: u8,
     },
 }
 
@@ -669,9 +718,14 @@ impl Actor for Node {
     type Random = Offset;
     type Storage = Store;
 
-    fn on_start(&self, _id: Id, storage: &Option<Store>, o: &mut Out<Self>) -> State {
+    fn on_start(&self, id: Id, storage: &Option<Store>, o: &mut Out<Self>) -> State {
         match self {
-            Node::Host { skew, .. } => {
+            Node::Host {
+                skew,
+                logic,
+                commits,
+                warm,
+            } => {
                 if *skew {
                     o.choose_random("clock", vec![Offset(0), Offset(SKEW)]);
                 }
@@ -685,7 +739,8 @@ impl Actor for Node {
                         closed_gone: BTreeSet::new(),
                     },
                 };
-                State::Host(HostState {
+                let fresh = storage.is_none();
+                let mut s = HostState {
                     disk,
                     offset: 0,
                     commit: None,
@@ -693,13 +748,24 @@ impl Actor for Node {
                     peers: BTreeMap::new(),
                     answered: BTreeSet::new(),
                     published: None,
-                })
+                };
+                if *warm && fresh {
+                    // What delivering `Head(0)` does (on_msg), at the first start only:
+                    // a restart after a crash waits for the remote like any other.
+                    s.commit = Some(0);
+                    self.host_pass(usize::from(id), &mut s, o, *logic, commits);
+                }
+                State::Host(s)
             }
-            Node::Remote { .. } => {
+            Node::Remote { commits, head } => {
                 let hosts: Vec<Id> = (0..HOSTS.len()).map(Id::from).collect();
-                o.broadcast(&hosts, &Msg::Head(0));
-                o.set_timer(Push, model_timeout());
-                State::Remote(0)
+                for c in 0..=*head {
+                    o.broadcast(&hosts, &Msg::Head(c));
+                }
+                if head + 1 < *commits {
+                    o.set_timer(Push, model_timeout());
+                }
+                State::Remote(*head)
             }
         }
     }
@@ -711,7 +777,7 @@ impl Actor for Node {
     }
 
     fn on_timeout(&self, _id: Id, state: &mut Cow<State>, _t: &Push, o: &mut Out<Self>) {
-        let (Node::Remote { commits }, State::Remote(head)) = (self, state.as_ref()) else {
+        let (Node::Remote { commits, .. }, State::Remote(head)) = (self, state.as_ref()) else {
             return;
         };
         let next = head + 1;
@@ -877,24 +943,30 @@ impl Actor for Node {
     }
 }
 
-/// The model: three hosts running `logic`, the remote, an unordered duplicating network
-/// (lossy with `lossy`), at most one host crashed at a time.
+/// The model: three hosts running `logic`, the remote pushing the scenario's commits, an
+/// unordered duplicating network (lossy with `lossy`), at most `crashes` hosts crashed at
+/// a time.
 ///
 /// For the safety properties loss adds nothing: in an unordered duplicating network any
 /// message may stay undelivered for ever, which is what a lost one is; a drop only
 /// removes futures. It multiplies the states, though (a drop action per message in
 /// flight), so the tests run without it and the deep check may turn it on.
-pub fn model(logic: Logic, faults: Faults) -> ActorModel<Node, (), ()> {
+pub fn model(logic: Logic, faults: Faults, scenario: Scenario) -> ActorModel<Node, (), ()> {
     let lossy = faults.lossy;
-    let commits = commits();
+    let mut commits = commits();
+    commits.truncate(scenario.commits.max(1));
     let n = commits.len() as u8;
     ActorModel::new((), ())
-        .actors((0..HOSTS.len()).map(|_| Node::Host {
+        .actors((0..HOSTS.len()).map(|h| Node::Host {
             logic,
             skew: faults.skew,
             commits: commits.clone(),
+            warm: scenario.warm.contains(&h),
         }))
-        .actor(Node::Remote { commits: n })
+        .actor(Node::Remote {
+            commits: n,
+            head: scenario.head.min(n - 1),
+        })
         .init_network(Network::new_unordered_duplicating([]))
         .lossy_network(if lossy {
             LossyNetwork::Yes
@@ -960,16 +1032,18 @@ pub fn gone_while_held(s: &ActorModelState<Node>) -> Vec<(u8, u8, Job)> {
         .collect()
 }
 
-/// Checks `logic` by BFS to `depth` on two threads; the checker is returned joined.
+/// Checks `logic` in `scenario` by BFS to `depth` on two threads; the checker is returned
+/// joined.
 /// With `stop_at_failure`, BFS stops at the first property that fails (at the smallest
 /// depth), else it explores every state to `depth`.
 pub fn check(
     logic: Logic,
     faults: Faults,
+    scenario: Scenario,
     depth: usize,
     stop_at_failure: bool,
 ) -> impl Checker<ActorModel<Node, (), ()>> {
-    let c = model(logic, faults)
+    let c = model(logic, faults, scenario)
         .checker()
         .threads(2)
         .target_max_depth(depth);
@@ -983,8 +1057,13 @@ pub fn check(
 
 /// Looks for a failing property by DFS to `depth` on two threads, stopping at the first
 /// one: for counterexamples deeper than BFS reaches in a test's time.
-pub fn hunt(logic: Logic, faults: Faults, depth: usize) -> impl Checker<ActorModel<Node, (), ()>> {
-    model(logic, faults)
+pub fn hunt(
+    logic: Logic,
+    faults: Faults,
+    scenario: Scenario,
+    depth: usize,
+) -> impl Checker<ActorModel<Node, (), ()>> {
+    model(logic, faults, scenario)
         .checker()
         .threads(2)
         .target_max_depth(depth)

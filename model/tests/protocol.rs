@@ -5,12 +5,17 @@
 //! [`DEPTH`]) and `FLOTILLA_MODEL_LOSSY=1` lets messages drop; the deeper check is
 //! `FLOTILLA_MODEL_DEPTH=8 cargo test -p flotilla-model --release --test protocol`.
 
-use flotilla_model::{check, hunt, Faults, Logic, ALL_PLACED, NO_GONE_WHILE_HELD, NO_TWICE};
+use flotilla_model::{check, Faults, Logic, Scenario, ALL_PLACED, NO_GONE_WHILE_HELD, NO_TWICE};
 use stateright::Checker;
 
 /// Deep enough to place the VM under crashes and skewed clocks, small enough for a debug
 /// build in CI (about 44,000 states).
 const DEPTH: usize = 6;
+
+/// Hole 6's check depth in [`Scenario::HOST_ADDED`]: the checker evaluates the states
+/// above this depth, so paths of up to six actions (the old wait's counterexample); about
+/// 40,000 states with the old logic (it stops there) and 78,000 with the real one.
+const HOLE6_DEPTH: usize = 8;
 
 fn depth() -> usize {
     std::env::var("FLOTILLA_MODEL_DEPTH")
@@ -31,7 +36,7 @@ fn faults() -> Faults {
 /// gone while its builder holds the VM, and some interleaving places every VM.
 #[test]
 fn the_real_decisions_keep_every_vm_on_one_host() {
-    let c = check(Logic::default(), faults(), depth(), false);
+    let c = check(Logic::default(), faults(), Scenario::FULL, depth(), false);
     eprintln!(
         "real logic: {} states, depth {}",
         c.unique_state_count(),
@@ -51,31 +56,45 @@ fn the_real_decisions_keep_every_vm_on_one_host() {
 /// Guards issue 11, hole 6, in the model: with the old `on_other_commits` (only hosts
 /// that answered this pass were waited for), the model finds a VM built on two hosts:
 /// host1, still on c0 where it owns web1, creates it while host3, owner under c1, did not
-/// wait for host1 because another host answered last.
+/// wait for host1 because host1 had not answered since host3's last pass. The real
+/// `waits_for` finds nothing in the same scenario to the same depth.
 ///
-/// Open: its shortest path is about ten steps (host2 must publish on c0 for host1, then
-/// on c1 for host3), deeper than the checker reaches in a test's time; a DFS hunt to depth
-/// 12 did not end within 6 minutes in a debug build. Run it with
-/// `cargo test -p flotilla-model --release --test protocol -- --ignored`.
+/// [`Scenario::HOST_ADDED`] starts where every host has run its pass on c0 and c1 is
+/// pushed (a reachable state, see [`Scenario`]), so the path is six deliveries, not ten.
 #[test]
-#[ignore = "its path is deeper than a debug check reaches in a test's time"]
 fn the_old_wait_for_answered_hosts_builds_a_vm_twice() {
     let logic = Logic {
         answered_only_waits: true,
         ..Logic::default()
     };
-    let c = hunt(logic, Faults::NETWORK, 12);
+    let c = check(
+        logic,
+        Faults::NETWORK,
+        Scenario::HOST_ADDED,
+        HOLE6_DEPTH,
+        true,
+    );
     let path = c
         .discovery(NO_TWICE)
         .expect("the old wait found no VM on two hosts");
     eprintln!("{NO_TWICE}: counterexample\n{path}");
-    // The real waits_for holds the same interleavings back.
-    let real = check(Logic::default(), Faults::NETWORK, 10, true);
-    assert!(
-        real.discovery(NO_TWICE).is_none(),
-        "{}",
-        real.discovery(NO_TWICE).unwrap()
+    let real = check(
+        Logic::default(),
+        Faults::NETWORK,
+        Scenario::HOST_ADDED,
+        HOLE6_DEPTH,
+        false,
     );
+    eprintln!(
+        "real logic, host added: {} states, depth {}",
+        real.unique_state_count(),
+        real.max_depth()
+    );
+    for p in [NO_TWICE, NO_GONE_WHILE_HELD] {
+        if let Some(path) = real.discovery(p) {
+            panic!("{p}: counterexample\n{path}");
+        }
+    }
 }
 
 /// Guards issue 14, case 4, in the model: with the old `listed_at > at` close, a builder
@@ -88,7 +107,7 @@ fn the_old_close_by_clocks_closes_a_held_vm_as_gone() {
         clock_close: true,
         ..Logic::default()
     };
-    let c = check(logic, Faults::DEFAULT, 8, true);
+    let c = check(logic, Faults::DEFAULT, Scenario::FULL, 8, true);
     let path = c
         .discovery(NO_GONE_WHILE_HELD)
         .expect("the old close by clocks found nothing");
