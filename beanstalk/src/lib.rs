@@ -10,6 +10,8 @@
 //! - A connection that drops or loses sync is replaced on the next call, with its used and
 //!   watched tubes restored; every call can be bounded by a timeout ([`Options`]).
 //! - [`proto`] is the wire format on its own (no I/O), for tests and other transports.
+//! - Feature `mem`: `mem::MemServer`, an in-memory beanstalkd with the same semantics and
+//!   a client with the same methods, for deterministic simulations on tokio's clock.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), beanstalk::Error> {
@@ -40,5 +42,7 @@ pub use error::Error;
 pub use stats::{JobStats, ServerStats, StatsError, TubeStats};
 pub use tube::{check_tube, TubeError, MAX_TUBE_LEN};
 
+#[cfg(feature = "mem")]
+pub mod mem;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -524,6 +524,25 @@ impl Cluster {
         }
     }
 
+    /// Sends signal `sig` (a name `kill` knows, such as `HUP`) to host `i`'s agent.
+    pub fn signal_agent(&self, i: usize, sig: &str) {
+        let child = self.hosts[i].agent.as_ref().expect("the agent runs");
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(st.success(), "kill -{sig} failed");
+    }
+
+    /// True while host `i`'s agent process runs.
+    pub fn agent_alive(&mut self, i: usize) -> bool {
+        match self.hosts[i].agent.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
     /// Kills host `i`'s agent with SIGKILL.
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut child) = self.hosts[i].agent.take() {

@@ -652,3 +652,32 @@ fn a_listing_never_shows_a_marker_newer_than_its_rows() {
         "listed complete but not in vm_list: {fresh:?}"
     );
 }
+
+/// Guards issue 12, Measure (calls per update): a stop polled `vm list`, which reads
+/// every guest, each `poll_interval` until the guest was down: 50 listings for 9
+/// restarting updates. Now it looks once (is it running, locked?), then waits on the
+/// guest's own `run.lock` (no call) and asks `vm info` of this guest alone. A guest that
+/// ignores the ACPI request for 400 ms (20 intervals) is stopped with one listing.
+#[test]
+fn a_stop_lists_the_host_once_however_long_the_guest_takes() {
+    let host = SimHost::new();
+    let b = host.backend();
+    b.create(&spec("deaf")).unwrap();
+    b.configure(
+        "deaf",
+        &BTreeMap::from([("sim_ignore_acpi".to_string(), "yes".to_string())]),
+        &[],
+    )
+    .unwrap();
+    b.start("deaf").unwrap();
+    let before = b.invocations();
+    assert_eq!(
+        b.stop("deaf", Duration::from_millis(400)).unwrap(),
+        StopOutcome::PoweredOff
+    );
+    let after = b.invocations();
+    let n = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    assert!(n("vm list") <= 1, "{} listings: {after:?}", n("vm list"));
+    assert!(n("vm info") <= 3, "{} looks: {after:?}", n("vm info"));
+    assert_eq!(b.list().unwrap()[0].state, RunState::Stopped);
+}

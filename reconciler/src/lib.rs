@@ -12,6 +12,7 @@ pub mod auth;
 pub mod backend;
 pub mod capacity;
 pub mod conf;
+pub mod control;
 pub mod desired;
 pub mod intents;
 pub mod message;

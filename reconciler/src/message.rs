@@ -107,13 +107,15 @@ pub enum Message {
     Stop(VmJob),
     /// The outcome of a job, sent to the owner that asked.
     Result(JobResult),
-    /// A host's actual state and capacity.
-    Inventory(Inventory),
+    /// A host's actual state and capacity (boxed: it is by far the largest message).
+    Inventory(Box<Inventory>),
     /// Reconcile now (sent by the desired repo's post-receive hook or `flotilla trigger`).
     Trigger(Trigger),
     /// An operator says a host is gone for good (`flotilla host forget`): stop waiting
     /// for it and drop what its last inventory showed.
     Forget(Forget),
+    /// An operator's verb (`flotilla retry`, `host drain`, `suspend`, …).
+    Control(crate::control::Control),
 }
 
 impl Message {
@@ -129,6 +131,7 @@ impl Message {
             Message::Inventory(_) => "inventory",
             Message::Trigger(_) => "trigger",
             Message::Forget(_) => "forget",
+            Message::Control(_) => "control",
         }
     }
 
@@ -141,7 +144,7 @@ impl Message {
             }
             Message::Result(_) => tubes::RESULTS,
             Message::Inventory(_) => tubes::INVENTORY,
-            Message::Trigger(_) | Message::Forget(_) => tubes::CONTROL,
+            Message::Trigger(_) | Message::Forget(_) | Message::Control(_) => tubes::CONTROL,
         }
     }
 
@@ -152,6 +155,7 @@ impl Message {
             Message::Destroy(j) | Message::Start(j) | Message::Stop(j) => Some(&j.vm),
             Message::Update(j) => Some(&j.vm),
             Message::Result(r) => Some(&r.vm),
+            Message::Control(c) => c.verb.vm(),
             Message::Inventory(_) | Message::Trigger(_) | Message::Forget(_) => None,
         }
     }
@@ -385,6 +389,51 @@ pub struct InFlightCreate {
     pub retry_at: Option<u64>,
 }
 
+/// A difference the host's last reconcile pass left alone (the planner's `Blocked`), as
+/// shown in its inventory: an operator must act on it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockedItem {
+    /// The host the difference is on.
+    pub host: String,
+    /// The VM.
+    pub vm: String,
+    /// The planner's reason, snake_case (`name_taken`, `protected`, `prune_guard`, …);
+    /// a string so that a reason added later does not make the inventory unreadable.
+    pub reason: String,
+    /// Details for the operator.
+    pub detail: String,
+}
+
+/// An op (update, start, stop, destroy, …) this host sent and awaits the result of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpInFlightItem {
+    /// The VM.
+    pub vm: String,
+    /// The op's kind.
+    pub kind: crate::planner::Kind,
+}
+
+/// The newest fetched desired commit did not validate: the host keeps applying its last
+/// good one (`applied_commit`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DesiredError {
+    /// The commit that does not validate.
+    pub commit: String,
+    /// The file of its first error, relative to the repo's root.
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// What is wrong (the first error; `errors` counts them all).
+    pub message: String,
+    /// How many errors the commit has.
+    pub errors: usize,
+}
+
 /// A job that failed recently, as shown in the owner's inventory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -457,6 +506,25 @@ pub struct Inventory {
     /// names it saw under two identities (safety rule 8). Absent from older agents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<crate::agent::identity::AgentInfo>,
+    /// When this host's last reconcile pass ended (seconds since the Unix epoch, its
+    /// clock): `apply --wait` waits for a pass after it started. 0 before the first.
+    #[serde(default)]
+    pub reconciled_at: u64,
+    /// What its last pass left blocked (the whole plan's, as this host saw it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocked: Vec<BlockedItem>,
+    /// Ops it sent and awaits: drift repairs under way.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ops: Vec<OpInFlightItem>,
+    /// Set when the newest desired commit it fetched does not validate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_error: Option<DesiredError>,
+    /// The drains and suspends this host knows of (`flotilla host drain`, `suspend`).
+    #[serde(default, skip_serializing_if = "crate::control::Switches::is_empty")]
+    pub switches: crate::control::Switches,
+    /// This host's most recent events, newest last, for `flotilla events --cluster`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_events: Vec<crate::agent::events::Event>,
 }
 
 /// A host an operator declared gone for good.
@@ -661,7 +729,7 @@ mod tests {
                 },
                 inventory_seq: Some(7),
             }),
-            Message::Inventory(Inventory {
+            Message::Inventory(Box::new(Inventory {
                 host: "host1".into(),
                 applied_commit: None,
                 commit: None,
@@ -686,7 +754,13 @@ mod tests {
                     lease_job: Some(7),
                     conflicts: Default::default(),
                 }),
-            }),
+                reconciled_at: 0,
+                blocked: vec![],
+                ops: vec![],
+                desired_error: None,
+                switches: Default::default(),
+                recent_events: vec![],
+            })),
             Message::Trigger(Trigger {
                 reason: "push".into(),
             }),

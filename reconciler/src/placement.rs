@@ -47,6 +47,9 @@ pub struct HostView<'a> {
     pub limits: &'a Limits,
     /// An overload threshold crossed, if any (e.g. "memory in use 95% ≥ 90%").
     pub overload: Option<&'a str>,
+    /// An operator drained the host (`flotilla host drain`): it places no new create,
+    /// whatever room it has.
+    pub drained: bool,
 }
 
 /// Decides what to do with `job` on `host`.
@@ -56,6 +59,7 @@ pub fn decide(job: &CreateJob, host: HostView<'_>) -> Decision {
         fits(host.used, host.reserved, requested, host.limits),
         host.overload,
     ) {
+        _ if host.drained => "drained".to_string(),
         (Ok(()), None) => return Decision::Admit { reserve: requested },
         (Err(e), _) => e.to_string(),
         (Ok(()), Some(o)) => format!("overloaded: {o}"),
@@ -137,7 +141,30 @@ mod tests {
             reserved: Usage::default(),
             limits: l,
             overload: None,
+            drained: false,
         }
+    }
+
+    /// Guards issue 15, verb 2: a drained host with room forwards a create along the
+    /// chain; a create pinned to it is unplaceable, saying "drained".
+    #[test]
+    fn a_drained_host_forwards_and_refuses_a_pinned_create() {
+        let l = limits(64);
+        let mut v = view("host1", Some("host2"), &l, 1);
+        v.drained = true;
+        let Decision::Forward { to, job: fwd } = decide(&job(3), v) else {
+            panic!("a drained host admitted a create")
+        };
+        assert_eq!(to, "host2");
+        assert_eq!(fwd.visited[0].reason, "drained");
+        let pinned = CreateJob {
+            pinned: true,
+            ..job(3)
+        };
+        let Decision::Unplaceable { reason } = decide(&pinned, v) else {
+            panic!("a pinned create was not refused")
+        };
+        assert!(reason.contains("host1: drained"), "{reason}");
     }
 
     #[test]

@@ -262,6 +262,9 @@ pub enum BlockReason {
     /// A create whose unique resource (a disk device or path outside its directory, a
     /// MAC, a VNC port) another VM holds: it waits until that VM is gone, and says so.
     ResourceTaken,
+    /// A VM imported by `flotilla import` (its marker says so) that no VM file desires
+    /// yet: never destroyed until its file is committed.
+    Imported,
 }
 
 /// A difference the plan leaves alone, and why.
@@ -750,6 +753,14 @@ pub fn plan(
                     BlockReason::Protected,
                     "not desired any more, but protected (recorded in its marker); clear protect first".to_string(),
                 );
+            } else if crate::control::imported(vm) {
+                // Marked managed by `flotilla import` before its file is committed.
+                b.block(
+                    host,
+                    &vm.name,
+                    BlockReason::Imported,
+                    "imported: commit its VM file".to_string(),
+                );
             } else if let Some(f) = flying(&vm.name) {
                 pending.push(f.clone());
             } else {
@@ -945,7 +956,10 @@ fn plan_existing(
         _ => None,
     };
     // One action at a time: the rest is planned once it is done (safety rule 10).
-    if !changes.is_empty() || protect.is_some() || autostart.is_some() {
+    // An imported VM's marker takes the spec's hash at once: from then on, deleting its
+    // file destroys it like any managed VM.
+    let imported = marker.is_some_and(|m| m.spec_hash == crate::control::IMPORTED);
+    if !changes.is_empty() || protect.is_some() || autostart.is_some() || imported {
         b.act(Action::Update {
             host: host.to_string(),
             vm: spec.name.clone(),

@@ -195,6 +195,14 @@ impl GitSource {
         Err(SourceError::RefNotFound(r.to_string()))
     }
 
+    /// Whether `commit` is a descendant of `ancestor` (not equal to it); an error when
+    /// this clone lacks either.
+    pub fn is_descendant(&self, commit: Oid, ancestor: Oid) -> Result<bool, SourceError> {
+        self.repo
+            .graph_descendant_of(commit, ancestor)
+            .map_err(git(format!("walking from {commit} to {ancestor}")))
+    }
+
     /// The desired repo's files in `commit`'s tree.
     pub fn read(&self, commit: Oid) -> Result<FileSet, SourceError> {
         let commit = self

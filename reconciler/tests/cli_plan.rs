@@ -108,6 +108,27 @@ fn plan_of_a_matching_state_exits_0() {
     );
 }
 
+/// Guards issue 15, truth 4: a plan whose only items are blocked changes nothing, and
+/// exits 0 as the README says (it exited 2).
+#[test]
+fn a_plan_of_only_blocked_items_exits_0() {
+    let repo = Repo::example();
+    let state = repo.path("state.json");
+    let mut hosts = matching(&load_dir(&repo.work));
+    // web1's name is taken by a VM this cluster does not manage: blocked, not created.
+    for v in hosts.iter_mut().flat_map(|h| h.vms.iter_mut()) {
+        if v.name == "web1" {
+            v.marker = None;
+        }
+    }
+    save(&state, hosts);
+    let dir = repo.work.display().to_string();
+    let out = flotilla(&["plan", &dir, "--inventory", &state]);
+    let text = stdout(&out);
+    assert!(text.contains("web1 blocked (name_taken)"), "{text}");
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+}
+
 #[test]
 fn plan_json_has_a_format_version() {
     let repo = Repo::example();
@@ -200,7 +221,8 @@ fn the_prune_guard_blocks_and_the_override_lets_through() {
     }
     let dir = repo.work.display().to_string();
     let out = flotilla(&["plan", &dir, "--inventory", &state]);
-    assert_eq!(out.status.code(), Some(2));
+    // Only blocked destroys: nothing would change.
+    assert_eq!(out.status.code(), Some(0));
     let text = stdout(&out);
     assert!(
         text.contains(

@@ -6,8 +6,9 @@
 //! desired repo (the default) and polling every 60 s. Calls are counted by vm-sim
 //! itself (`VM_SIM_CALL_LOG`): every `vm` and `sysrc` the agent runs, nothing of its own.
 //! The idle figures are measured over `BENCH_IDLE_SECS` (default 300) and scaled to an
-//! hour; CPU time is the agent's own (utime + stime in `/proc/<pid>/stat`) plus that of
-//! the commands it waited for (cutime + cstime).
+//! hour; "per create" and "per update" count from when every agent has listed its host
+//! once (its start). CPU time is the agent's own (utime + stime in `/proc/<pid>/stat`)
+//! plus that of the commands it waited for (cutime + cstime).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -118,7 +119,13 @@ fn main() {
     let names: Vec<String> = (0..n).map(|i| format!("vm{i:02}")).collect();
     let limit = Duration::from_secs(300);
 
-    // Creates.
+    // Creates. Each agent is up once it has listed its (empty) host: that first
+    // listing is the agent's start, not a create's.
+    let at = Instant::now();
+    while calls(&c).iter().any(|m| !m.contains_key("vm list")) {
+        assert!(at.elapsed() < limit, "agents not up\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let before = calls(&c);
     let files: Vec<(String, String)> = names
         .iter()
@@ -211,5 +218,12 @@ fn main() {
     }
     for i in 0..c.hosts.len() {
         c.stop_agent(i);
+    }
+    // `BENCH_LOGS=1`: each agent's whole log (debug), to see why it listed.
+    if std::env::var_os("BENCH_LOGS").is_some() {
+        for h in &c.hosts {
+            let log = std::fs::read_to_string(&h.log).unwrap_or_default();
+            println!("=== {}\n{log}", h.name);
+        }
     }
 }

@@ -403,22 +403,61 @@ fn metrics_and_health_on_loopback() {
             && http_get(port, "/metrics")
                 .contains("flotilla_queue_jobs{tube=\"flotilla.create\",state=\"ready\"} 0")
     });
+    c.wait_until("m1 running in the VMs by state", CONVERGE, |_| {
+        http_get(port, "/metrics").contains("flotilla_vms{host=\"host1\",state=\"running\"} 1")
+    });
     let page = http_get(port, "/metrics");
     for series in [
-        "# TYPE flotilla_reconciles_total counter",
+        // OpenMetrics: the TYPE line names the counter without `_total`.
+        "# TYPE flotilla_reconciles counter",
+        "# HELP flotilla_reconciles ",
+        "flotilla_reconciles_total ",
         "flotilla_plan_actions{action=\"create\"}",
         "flotilla_queue_jobs{tube=\"flotilla.create\",state=\"ready\"} 0",
         "flotilla_inventory_age_seconds{host=\"host2\"}",
         "flotilla_desired_commit_info{commit=",
         "flotilla_backend_invocations_total{command=\"vm list\"}",
+        // Guards issue 15 (Prometheus bullet): the series the issue asks for.
+        "# TYPE flotilla_reconcile_seconds histogram",
+        "flotilla_reconcile_seconds_bucket{le=",
+        "flotilla_build_info{version=",
+        "flotilla_host_memory_used_bytes{host=\"host1\"} ",
+        "flotilla_host_memory_limit_bytes{host=\"host2\"}",
+        "flotilla_host_storage_used_bytes{host=\"host3\"}",
+        "flotilla_host_vms_used{host=\"host1\"} 1",
+        "flotilla_host_vms_limit{host=\"host1\"} 500",
+        "flotilla_blocked{reason=\"prune_guard\"} 0",
+        "flotilla_held_destroys 0",
+        "flotilla_last_good_fetch_timestamp_seconds ",
+        "# EOF",
     ] {
         assert!(page.contains(series), "{series} in\n{page}");
     }
+    let health = http_get(port, "/healthz");
     assert!(
-        http_get(port, "/healthz").starts_with("HTTP/1.0 200")
-            || http_get(port, "/healthz").starts_with("HTTP/1.1 200")
+        health.starts_with("HTTP/1.0 200") || health.starts_with("HTTP/1.1 200"),
+        "{health}"
     );
     assert!(http_get(port, "/nothing").contains(" 404 "));
+    // Guards issue 15, truth 3: a desired tip that does not load makes /healthz 503,
+    // and the body says why, while the agent keeps the last good desired state.
+    let bad = c.commit(
+        &[("vms/broken.yaml", Some("name: [unclosed\n"))],
+        "a broken VM file",
+    );
+    c.wait_until("/healthz says the tip does not load", CONVERGE, |_| {
+        let h = http_get(port, "/healthz");
+        h.contains(" 503 ") && h.contains("does not load") && h.contains(&bad[..10])
+    });
+    assert!(
+        http_get(port, "/metrics").contains("flotilla_snapshots_invalid_total 1"),
+        "{}",
+        http_get(port, "/metrics")
+    );
+    c.commit(&[("vms/broken.yaml", None)], "the broken file removed");
+    c.wait_until("/healthz ok again", CONVERGE, |_| {
+        http_get(port, "/healthz").contains(" 200 ")
+    });
 }
 
 /// Safety rule 5: beanstalkd has no authentication, so anyone who reaches port 11300 can

@@ -301,12 +301,30 @@ pub struct AgentConfig {
     /// How the owner picks a create's first hop.
     #[serde(default)]
     pub first_hop: FirstHop,
-    /// `/metrics` and `/healthz` on this address (loopback); off when absent.
-    #[serde(default)]
+    /// `/metrics`, `/healthz` and the status page on this address (loopback): an
+    /// `IP:PORT`, or a bare port for `127.0.0.1:PORT`; off when absent.
+    #[serde(default, deserialize_with = "http_addr")]
     pub http: Option<SocketAddr>,
     /// Log format.
     #[serde(default)]
     pub log_format: LogFormat,
+}
+
+/// `http:` as an address or a bare port on the IPv4 loopback.
+fn http_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Http {
+        Port(u16),
+        Addr(SocketAddr),
+    }
+    Ok(
+        match <Option<Http> as serde::Deserialize>::deserialize(d)? {
+            None => None,
+            Some(Http::Port(p)) => Some(SocketAddr::from(([127, 0, 0, 1], p))),
+            Some(Http::Addr(a)) => Some(a),
+        },
+    )
 }
 
 impl AgentConfig {
@@ -452,5 +470,26 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("not a loopback address"), "{e}");
+    }
+
+    /// Guards issue 15 (metrics served loopback by default): a bare port binds the
+    /// loopback address, and an address is taken as given.
+    #[test]
+    fn http_takes_a_port_for_loopback_or_an_address() {
+        let parse = |http: &str| {
+            AgentConfig::parse(
+                Path::new("agent.yaml"),
+                &format!(
+                    "host: h\ndesired: {{url: x}}\nstate_dir: /s\nkey_file: /k\nhttp: {http}\n"
+                ),
+            )
+            .map(|c| c.http)
+        };
+        assert_eq!(
+            parse("9108").unwrap(),
+            Some(SocketAddr::from(([127, 0, 0, 1], 9108)))
+        );
+        assert_eq!(parse("\"[::1]:9108\"").unwrap(), "[::1]:9108".parse().ok());
+        assert_eq!(parse("null").unwrap(), None);
     }
 }

@@ -450,6 +450,12 @@ mod tests {
             waiting: vec![],
             left_cluster: None,
             agent: None,
+            reconciled_at: 0,
+            blocked: vec![],
+            ops: vec![],
+            desired_error: None,
+            switches: Default::default(),
+            recent_events: vec![],
         }
     }
 

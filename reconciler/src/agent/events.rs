@@ -4,6 +4,7 @@
 //! event, so `flotilla events` can read it while the agent runs and nothing is lost when
 //! the agent dies. The log is rotated to `events.jsonl.1` past [`MAX_LOG`] bytes.
 
+use std::collections::VecDeque;
 use std::fs::{self, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -45,15 +46,20 @@ pub struct Event {
 #[derive(Debug)]
 pub struct EventLog {
     path: PathBuf,
-    lock: Mutex<()>,
+    /// Held while appending; keeps the latest events this process logged, for its
+    /// inventory ([`EventLog::recent`]).
+    lock: Mutex<VecDeque<Event>>,
 }
+
+/// How many events [`EventLog::recent`] can give.
+const KEEP: usize = 200;
 
 impl EventLog {
     /// The log in `state_dir`.
     pub fn new(state_dir: &Path) -> EventLog {
         EventLog {
             path: state_dir.join("events.jsonl"),
-            lock: Mutex::new(()),
+            lock: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -62,9 +68,22 @@ impl EventLog {
         &self.path
     }
 
+    /// The last `n` events this process logged (at most 200), oldest first.
+    pub fn recent(&self, n: usize) -> Vec<Event> {
+        let kept = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        kept.iter()
+            .skip(kept.len().saturating_sub(n))
+            .cloned()
+            .collect()
+    }
+
     /// Appends `event`; a failure to write is logged, never fatal.
     pub fn append(&self, event: &Event) {
-        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kept = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        kept.push_back(event.clone());
+        while kept.len() > KEEP {
+            kept.pop_front();
+        }
         if fs::metadata(&self.path).is_ok_and(|m| m.len() > MAX_LOG) {
             let _ = fs::rename(&self.path, self.path.with_extension("jsonl.1"));
         }
@@ -120,6 +139,27 @@ pub enum EventKind {
     Forget,
     /// The host's lease was taken.
     Lease,
+    /// A peer's clock is beyond `max_clock_skew`: creates are held back.
+    ClockSkew,
+    /// The clocks agree again after a [`EventKind::ClockSkew`].
+    ClockAgreed,
+    /// agent.yaml was read again on SIGHUP and differs from the running one: it takes
+    /// effect at the next start.
+    ConfigChanged,
+    /// agent.yaml was read again on SIGHUP and is what the agent runs with.
+    ConfigUnchanged,
+    /// `flotilla retry`: failed creates and ops planned again now.
+    Retry,
+    /// `flotilla host drain`: no new creates placed on a host.
+    Drain,
+    /// `flotilla host undrain`.
+    Undrain,
+    /// `flotilla suspend`: reconciliation stops acting on a VM or the cluster.
+    Suspend,
+    /// `flotilla resume`.
+    Resume,
+    /// `flotilla import`: an unmanaged VM adopted.
+    Import,
     /// Something failed.
     Error,
 }
@@ -156,6 +196,14 @@ impl EventKind {
             EventKind::Refused => "refused",
             EventKind::Forget => "forget",
             EventKind::Lease => "lease",
+            EventKind::ClockSkew | EventKind::ClockAgreed => "clock",
+            EventKind::ConfigChanged | EventKind::ConfigUnchanged => "config",
+            EventKind::Retry => "retry",
+            EventKind::Drain => "drain",
+            EventKind::Undrain => "undrain",
+            EventKind::Suspend => "suspend",
+            EventKind::Resume => "resume",
+            EventKind::Import => "import",
             EventKind::Error => "error",
         }
     }
@@ -171,7 +219,16 @@ impl EventKind {
             | EventKind::Refused
             | EventKind::Buried
             | EventKind::Departed
-            | EventKind::Forget => Level::Warn,
+            | EventKind::Forget
+            | EventKind::ClockSkew
+            | EventKind::ConfigChanged
+            // An operator changed the cluster's state: worth seeing at WARN.
+            | EventKind::Retry
+            | EventKind::Drain
+            | EventKind::Undrain
+            | EventKind::Suspend
+            | EventKind::Resume
+            | EventKind::Import => Level::Warn,
             _ => Level::Info,
         }
     }
@@ -217,6 +274,96 @@ pub fn read(path: &Path) -> std::io::Result<Vec<Event>> {
         }
     }
     Ok(out)
+}
+
+/// The version of `flotilla events --output json` lines (each carries it as
+/// `format_version`, like the other JSON outputs; schemas/v1/events.schema.json).
+pub const JSON_VERSION: u32 = 1;
+
+/// One line of `flotilla events --output json`: the event with [`JSON_VERSION`].
+#[derive(Debug, Serialize)]
+pub struct JsonLine<'a> {
+    /// [`JSON_VERSION`].
+    pub format_version: u32,
+    /// The event.
+    #[serde(flatten)]
+    pub event: &'a Event,
+}
+
+/// The time `--since` means, in seconds since the Unix epoch: an RFC 3339 time
+/// (`2026-11-29T21:00:00Z`, `…+01:00`, fractions ignored) or a duration before `now`
+/// (`10m`, `1h`). `None` when it is neither.
+pub fn parse_since(s: &str, now: u64) -> Option<u64> {
+    if let Some(d) = crate::desired::parse_duration(s) {
+        return Some(now.saturating_sub(d.as_secs()));
+    }
+    rfc3339(s)
+}
+
+fn rfc3339(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let t = s.get(r)?;
+        t.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| t.parse().ok())?
+    };
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let mut rest = &s[19..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        rest = &frac[digits..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let sign = match rest.as_bytes().first() {
+                Some(b'+') => 1,
+                Some(b'-') => -1,
+                _ => return None,
+            };
+            let r = rest.as_bytes();
+            if r.len() != 6 || r[3] != b':' {
+                return None;
+            }
+            let oh: i64 = rest[1..3].parse().ok()?;
+            let om: i64 = rest[4..6].parse().ok()?;
+            sign * (oh * 3600 + om * 60)
+        }
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let t = days * 86_400 + h * 3600 + mi * 60 + sec - offset;
+    u64::try_from(t).ok()
+}
+
+/// Every host's events together, oldest first (by the hosts' clocks), each once.
+pub fn merge<'a>(lists: impl IntoIterator<Item = &'a [Event]>) -> Vec<Event> {
+    let mut all: Vec<Event> = lists.into_iter().flatten().cloned().collect();
+    all.sort_by(|a, b| {
+        (a.at_ms, &a.host, &a.kind, &a.message).cmp(&(b.at_ms, &b.host, &b.kind, &b.message))
+    });
+    all.dedup();
+    all
 }
 
 #[cfg(test)]
@@ -265,6 +412,66 @@ mod tests {
                 tracing::Level::INFO
             ]
         );
+    }
+
+    /// Guards issue 15, verb 5: `--since` takes RFC 3339 times (any offset) and
+    /// durations; anything else is refused.
+    #[test]
+    fn since_reads_rfc3339_and_durations() {
+        assert_eq!(parse_since("1970-01-01T00:00:00Z", 0), Some(0));
+        assert_eq!(parse_since("2026-11-29T21:00:00Z", 0), Some(1_795_986_000));
+        assert_eq!(
+            parse_since("2026-11-29T22:00:00.25+01:00", 0),
+            Some(1_795_986_000)
+        );
+        assert_eq!(
+            parse_since("2000-02-29T00:00:00-00:30", 0),
+            Some(951_784_200)
+        );
+        assert_eq!(parse_since("10m", 1000), Some(400));
+        for bad in [
+            "yesterday",
+            "2026-13-01T00:00:00Z",
+            "2026-11-29T21:00:00",
+            "",
+        ] {
+            assert_eq!(parse_since(bad, 1000), None, "{bad}");
+        }
+    }
+
+    /// Guards issue 15, verb 5: events of several hosts come out in time order, an
+    /// event seen twice (two reads of one inventory) once.
+    #[test]
+    fn merge_orders_and_dedups() {
+        let ev = |host: &str, at_ms: u64| Event {
+            at: at_ms / 1000,
+            at_ms,
+            host: host.into(),
+            kind: "job".into(),
+            vm: None,
+            job: None,
+            commit: None,
+            message: "m".into(),
+        };
+        let a = vec![ev("h1", 1000), ev("h1", 3000)];
+        let b = vec![ev("h2", 2000), ev("h1", 3000)];
+        let m = merge([a.as_slice(), b.as_slice()]);
+        let order: Vec<(String, u64)> = m.iter().map(|e| (e.host.clone(), e.at_ms)).collect();
+        assert_eq!(
+            order,
+            vec![
+                ("h1".into(), 1000),
+                ("h2".into(), 2000),
+                ("h1".into(), 3000)
+            ]
+        );
+        let line = serde_json::to_value(JsonLine {
+            format_version: JSON_VERSION,
+            event: &m[0],
+        })
+        .unwrap();
+        assert_eq!(line["format_version"], 1);
+        assert_eq!(line["host"], "h1");
     }
 
     #[test]

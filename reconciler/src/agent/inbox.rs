@@ -92,6 +92,14 @@ pub(super) async fn inbox_loop(shared: Arc<Shared>) {
                     client.delete(job.id).await
                 }
                 Ok(Envelope {
+                    body: Message::Control(c),
+                    from,
+                    ..
+                }) => {
+                    super::control::on_control(&shared, &c, &from);
+                    client.delete(job.id).await
+                }
+                Ok(Envelope {
                     body: Message::Trigger(t),
                     from,
                     ..

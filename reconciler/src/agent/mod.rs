@@ -18,9 +18,11 @@
 //! hand finish or releases them, and exits.
 
 pub mod config;
+pub mod control;
 pub mod decide;
 pub mod departed;
 pub mod events;
+pub mod health;
 pub mod hooks;
 pub mod identity;
 pub mod lease;
@@ -39,6 +41,8 @@ mod emit;
 mod inbox;
 mod publish;
 mod reconcile;
+pub mod registry;
+pub mod series;
 mod source;
 mod state;
 

@@ -191,7 +191,7 @@ impl Peers {
             Ok(Envelope {
                 body: Message::Inventory(inv),
                 ..
-            }) => Ok((Some(inv), took)),
+            }) => Ok((Some(*inv), took)),
             Ok(other) => Err(PeerError::BadInventory {
                 addr: addr.to_string(),
                 reason: format!("a `{}` message in the inventory tube", other.body.kind()),
@@ -358,8 +358,14 @@ mod tests {
             waiting: vec![],
             left_cluster: None,
             agent: None,
+            reconciled_at: 0,
+            blocked: vec![],
+            ops: vec![],
+            desired_error: None,
+            switches: Default::default(),
+            recent_events: vec![],
         };
-        Envelope::new("c", host, host, Message::Inventory(inv))
+        Envelope::new("c", host, host, Message::Inventory(Box::new(inv)))
     }
 
     /// Guards issue 13 (corrupt inventory reads at 20 hosts and more): beanstalkd 1.12 may

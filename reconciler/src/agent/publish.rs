@@ -84,6 +84,16 @@ pub(super) fn inventory(
             sent_at: i.recorded_at,
         })
         .collect();
+    let ops = shared
+        .ops
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(vm, o)| message::OpInFlightItem {
+            vm: vm.clone(),
+            kind: o.kind,
+        })
+        .collect();
     Ok(Inventory {
         host: shared.me().to_string(),
         applied_commit: local.applied_commit.clone(),
@@ -109,8 +119,18 @@ pub(super) fn inventory(
                 .conflicts(message::now());
             a
         }),
+        reconciled_at: local.reconciled_at,
+        blocked: local.blocked.clone(),
+        ops,
+        desired_error: local.desired_error.clone(),
+        switches: shared.switches().get().clone(),
+        recent_events: shared.events.recent(RECENT_EVENTS),
     })
 }
+
+/// How many of its latest events a host publishes in its inventory: enough for
+/// `flotilla events --cluster --follow` between two publications, small beside the VMs.
+const RECENT_EVENTS: usize = 100;
 
 /// Safety rule 8: an inventory in this host's own tube under another identity than
 /// this agent's, listed since it took the lease, was published by another agent under
@@ -196,7 +216,7 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
             &snap.cluster.id,
             shared.me(),
             shared.me(),
-            Message::Inventory(inv),
+            Message::Inventory(Box::new(inv)),
         ));
         if let Err(e) = shared.peers.publish_inventory(&addr, &env).await {
             tracing::warn!(error = %e, "cannot publish the inventory");

@@ -208,6 +208,7 @@ async fn owners_at<'a>(
 /// creates wait for hosts not heard from yet (the next pass should come soon).
 async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bool, String> {
     let started = Instant::now();
+    shared.seen().reconcile_turn = Some(message::now());
     if !shared.lease.held() {
         // Safety rule 8: without the host's lease this agent may be a second one.
         return Ok(false);
@@ -361,6 +362,13 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
         Emit::Op(a) => !retrying_ops.contains(&(a.vm().to_string(), a.kind())),
         Emit::Create(_) => true,
     });
+    // Issue 15, verb 3: a suspended VM (or cluster) is planned and reported, never
+    // acted on; it counts as held back, so the commit is not applied meanwhile.
+    let switches = shared.switches().get().clone();
+    emits.retain(|e| {
+        let (Emit::Op(a) | Emit::Create(a)) = e;
+        !switches.suspends(a.vm())
+    });
     let held_back = selected - emits.len();
     let waiting_creates = plan
         .actions()
@@ -421,11 +429,17 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
             format!("cannot send {n} creates to {to}: {e}; they wait for the next pass"),
         );
     }
+    shared.metrics.plan(&plan.summary(), plan.blocked());
+    shared.metrics.inventories(&inventories);
+    shared.seen().blocked = plan.blocked().cloned().collect();
     for b in plan.blocked() {
         if b.host == me {
             tracing::debug!(vm = %b.vm, reason = ?b.reason, "{}", b.detail);
         }
     }
+    // The whole plan's, not only this host's: a VM held by a host that left the cluster
+    // is reported by the hosts that still plan.
+    let blocked = plan.blocked().map(blocked_item).collect();
     if nothing_to_do {
         shared
             .local
@@ -452,14 +466,29 @@ async fn reconcile_once(shared: &Arc<Shared>, snap: &Arc<Snapshot>) -> Result<bo
     ] {
         shared.set(Gauge::PlanActions { action }, n as f64);
     }
-    shared
-        .local
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .reconciled_commit = snap.commit.clone();
+    {
+        let mut local = shared.local.lock().unwrap_or_else(|p| p.into_inner());
+        local.reconciled_commit = snap.commit.clone();
+        local.reconciled_at = message::now();
+        local.blocked = blocked;
+    }
     tracing::debug!(took = ?started.elapsed(), "reconciled");
     shared.wake_publish.notify_one();
     Ok(!unseen.is_empty() || catching_up)
+}
+
+/// A blocked difference as inventories carry it.
+fn blocked_item(b: &planner::Blocked) -> message::BlockedItem {
+    let reason = serde_json::to_value(b.reason)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{:?}", b.reason));
+    message::BlockedItem {
+        host: b.host.clone(),
+        vm: b.vm.clone(),
+        reason,
+        detail: b.detail.clone(),
+    }
 }
 
 /// Issue 14, case 4: the clock skews beyond `max_clock_skew` that stop this host's
@@ -483,11 +512,17 @@ fn clock_skews(
         changed
     };
     if changed {
-        let text = match &sighting {
-            Some(s) => format!("{s}: this host sends no creates until the clocks agree"),
-            None => "clocks agree again within max_clock_skew".to_string(),
+        let (kind, text) = match &sighting {
+            Some(s) => (
+                EventKind::ClockSkew,
+                format!("{s}: this host sends no creates until the clocks agree"),
+            ),
+            None => (
+                EventKind::ClockAgreed,
+                "clocks agree again within max_clock_skew".to_string(),
+            ),
         };
-        shared.event(EventKind::Error, None, None, None, text);
+        shared.event(kind, None, None, None, text);
     }
     let mut all = seen;
     // Reports only from hosts heard from now: a host shut down to fix its clock must not

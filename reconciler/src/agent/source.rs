@@ -11,6 +11,7 @@ use crate::source::{self, GitSource};
 
 use super::decide;
 use super::events::EventKind;
+use super::health::FetchEnd;
 use super::metrics::Counter;
 use super::pace::{Pace, Woke};
 use super::state::{poll_interval, HostsFile, Shared};
@@ -103,7 +104,7 @@ fn local_repo(url: &str) -> Option<PathBuf> {
 enum Fetched {
     Unchanged,
     Good(Box<Snapshot>),
-    Invalid(String, String),
+    Invalid(String, String, crate::message::DesiredError),
 }
 
 fn fetch_and_load(src: &GitSource, branch: &str, last: Option<&str>) -> Result<Fetched, String> {
@@ -133,7 +134,16 @@ fn fetch_and_load(src: &GitSource, branch: &str, last: Option<&str>) -> Result<F
                 .map(|d| d.to_string())
                 .collect::<Vec<_>>()
                 .join("; ");
-            Ok(Fetched::Invalid(commit, text))
+            let first = invalid.0.first();
+            let error = crate::message::DesiredError {
+                commit: commit.clone(),
+                file: first.map(|d| d.file.clone()).unwrap_or_default(),
+                line: first.map_or(0, |d| d.line),
+                column: first.map_or(0, |d| d.column),
+                message: first.map(|d| d.message.clone()).unwrap_or_default(),
+                errors: invalid.0.len(),
+            };
+            Ok(Fetched::Invalid(commit, text, error))
         }
     }
 }
@@ -200,6 +210,19 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
             Ok(Err((_, e))) => Err(e),
             Err(e) => Err(e.to_string()),
         };
+        s.seen().fetch_ended(
+            crate::message::now(),
+            match &outcome {
+                Ok(Fetched::Unchanged) => FetchEnd::Unchanged,
+                Ok(Fetched::Good(_)) => FetchEnd::Loaded,
+                Ok(Fetched::Invalid(commit, why, _)) => FetchEnd::Invalid(commit, why),
+                Err(e) => FetchEnd::Failed(e),
+            },
+        );
+        // Good: fetched, and the tip loads (an unchanged invalid tip is not).
+        if outcome.is_ok() && s.seen().invalid_tip.is_none() {
+            s.metrics.fetched(crate::message::now());
+        }
         let poll = poll_interval(&s);
         let wait = match outcome {
             Ok(Fetched::Unchanged) => {
@@ -214,6 +237,7 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
                 last_error = None;
                 let commit = snap.commit.clone();
                 last = commit.clone();
+                s.local().desired_error = None;
                 let listed = snap.cluster.hosts.contains_key(s.me());
                 let was = s.local().left_cluster.clone();
                 if !listed && was.is_none() {
@@ -285,8 +309,10 @@ pub(super) async fn source_loop(shared: Arc<Shared>) {
                 }
                 pace.success(poll)
             }
-            Ok(Fetched::Invalid(commit, why)) => {
+            Ok(Fetched::Invalid(commit, why, error)) => {
                 last = Some(commit.clone());
+                s.local().desired_error = Some(error);
+                s.wake_publish.notify_one();
                 s.count(Counter::SnapshotsInvalid);
                 s.event(
                     EventKind::Error,

@@ -24,7 +24,7 @@ use super::events::{Event, EventKind, EventLog};
 use super::metrics::{Counter, Gauge};
 use super::peers::Peers;
 use super::stopped;
-use super::{decide, departed, identity, lease, listing, replay, seq, usage, worker};
+use super::{control, decide, departed, identity, lease, listing, replay, seq, usage, worker};
 
 /// `<state_dir>/hosts.json`: the cluster's hosts as of the last good snapshot, so that
 /// `flotilla status`, `apply` and `trigger` on this host know where every beanstalkd is.
@@ -105,6 +105,12 @@ pub(super) struct Local {
     pub(super) waiting: Vec<message::WaitingCreate>,
     /// Peers' clocks this host saw beyond `max_clock_skew` in its last pass.
     pub(super) clock_skew: Option<String>,
+    /// When the last reconcile pass ended (seconds since the Unix epoch).
+    pub(super) reconciled_at: u64,
+    /// What the last pass left blocked.
+    pub(super) blocked: Vec<message::BlockedItem>,
+    /// Why the newest fetched desired commit does not validate, while it does not.
+    pub(super) desired_error: Option<message::DesiredError>,
 }
 
 /// State shared by the agent's tasks.
@@ -123,8 +129,9 @@ pub struct Shared {
     pub(super) inventories: Mutex<BTreeMap<String, Inventory>>,
     pub(super) latencies: Mutex<BTreeMap<String, Duration>>,
     pub(super) local: Mutex<Local>,
-    pub(super) counters: Mutex<BTreeMap<String, f64>>,
-    pub(super) gauges: Mutex<BTreeMap<String, f64>>,
+    pub(super) metrics: super::registry::Metrics,
+    /// What the loops last did, for `/healthz` and the status page.
+    pub(super) seen: Mutex<super::health::Seen>,
     pub(super) wake_reconcile: Notify,
     /// Results came in: a pass is due, but not at once (see the reconcile loop).
     pub(super) results_in: Notify,
@@ -156,6 +163,8 @@ pub struct Shared {
     pub(super) inventory_seq: seq::InventorySeq,
     /// This host's listing, kept while nothing changes it (issue 12, item 4).
     pub(super) listing: Arc<listing::Listing>,
+    /// Drains and suspends operators set (issue 15), kept on disk.
+    pub(super) switches: Mutex<control::SwitchStore>,
 }
 
 /// The backend the config describes: vm-bhyve's `vm`, or the simulator when `sim_dir` is
@@ -210,6 +219,8 @@ impl Shared {
             cfg.message_window.0.as_secs(),
             message::now(),
         );
+        let switches =
+            control::SwitchStore::open(&cfg.state_dir).map_err(|e| state(e.to_string()))?;
         let listing = Arc::new(listing::Listing::default());
         let backend = Arc::new(listing::Tracked {
             inner: backend,
@@ -228,8 +239,11 @@ impl Shared {
             inventories: Mutex::default(),
             latencies: Mutex::default(),
             local: Mutex::default(),
-            counters: Mutex::default(),
-            gauges: Mutex::default(),
+            metrics: super::registry::Metrics::new(),
+            seen: Mutex::new(super::health::Seen {
+                started_at: message::now(),
+                ..Default::default()
+            }),
             wake_reconcile: Notify::new(),
             results_in: Notify::new(),
             wake_fetch: Notify::new(),
@@ -246,6 +260,7 @@ impl Shared {
             unsure_forwards: Mutex::default(),
             inventory_seq,
             listing,
+            switches: Mutex::new(switches),
         }))
     }
 
@@ -299,6 +314,10 @@ impl Shared {
         if let Err(e) = acted.record(&env.id, env.sent_at, message::now()) {
             tracing::warn!(error = %e, "cannot record an acted message id");
         }
+    }
+
+    pub(super) fn switches(&self) -> std::sync::MutexGuard<'_, control::SwitchStore> {
+        self.switches.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(super) fn local(&self) -> std::sync::MutexGuard<'_, Local> {
@@ -417,20 +436,42 @@ impl Shared {
 
     /// Adds `v` to a counter.
     pub(super) fn add(&self, series: Counter<'_>, v: f64) {
-        *self
-            .counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(series.series())
-            .or_default() += v;
+        self.metrics.add(&series.series(), v);
     }
 
     /// Sets a gauge.
     pub(super) fn set(&self, series: Gauge<'_>, v: f64) {
-        self.gauges
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(series.series(), v);
+        self.metrics.set(&series.series(), v);
+    }
+
+    /// What the loops last did.
+    pub(super) fn seen(&self) -> std::sync::MutexGuard<'_, super::health::Seen> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// SIGHUP: agent.yaml was read again (`fresh`, or why it could not be). The agent
+    /// keeps running with the configuration it started with, so a hangup never stops it
+    /// or half-applies a change; the event says whether a restart would change anything,
+    /// and a reconcile pass and a fetch run now, as after a trigger.
+    pub fn hangup(&self, fresh: Result<AgentConfig, String>) {
+        let (kind, message) = match fresh {
+            Err(e) => (
+                EventKind::Error,
+                format!("SIGHUP: agent.yaml does not load, the agent keeps running with the one it started with: {e}"),
+            ),
+            // Debug shows every setting (paths, not secrets: the key is read from a file).
+            Ok(c) if format!("{c:?}") == format!("{:?}", self.cfg) => (
+                EventKind::ConfigUnchanged,
+                "SIGHUP: agent.yaml unchanged; reconciling now".to_string(),
+            ),
+            Ok(_) => (
+                EventKind::ConfigChanged,
+                "SIGHUP: agent.yaml changed; it takes effect when the agent restarts (e.g. supervisorctl restart flotilla); reconciling now with the running settings".to_string(),
+            ),
+        };
+        self.event(kind, None, None, None, message);
+        self.wake_fetch.notify_one();
+        self.wake_reconcile.notify_one();
     }
 
     /// Records an event in the event log, and logs it at its kind's level.
@@ -489,7 +530,6 @@ impl Shared {
         }
     }
 
-    /// The overload threshold this host crosses now, if any.
     /// Lists this host's VMs and tells admission what they claim.
     /// A listing kept since no change was seen is as good and costs no `vm list`.
     pub(super) fn list_local(&self) -> Result<Vec<ActualVm>, BackendError> {
@@ -497,7 +537,8 @@ impl Shared {
             .cfg
             .backend
             .list_interval
-            .map_or(Duration::from_secs(300), |d| d.0);
+            .map_or(listing::MAX_AGE, |d| d.0);
+        let _turn = self.listing.turn();
         if let Some(vms) = self.listing.kept(max_age) {
             return Ok(vms);
         }
@@ -505,7 +546,7 @@ impl Shared {
         let listing = self.admission().usage.begin(Instant::now());
         let vms = self.backend.list()?;
         self.admission().usage.listed(listing, &vms);
-        self.listing.keep(token, &vms);
+        self.listing.keep(token, listing, &vms);
         Ok(vms)
     }
 
@@ -513,6 +554,7 @@ impl Shared {
         self.admission.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The overload threshold this host crosses now, if any.
     pub(super) fn overload(
         &self,
         running_memory: crate::size::Size,

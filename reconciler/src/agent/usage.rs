@@ -167,7 +167,18 @@ impl UsageView {
     /// The claims now, or `None` when a listing is needed first.
     pub fn claims(&self, now: Instant) -> Option<Claims> {
         let base = self.base.as_ref()?;
-        if self.stale_at.is_some() || now.saturating_duration_since(base.began) > MAX_AGE {
+        if now.saturating_duration_since(base.began) > MAX_AGE {
+            return None;
+        }
+        self.claims_vouched()
+    }
+
+    /// The claims, whatever the last listing's age: for when the vm_dir watch vouches
+    /// that nothing changed since it began but this host's own builds and changes
+    /// (see `listing::Listing::kept_since`). `None` when a listing is needed first.
+    pub fn claims_vouched(&self) -> Option<Claims> {
+        let base = self.base.as_ref()?;
+        if self.stale_at.is_some() {
             return None;
         }
         // Each guest once: a hold (what it will claim) over a build since the listing

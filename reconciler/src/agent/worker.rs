@@ -550,7 +550,8 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
                 }
             }
         }
-        let claims = match claims_now(&mut adm, backend.as_ref()) {
+        let claims = match claims_now(&mut adm, backend.as_ref(), &shared.listing, max_age(shared))
+        {
             Ok(c) => c,
             Err(e) => return ended(End::Failed(e.to_string())),
         };
@@ -574,6 +575,7 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
                     reserved: Usage::default(),
                     limits: &limits,
                     overload: overload.as_deref(),
+                    drained: shared.switches().get().drains(me),
                 },
             )
         };
@@ -602,6 +604,8 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
             }
         }
     }
+    // The build is one change of the kept listing, made stale once, when it ends.
+    let _job = shared.listing.job(&job.vm);
     shared.event(
         EventKind::Job,
         Some(&job.vm),
@@ -678,15 +682,41 @@ fn admit_and_build(shared: &Shared, env: &Envelope, job: &CreateJob) -> Built {
     })
 }
 
+/// How old a kept listing may be (`backend.list_interval`).
+fn max_age(shared: &Shared) -> Duration {
+    shared
+        .cfg
+        .backend
+        .list_interval
+        .map_or(super::listing::MAX_AGE, |d| d.0)
+}
+
 /// What this host's guests claim now, each once, from the view or else from a listing
 /// taken under the admission lock (so no other slot admits against the same room).
-fn claims_now(adm: &mut super::Admission, backend: &dyn Backend) -> Result<Claims, BackendError> {
+/// A view older than its own age limit is as good as new while the kept listing is
+/// (`kept`, at most `max_age` old): the vm_dir watch vouches that nothing changed since
+/// but this agent's own jobs, which the view follows. Else the first create after a
+/// few idle seconds listed the host once more (issue 12, Measure).
+fn claims_now(
+    adm: &mut super::Admission,
+    backend: &dyn Backend,
+    kept: &super::listing::Listing,
+    max_age: Duration,
+) -> Result<Claims, BackendError> {
     if let Some(c) = adm.usage.claims(Instant::now()) {
         return Ok(c);
     }
+    if let Some((began, vms)) = kept.kept_since(max_age) {
+        adm.usage.listed(began, &vms);
+        if let Some(c) = adm.usage.claims_vouched() {
+            return Ok(c);
+        }
+    }
+    let token = kept.begin();
     let listing = adm.usage.begin(Instant::now());
     let vms = backend.list()?;
     adm.usage.listed(listing, &vms);
+    kept.keep(token, listing, &vms);
     // Just listed, so the view serves; the listing alone is the fallback.
     Ok(adm
         .usage
@@ -959,6 +989,8 @@ fn op(shared: &Shared, env: &Envelope) -> End {
         },
         _ => false,
     };
+    // One change of the kept listing, made stale once, when it ends.
+    let _job = shared.listing.job(vm);
     let r: Result<(), BackendError> = (|| match &env.body {
         Message::Destroy(_) => {
             if found.state != RunState::Stopped {
@@ -1056,8 +1088,13 @@ fn admit_change(shared: &Shared, found: &ActualVm, u: &UpdateJob) -> Result<bool
             ))
         })?;
     let mut adm = shared.admission();
-    let claims =
-        claims_now(&mut adm, shared.backend.as_ref()).map_err(|e| Admit::Failed(e.to_string()))?;
+    let claims = claims_now(
+        &mut adm,
+        shared.backend.as_ref(),
+        &shared.listing,
+        max_age(shared),
+    )
+    .map_err(|e| Admit::Failed(e.to_string()))?;
     crate::capacity::fits_growth(claims.used, grows, &limits)
         .map_err(|e| Admit::NoRoom(e.to_string()))?;
     adm.usage.reserve(&found.name, claim);
@@ -1140,5 +1177,63 @@ pub(super) fn params(pri: u32, ttr: Duration) -> PutParams {
         pri,
         delay: 0,
         ttr: ttr.as_secs().clamp(1, u32::MAX as u64) as u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::listing::{tests::Counting, Listing};
+    use crate::agent::usage::UsageView;
+
+    /// An admission whose view comes from a listing begun 30 s ago (older than the
+    /// view's own limit), kept in `listing` as well.
+    fn listed_long_ago(listing: &Listing) -> super::super::Admission {
+        let mut adm = super::super::Admission {
+            building: Default::default(),
+            operating: Default::default(),
+            usage: UsageView::default(),
+        };
+        let at = Instant::now()
+            .checked_sub(Duration::from_secs(30))
+            .unwrap_or_else(Instant::now);
+        let token = listing.begin();
+        let began = adm.usage.begin(at);
+        adm.usage.listed(began, &[]);
+        listing.keep(token, began, &[]);
+        adm
+    }
+
+    /// Guards issue 12, Measure (calls per create): admission trusted its view of the
+    /// host for 3 s after a listing, then listed again, so the first create of a commit
+    /// after an idle spell listed the host though the kept listing, which the vm_dir
+    /// watch vouches for, was as good. A view that cannot follow a change, a change the
+    /// watch saw and a host without a watch still make it list.
+    #[test]
+    fn admission_takes_the_kept_listing_the_watch_vouches_for() {
+        let backend = Counting::default();
+        let lists = || backend.lists.load(Ordering::SeqCst);
+        let age = Duration::from_secs(300);
+        let listing = Listing::default();
+        listing.watch_for_tests();
+
+        let mut adm = listed_long_ago(&listing);
+        claims_now(&mut adm, &backend, &listing, age).unwrap();
+        assert_eq!(lists(), 0, "the kept listing serves");
+
+        let mut adm = listed_long_ago(&listing);
+        adm.usage.changed();
+        claims_now(&mut adm, &backend, &listing, age).unwrap();
+        assert_eq!(lists(), 1, "a change the view cannot follow");
+
+        let mut adm = listed_long_ago(&listing);
+        listing.changed();
+        claims_now(&mut adm, &backend, &listing, age).unwrap();
+        assert_eq!(lists(), 2, "a change the watch saw");
+
+        let unwatched = Listing::default();
+        let mut adm = listed_long_ago(&unwatched);
+        claims_now(&mut adm, &backend, &unwatched, age).unwrap();
+        assert_eq!(lists(), 3, "no watch");
     }
 }

@@ -211,8 +211,8 @@ pub fn parse_datastores(command: &str, text: &str) -> Result<Vec<Datastore>, Bac
 }
 
 /// Checked before a name reaches a command line, so that no argument can be mistaken
-/// for an option or a path.
-fn check_name(what: &str, name: &str) -> Result<(), BackendError> {
+/// for an option or a path. Public so that stand-ins refuse the same names.
+pub fn check_name(what: &str, name: &str) -> Result<(), BackendError> {
     if crate::names::is_vm_name(name) {
         Ok(())
     } else {
@@ -226,7 +226,7 @@ fn check_name(what: &str, name: &str) -> Result<(), BackendError> {
 /// A config value that survives both `sysrc`'s quoting and vm-bhyve's reader: no
 /// quotes, no `#` (everything after it is dropped), no line breaks, nothing `sh` would
 /// expand, and no trailing blank (stripped on read).
-fn check_value(key: &str, value: &str) -> Result<(), BackendError> {
+pub fn check_value(key: &str, value: &str) -> Result<(), BackendError> {
     let bad = value
         .chars()
         .find(|c| matches!(c, '"' | '\'' | '#' | '\n' | '\r' | '\\' | '`' | '$'));
@@ -245,7 +245,9 @@ fn check_value(key: &str, value: &str) -> Result<(), BackendError> {
     Ok(())
 }
 
-fn check_key(key: &str) -> Result<(), BackendError> {
+/// A config key vm-bhyve reads back: a shell variable name starting with a lower-case
+/// letter.
+pub fn check_key(key: &str) -> Result<(), BackendError> {
     let ok =
         key.as_bytes().first().is_some_and(u8::is_ascii_lowercase) && crate::conf::is_var_name(key);
     if ok {
@@ -587,6 +589,46 @@ impl VmBhyve {
             }
         };
         Ok((state, text))
+    }
+
+    /// Waits up to `within` until the guest is down: its `run.lock` gone (vm-bhyve's
+    /// `_run` holds it while the guest runs or restarts, and removes it last), which
+    /// costs no call to see, and `vm info` of this guest alone saying `stopped`. `vm
+    /// list` reads every guest; a stop polled it each interval. Should `vm info` still
+    /// see it run without a lock, it is asked again after 2, 4, 8 intervals. Returns
+    /// whether it stopped, and the last state seen.
+    fn await_stopped(
+        &self,
+        name: &str,
+        dir: &Path,
+        within: Duration,
+    ) -> Result<(bool, String), BackendError> {
+        let deadline = Instant::now() + within;
+        let lock = dir.join("run.lock");
+        let (mut wait, mut gap) = (0u32, 1u32);
+        let mut last = String::from("running (run.lock held)");
+        loop {
+            let timed_out = Instant::now() >= deadline;
+            if !lock.exists() || timed_out {
+                wait = wait.saturating_sub(1);
+                if wait == 0 || timed_out {
+                    let (state, text) = self.info_state(name)?;
+                    if state == RunState::Stopped && !lock.exists() {
+                        return Ok((true, text));
+                    }
+                    last = text;
+                    (wait, gap) = (gap, (gap * 2).min(LOOK_GAP_MAX));
+                }
+            }
+            if timed_out {
+                return Ok((false, last));
+            }
+            std::thread::sleep(
+                self.cfg
+                    .poll_interval
+                    .min(deadline.saturating_duration_since(Instant::now())),
+            );
+        }
     }
 
     /// Polls until `done` holds or `within` has passed; returns the last probe and
@@ -1116,10 +1158,9 @@ impl Backend for VmBhyve {
             RunState::Locked => return Err(self.locked_error(&p)),
             RunState::Running | RunState::Bootloader => {}
         }
-        // Exits 0 whatever happened; its warnings are on stderr, the truth is in `vm list`.
+        // Exits 0 whatever happened; its warnings are on stderr, the truth is the guest's.
         self.vm(&["stop", name])?;
-        let stopped = |p: &Probe| Ok(p.row.state == RunState::Stopped);
-        if self.wait(name, timeout, stopped)?.1 {
+        if self.await_stopped(name, &p.dir, timeout)?.0 {
             return Ok(StopOutcome::Shutdown);
         }
         tracing::warn!(
@@ -1134,7 +1175,7 @@ impl Backend for VmBhyve {
             }
             return Err(e);
         }
-        let (p, done) = self.wait(name, self.cfg.poweroff_timeout, stopped)?;
+        let (done, last) = self.await_stopped(name, &p.dir, self.cfg.poweroff_timeout)?;
         if done {
             Ok(StopOutcome::PoweredOff)
         } else {
@@ -1142,7 +1183,7 @@ impl Backend for VmBhyve {
                 name: name.to_string(),
                 wanted: "Stopped",
                 waited: timeout + self.cfg.poweroff_timeout,
-                last: p.row.state_text,
+                last,
             })
         }
     }

@@ -65,6 +65,22 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .max_blocking_threads(16)
         .enable_all()
         .build()?;
+    // SIGHUP would kill the process by default; the handler is in place before the
+    // agent starts, so a hangup at any time after this is harmless.
+    let hangups = rt
+        .block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) });
+    match hangups {
+        Ok(mut hup) => {
+            let (shared, path) = (shared.clone(), args.config.clone());
+            rt.spawn(async move {
+                while hup.recv().await.is_some() {
+                    let fresh = AgentConfig::load(&path).map_err(|e| format!("{e:#}"));
+                    shared.hangup(fresh);
+                }
+            });
+        }
+        Err(e) => eprintln!("flotilla: warning: no SIGHUP handler ({e}): a hangup stops the agent"),
+    }
     if let Some(why) = rt.block_on(agent::run(shared)) {
         // Another agent is live for this host name: restarting would not help.
         eprintln!("flotilla: error: {why}");

@@ -1,14 +1,14 @@
 //! `status`, `apply`, `events` and `trigger`: the operator's view of a running cluster,
 //! through the hosts' beanstalkd servers and the local agent's state directory.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use flotilla::agent::config::{AgentConfig, Dur};
-use flotilla::agent::{events, status, HostsFile};
+use flotilla::agent::{status, HostsFile};
 use flotilla::message::{self, tubes, Envelope, Message, Trigger};
 
 use super::Output;
@@ -30,12 +30,12 @@ pub struct AgentArgs {
 const HOSTS_FILE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 impl AgentArgs {
-    fn state_dir(&self) -> anyhow::Result<PathBuf> {
+    pub(super) fn state_dir(&self) -> anyhow::Result<PathBuf> {
         let cfg = AgentConfig::load(&self.config)?;
         Ok(cfg.state_dir)
     }
 
-    fn hosts(&self) -> anyhow::Result<HostsFile> {
+    pub(super) fn hosts(&self) -> anyhow::Result<HostsFile> {
         let path = self.state_dir()?.join(HostsFile::NAME);
         // An agent that has just started writes the file once it has read the desired
         // repo: give it that moment rather than failing on "No such file".
@@ -76,20 +76,20 @@ impl AgentArgs {
 /// The cluster keys and message window that inventories are checked with, or why they
 /// cannot be had: `status` may run as a user who cannot read the key, and then shows
 /// the inventories unverified, saying so.
-fn status_keys(agent: &AgentArgs) -> Result<(flotilla::auth::Keys, u64), String> {
+pub(super) fn status_keys(agent: &AgentArgs) -> Result<(flotilla::auth::Keys, u64), String> {
     let cfg = AgentConfig::load(&agent.config).map_err(|e| format!("{e:#}"))?;
     let keys = flotilla::auth::Keys::load(&cfg.key_file).map_err(|e| format!("{e:#}"))?;
     Ok((keys, cfg.message_window.0.as_secs()))
 }
 
-fn verify(keys: &Result<(flotilla::auth::Keys, u64), String>) -> status::Verify<'_> {
+pub(super) fn verify(keys: &Result<(flotilla::auth::Keys, u64), String>) -> status::Verify<'_> {
     match keys {
         Ok((k, window)) => status::Verify::With(k, *window),
         Err(why) => status::Verify::Without(why.clone()),
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
@@ -103,17 +103,37 @@ pub struct StatusArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     output: Output,
+    /// Only this host (its row, its VMs, what needs action on it).
+    #[arg(long, value_name = "NAME")]
+    host: Option<String>,
+    /// Only this VM.
+    #[arg(long, value_name = "NAME")]
+    vm: Option<String>,
+    /// Only VMs in this run state.
+    #[arg(long, value_name = "STATE", value_parser = ["running", "stopped", "bootloader", "locked"])]
+    state: Option<String>,
 }
 
 pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let hosts = args.agent.hosts()?;
     let keys = status_keys(&args.agent);
-    let (st, _) = runtime()?.block_on(status::gather(&hosts, verify(&keys)));
+    let (mut st, _) = runtime()?.block_on(status::gather(&hosts, verify(&keys)));
+    st.filter(&status::Filter {
+        host: args.host,
+        vm: args.vm,
+        state: args.state,
+    });
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&st)?),
         Output::Text => print!("{}", status::render_text(&st)),
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(ExitCode::from(if st.unanswered() {
+        1
+    } else if !st.needs_action.is_empty() {
+        2
+    } else {
+        0
+    }))
 }
 
 /// Sends a trigger to each `(host, address)`; returns the ones that failed. A trigger is
@@ -168,7 +188,7 @@ fn addressed(hosts: &HostsFile) -> Vec<(Option<String>, String)> {
         .collect()
 }
 
-fn hostname() -> String {
+pub(super) fn hostname() -> String {
     std::process::Command::new("hostname")
         .output()
         .ok()
@@ -207,7 +227,7 @@ pub struct TriggerArgs {
     timeout: Dur,
 }
 
-fn parse_dur(s: &str) -> Result<Dur, String> {
+pub(super) fn parse_dur(s: &str) -> Result<Dur, String> {
     flotilla::desired::parse_duration(s)
         .map(Dur)
         .ok_or_else(|| format!("`{s}` is not a duration (e.g. 500ms, 5s, 2m, 1h30m)"))
@@ -255,13 +275,106 @@ pub struct ApplyArgs {
     timeout: Dur,
 }
 
+/// The tip of the desired branch as `apply --wait` found it when it started.
+struct Tip {
+    commit: String,
+    /// The first error, and how many there are, when it does not validate.
+    invalid: Option<(flotilla::desired::Diagnostic, usize)>,
+    src: flotilla::source::GitSource,
+    /// The clone `src` lives in, removed on drop.
+    _dir: tempfile::TempDir,
+}
+
+/// Reads the tip of the desired branch the agent config names, from git, into a clone
+/// of its own: the agent's cache is the agent's to write.
+fn read_tip(cfg: &AgentConfig) -> anyhow::Result<Tip> {
+    let dir = tempfile::tempdir().context("a directory for a clone of the desired repo")?;
+    let src = flotilla::source::GitSource::open(&cfg.desired.url, dir.path())?;
+    src.fetch()?;
+    let oid = src
+        .resolve(&cfg.desired.branch)
+        .with_context(|| format!("the branch `{}` of {}", cfg.desired.branch, cfg.desired.url))?;
+    let commit = oid.to_string();
+    let files = src.read(oid)?;
+    let invalid = match flotilla::desired::load(&files, Some(commit.clone())) {
+        Ok(_) => None,
+        Err(e) => {
+            let n = e.0.len();
+            e.0.into_iter().next().map(|d| (d, n))
+        }
+    };
+    Ok(Tip {
+        commit,
+        invalid,
+        src,
+        _dir: dir,
+    })
+}
+
+impl Tip {
+    /// Whether `commit` is the tip or a descendant of it; a commit this clone does not
+    /// have yet (pushed since) is fetched first.
+    fn reached_by(&self, commit: &str) -> bool {
+        if commit == self.commit {
+            return true;
+        }
+        let (Ok(c), Ok(tip)) = (
+            git2::Oid::from_str(commit),
+            git2::Oid::from_str(&self.commit),
+        ) else {
+            return false;
+        };
+        match self.src.is_descendant(c, tip) {
+            Ok(d) => d,
+            Err(_) => self.src.fetch().is_ok() && self.src.is_descendant(c, tip).unwrap_or(false),
+        }
+    }
+}
+
+fn short(commit: &str) -> &str {
+    &commit[..commit.len().min(10)]
+}
+
 pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
+    let cfg = AgentConfig::load(&args.agent.config)?;
+    // The commit to wait for is the branch's tip now, read from git: the local agent's
+    // hosts file names the last one it read, which right after a push is the previous one.
+    let tip = if args.wait {
+        Some(read_tip(&cfg)?)
+    } else {
+        None
+    };
     let hosts = args.agent.hosts()?;
+    if let Some(Tip {
+        commit,
+        invalid: Some((d, n)),
+        ..
+    }) = &tip
+    {
+        eprintln!(
+            "flotilla: the tip of {} ({}), {}, does not validate: {}:{}:{}: {}{}; \
+             nothing of it is applied, the hosts keep applying {}",
+            cfg.desired.branch,
+            cfg.desired.url,
+            short(commit),
+            d.file,
+            d.line,
+            d.column,
+            d.message,
+            if *n > 1 {
+                format!(" (and {} more; `flotilla validate` lists them)", n - 1)
+            } else {
+                String::new()
+            },
+            hosts.commit.as_deref().map_or("-", short)
+        );
+        return Ok(ExitCode::from(1));
+    }
     let rt = runtime()?;
     let addrs = addressed(&hosts);
-    let cfg = AgentConfig::load(&args.agent.config)?;
     let keys = flotilla::auth::Keys::load(&cfg.key_file)?;
     let checked = Ok((keys.clone(), cfg.message_window.0.as_secs()));
+    let since = message::now();
     let failed = rt.block_on(send_triggers(
         &addrs,
         &hosts.cluster,
@@ -272,37 +385,42 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     for f in &failed {
         eprintln!("flotilla: trigger not delivered to {f}");
     }
-    if !args.wait {
+    let Some(tip) = tip else {
         return Ok(ExitCode::from(if failed.is_empty() { 0 } else { 1 }));
-    }
+    };
+    println!(
+        "waiting for {} (the tip of {})",
+        short(&tip.commit),
+        cfg.desired.branch
+    );
     let started = Instant::now();
-    let since = message::now();
     let mut last_line = String::new();
     loop {
-        // The agent may have read a newer commit since the trigger.
         let hosts = args.agent.hosts()?;
         let (st, invs) = rt.block_on(status::gather(&hosts, verify(&checked)));
-        let commit = hosts.commit.clone().unwrap_or_default();
-        let line = status::progress(&st, &commit);
+        let line = status::progress(&st, &tip.commit);
         if line != last_line {
             println!("[{:>5.1}s] {line}", started.elapsed().as_secs_f64());
             last_line = line;
         }
-        if st.converged(&commit, since, &invs) {
-            println!("converged at {}", &commit[..commit.len().min(10)]);
-            let retrying = st.retrying();
-            if retrying.is_empty() {
-                return Ok(ExitCode::SUCCESS);
+        if let Some(commit) = st.converged_on(since, &invs, |c| tip.reached_by(c)) {
+            if commit == tip.commit {
+                println!("converged at {}", short(&commit));
+            } else {
+                println!(
+                    "converged at {}, a descendant of {} (pushed meanwhile)",
+                    short(&commit),
+                    short(&tip.commit)
+                );
             }
-            // Everything that can be done is done; these wait for room or a fix.
-            println!("{} creates failed and wait to retry:", retrying.len());
-            for (owner, f) in retrying {
-                println!("  {} (owner {owner}): {}", f.vm, f.status);
-            }
-            return Ok(ExitCode::from(2));
+            return Ok(ExitCode::from(report_leftovers(&st)));
         }
         if started.elapsed() > args.timeout.0 {
-            eprintln!("flotilla: not converged within {:?}", args.timeout.0);
+            eprintln!(
+                "flotilla: {} not converged within {:?}",
+                short(&tip.commit),
+                args.timeout.0
+            );
             print!("{}", status::render_text(&st));
             return Ok(ExitCode::from(1));
         }
@@ -310,65 +428,29 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Arguments of `events`.
-#[derive(Debug, clap::Args)]
-pub struct EventsArgs {
-    #[command(flatten)]
-    agent: AgentArgs,
-    /// Only events about this VM.
-    #[arg(long, value_name = "NAME")]
-    vm: Option<String>,
-    /// Only the last N events.
-    #[arg(long, value_name = "N")]
-    last: Option<usize>,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "text")]
-    output: Output,
-}
-
-/// The version of each line of `events --output json` (schemas/v1/events.schema.json).
-const EVENTS_FORMAT_VERSION: u32 = 1;
-
-/// One line of `events --output json`: the event as logged, versioned like the other
-/// JSON outputs so that a reader can tell a format it does not know.
-#[derive(serde::Serialize)]
-struct EventLine<'a> {
-    format_version: u32,
-    #[serde(flatten)]
-    event: &'a events::Event,
-}
-
-pub fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
-    let dir = args.agent.state_dir()?;
-    let path: &Path = &dir.join("events.jsonl");
-    let mut evs = events::read(path).with_context(|| format!("reading {}", path.display()))?;
-    if let Some(vm) = &args.vm {
-        evs.retain(|e| e.vm.as_deref() == Some(vm.as_str()));
-    }
-    if let Some(n) = args.last {
-        let skip = evs.len().saturating_sub(n);
-        evs.drain(..skip);
-    }
-    for e in &evs {
-        match args.output {
-            Output::Json => println!(
-                "{}",
-                serde_json::to_string(&EventLine {
-                    format_version: EVENTS_FORMAT_VERSION,
-                    event: e,
-                })?
-            ),
-            Output::Text => println!(
-                "{} {:<8} {:<9} {:<20} {}",
-                e.at,
-                e.host,
-                e.kind,
-                e.vm.as_deref().unwrap_or("-"),
-                e.message
-            ),
+/// What a converged cluster still leaves to an operator: blocked items, destroys the
+/// prune guard holds back, creates waiting to retry. Returns the exit code: 2 when
+/// there is any, 0 otherwise.
+fn report_leftovers(st: &status::ClusterStatus) -> u8 {
+    let retrying = st.retrying();
+    if !st.blocked.is_empty() {
+        println!("left for an operator to act on ({}):", st.blocked.len());
+        for b in &st.blocked {
+            println!("  {}", status::blocked_line(b));
         }
     }
-    Ok(ExitCode::SUCCESS)
+    if !retrying.is_empty() {
+        // Everything that can be done is done; these wait for room or a fix.
+        println!("{} creates failed and wait to retry:", retrying.len());
+        for (owner, f) in &retrying {
+            println!("  {} (owner {owner}): {}", f.vm, f.status);
+        }
+    }
+    if st.blocked.is_empty() && retrying.is_empty() {
+        0
+    } else {
+        2
+    }
 }
 
 /// `flotilla host …`.
@@ -382,6 +464,17 @@ pub enum HostCommand {
     ///
     /// Exit 0 when every other host got it, 1 otherwise.
     Forget(ForgetArgs),
+    /// Place no new creates on a host (Nomad's node drain): its worker forwards them
+    /// along the hop chain, and a create pinned to it (`host:`) is unplaceable,
+    /// "drained". Its VMs stay. Every host is told (a signed message) and logs it; the
+    /// drain survives restarts, and `status` shows the host as DRAINING.
+    ///
+    /// Exit 0 when every host got it, 1 otherwise.
+    Drain(super::verbs::HostArgs),
+    /// Undo `host drain`: creates are placed on the host again.
+    ///
+    /// Exit 0 when every host got it, 1 otherwise.
+    Undrain(super::verbs::HostArgs),
 }
 
 /// Arguments of `host forget`.

@@ -37,8 +37,10 @@ macro_rules! eprintln {
 mod agent;
 mod cluster;
 mod desired;
+mod events;
 mod plan;
 mod validate;
+mod verbs;
 
 /// GitOps reconciler for FreeBSD bhyve VMs.
 #[derive(Debug, Parser)]
@@ -65,21 +67,31 @@ enum Command {
     Validate(validate::Args),
     /// Show what it takes to make the hosts equal to a desired repo (a dry run).
     ///
-    /// Exit 0 when nothing would change, 2 when something would, 1 on error.
+    /// Exit 0 when nothing would change (blocked items alone change nothing), 2 when
+    /// something would, 1 on error.
     Plan(plan::Args),
-    /// Reconcile the cluster now (a trigger to every host); with --wait, show progress
-    /// until it has converged.
+    /// Reconcile the cluster now (a trigger to every host); with --wait, read the tip of
+    /// the desired branch from git and show progress until every host has applied it (or
+    /// a descendant pushed meanwhile), then say which commit converged.
     ///
     /// Exit status: see below.
     #[command(
-        after_help = "Exit status:\n  0   triggered; with --wait: converged, nothing left over\n  1   an error, or with --wait not converged within --timeout\n  2   with --wait: converged, but with creates that failed and wait to retry (listed)\n  64  bad usage"
+        after_help = "Exit status:\n  0   triggered; with --wait: converged, nothing left to act on\n  1   an error, a trigger not delivered, a desired tip that does not validate (said at\n      once: commit, file, line, the commit the hosts keep applying), or with --wait\n      not converged within --timeout\n  2   with --wait: converged, but blocked items, destroys held by the prune guard or\n      creates waiting to retry are left (listed)\n  64  bad usage"
     )]
     Apply(cluster::ApplyArgs),
-    /// Hosts, their capacity and inventory age, every VM, creates in flight, the commit
-    /// each host has applied, recent failures.
+    /// What needs action (hosts that do not answer, a desired commit that does not
+    /// validate, blocked VMs, destroys held by the prune guard), then hosts, VMs, jobs in
+    /// flight and recent failures; times in RFC 3339.
+    ///
+    /// Exit 0 when nothing needs action, 1 when a host does not answer (or on error), 2
+    /// when every host answers and something needs action. Filters apply to the exit
+    /// code too.
     Status(cluster::StatusArgs),
-    /// The local agent's event log: what was done, where, why, with which result.
-    Events(cluster::EventsArgs),
+    /// The local agent's event log, or with --cluster every host's recent events: what
+    /// was done, where, why, with which result.
+    ///
+    /// Exit 0, or 1 when the log (or with --cluster, a host) cannot be read.
+    Events(events::EventsArgs),
     /// Ask hosts to fetch the desired repo and reconcile now (the post-receive hook's
     /// command).
     ///
@@ -88,6 +100,29 @@ enum Command {
     /// Hosts as the cluster's agents know them.
     #[command(subcommand)]
     Host(cluster::HostCommand),
+    /// Plan failed and unplaceable creates (and failed ops) again now, rather than after
+    /// `worker.retry_failed`: every one, or those of the VMs named. Every host is told (a
+    /// signed message) and logs it.
+    ///
+    /// Exit 0 when every host got it, 1 otherwise.
+    Retry(verbs::RetryArgs),
+    /// Stop acting on one VM, or on the whole cluster (as `flux suspend`): no create,
+    /// destroy, update, start or stop is sent for it; passes still run and report.
+    /// Survives restarts; `status` shows it.
+    ///
+    /// Exit 0 when every host got it, 1 otherwise.
+    Suspend(verbs::SuspendArgs),
+    /// Undo `suspend`; without a VM, resume the cluster and every VM suspended alone.
+    ///
+    /// Exit 0 when every host got it, 1 otherwise.
+    Resume(verbs::SuspendArgs),
+    /// Adopt an unmanaged VM: show the VM file made from its vm-bhyve config; with
+    /// --repo DIR --yes, write it to DIR/vms/NAME.yaml and have its host mark it managed.
+    /// Until the file is committed the VM is blocked ("imported"), never destroyed.
+    /// Refused for a name already managed or on more than one host.
+    ///
+    /// Exit 0 when shown (or written and marked), 1 otherwise.
+    Import(verbs::ImportArgs),
     /// Run this host's agent: source, reconciler, worker, inbox, inventory. Exit 0 on
     /// SIGTERM, 78 on a bad configuration.
     Agent(agent::Args),
@@ -127,9 +162,15 @@ pub fn main() -> ExitCode {
         Command::Plan(args) => plan::run(args),
         Command::Apply(args) => cluster::apply(args),
         Command::Status(args) => cluster::status(args),
-        Command::Events(args) => cluster::events(args),
+        Command::Events(args) => events::run(args),
         Command::Trigger(args) => cluster::trigger(args),
         Command::Host(cluster::HostCommand::Forget(args)) => cluster::host_forget(args),
+        Command::Host(cluster::HostCommand::Drain(args)) => verbs::drain(args),
+        Command::Host(cluster::HostCommand::Undrain(args)) => verbs::undrain(args),
+        Command::Retry(args) => verbs::retry(args),
+        Command::Suspend(args) => verbs::suspend(args),
+        Command::Resume(args) => verbs::resume(args),
+        Command::Import(args) => verbs::import(args),
         Command::Agent(args) => agent::run(args),
     };
     match result {

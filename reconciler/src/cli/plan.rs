@@ -198,11 +198,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         allow_prune: args.allow_prune,
         allow_empty: args.allow_empty,
     };
-    let plan = planner::plan(&snapshot, &actual, &in_flight, &options);
+    let mut plan = planner::plan(&snapshot, &actual, &in_flight, &options);
+    if let Some(path) = &args.agent_config {
+        super::verbs::mark_suspended(&mut plan, path)?;
+    }
     let text = match args.output {
         Output::Json => render::plan_json(&plan),
         Output::Text => render::plan_text(&plan, super::style(args.no_color)),
     };
     print!("{text}");
-    Ok(ExitCode::from(if plan.has_changes() { 2 } else { 0 }))
+    // Blocked items alone change nothing: they are shown, and the exit says "no changes"
+    // (issue 15, truth 4).
+    let changes = plan.actions().next().is_some();
+    Ok(ExitCode::from(if changes { 2 } else { 0 }))
 }

@@ -871,6 +871,7 @@ fn place(
             reserved: Usage::default(),
             limits: &limits,
             overload: None,
+            drained: false,
         };
         match decide(&job, view) {
             Decision::Admit { .. } => {
@@ -1387,4 +1388,47 @@ fn autostart_entries_are_drift_the_planner_repairs() {
         got,
         vec![("web1", Some(true), false), ("web2", Some(false), false)]
     );
+}
+
+/// Guards issue 15, verb 4 (safety): `flotilla import` marks an unmanaged VM managed
+/// before its VM file is committed; a managed VM that is not desired is destroyed, so
+/// an imported one must be blocked ("imported: commit its VM file") instead, prune
+/// guard or not. Once its file is committed, the marker is brought to the spec's hash
+/// (an update) and nothing else is done to it.
+#[test]
+fn an_imported_vm_is_never_destroyed_before_its_file_is_committed() {
+    let snap = snapshot(&s(&["name: keep\nprofile: CS0\nhost: host1\n"]), 1.0);
+    let with_file = snapshot(
+        &s(&[
+            "name: keep\nprofile: CS0\nhost: host1\n",
+            "name: hand\nprofile: CS0\nhost: host1\n",
+        ]),
+        1.0,
+    );
+    let mut hand = built(&with_file.vms["hand"]);
+    hand.marker = Some(Marker {
+        spec_hash: crate::control::IMPORTED.into(),
+        ..marker(false, true, "lab")
+    });
+    let keep = built(&snap.vms["keep"]);
+    let actual = [HostActual {
+        host: "host1".into(),
+        vms: vec![hand, keep],
+    }];
+    let p = plan(
+        &snap,
+        &actual,
+        &[],
+        &PlanOptions {
+            allow_prune: true,
+            allow_empty: true,
+        },
+    );
+    assert_eq!(all(&p), []);
+    assert_eq!(
+        blocked(&p),
+        [("host1".into(), "hand".into(), BlockReason::Imported)]
+    );
+    let p = plan(&with_file, &actual, &[], &PlanOptions::default());
+    assert_eq!(all(&p), [("host1".into(), "hand".into(), Kind::Update)]);
 }
