@@ -424,6 +424,12 @@ pub fn inventory(host: usize, inv: &Inv, commits: &[Commit]) -> Inventory {
         waiting: vec![],
         left_cluster: None,
         agent: None,
+        reconciled_at: 0,
+        blocked: vec![],
+        ops: vec![],
+        desired_error: None,
+        switches: Default::default(),
+        recent_events: vec![],
     }
 }
 
@@ -864,6 +870,7 @@ impl Actor for Node {
                     reserved: Usage::default(),
                     limits: &l,
                     overload: None,
+                    drained: false,
                 };
                 match placement::decide(&create_job(job, vm, c, hops_left, &visited, pinned), view)
                 {
