@@ -118,6 +118,9 @@ pub struct Faults {
     pub crashes: usize,
     /// A host's clock may run [`SKEW`] ahead (chosen at each start).
     pub skew: bool,
+    /// Each message is delivered at most once (no duplicates): fewer states, so deeper
+    /// paths in a test's time; every path it finds is one of the duplicating network's.
+    pub once: bool,
 }
 
 impl Faults {
@@ -126,18 +129,28 @@ impl Faults {
         lossy: true,
         crashes: 1,
         skew: true,
+        once: false,
     };
     /// The tests' default: a crash and clocks ahead, no drops (see [`model`]).
     pub const DEFAULT: Faults = Faults {
         lossy: false,
         crashes: 1,
         skew: true,
+        once: false,
     };
     /// An unordered, duplicating network only.
     pub const NETWORK: Faults = Faults {
         lossy: false,
         crashes: 0,
         skew: false,
+        once: false,
+    };
+    /// An unordered network that delivers each message at most once, nothing else.
+    pub const ONCE: Faults = Faults {
+        lossy: false,
+        crashes: 0,
+        skew: false,
+        once: true,
     };
 }
 
@@ -160,6 +173,12 @@ pub struct Scenario {
     /// before it and this one already, their `Head`s on their way to every host (the
     /// state after the remote's first pushes, before any delivery).
     pub head: u8,
+    /// host1's first create of web1 was built on host2 before the start (host1 and
+    /// host2 warm, host2 with the most room). Reachable: the state after two more
+    /// deliveries, host2's first inventory to host1 (host1 then sends the create to
+    /// host2) and that create to host2 (host2 builds it, answers and publishes); both
+    /// messages stay in the network, as a duplicating one keeps every message.
+    pub built: bool,
 }
 
 impl Scenario {
@@ -168,6 +187,7 @@ impl Scenario {
         commits: 4,
         warm: &[],
         head: 0,
+        built: false,
     };
     /// The first move of the owner (c0 to c1, host3 added): every host has run its pass
     /// on c0 (host3 runs, not yet in cluster.yaml) and c1 is pushed: the setting of
@@ -176,6 +196,17 @@ impl Scenario {
         commits: 2,
         warm: &[0, 1, 2],
         head: 1,
+        built: false,
+    };
+    /// The first move of the owner with host3 cold: host1 and host2 have run their pass
+    /// on c0 and host1's create of web1 is built on host2, host3 (added by c1) has not
+    /// run its first pass, and c1 is pushed: the setting of the double build through a
+    /// closed intent (test `a_closed_intent_guards_its_vm_until_the_builder_is_seen`).
+    pub const BUILT_HOST3_COLD: Scenario = Scenario {
+        commits: 2,
+        warm: &[0, 1],
+        head: 1,
+        built: true,
     };
 }
 
@@ -345,6 +376,9 @@ pub enum Node {
         commits: Vec<Commit>,
         /// It starts having run its pass on c0 (see [`Scenario::warm`]).
         warm: bool,
+        /// host1's first create was built on host2 before the start (see
+        /// [`Scenario::built`]).
+        built: bool,
     },
     /// The git remote.
     Remote {
@@ -731,6 +765,7 @@ impl Actor for Node {
                 logic,
                 commits,
                 warm,
+                built,
             } => {
                 if *skew {
                     o.choose_random("clock", vec![Offset(0), Offset(SKEW)]);
@@ -761,7 +796,39 @@ impl Actor for Node {
                     s.commit = Some(0);
                     self.host_pass(usize::from(id), &mut s, o, *logic, commits);
                 }
-                State::Host(s)
+                if !(*built && *warm && fresh) {
+                    return State::Host(s);
+                }
+                // The two deliveries of `Scenario::built`, through the real handler:
+                // host1 reads host2's first inventory (as host2's warm start published
+                // it) and sends its create to host2; host2 builds that create (as
+                // host1 sent it; a unit test checks the two agree).
+                let mut state = Cow::Owned(State::Host(s));
+                match usize::from(id) {
+                    0 => {
+                        let first = Inv {
+                            seq: 1,
+                            commit: Some(0),
+                            listed_at: T0,
+                            vms: BTreeMap::new(),
+                            in_flight: BTreeMap::new(),
+                        };
+                        self.on_msg(id, &mut state, Id::from(1), Msg::Inventory(first), o);
+                    }
+                    1 => {
+                        let create = Msg::Create {
+                            job: (0, 0),
+                            vm: 0,
+                            commit: 0,
+                            hops_left: 3,
+                            visited: vec![],
+                            pinned: false,
+                        };
+                        self.on_msg(id, &mut state, Id::from(0), create, o);
+                    }
+                    _ => {}
+                }
+                state.into_owned()
             }
             Node::Remote { commits, head } => {
                 let hosts: Vec<Id> = (0..HOSTS.len()).map(Id::from).collect();
@@ -969,12 +1036,17 @@ pub fn model(logic: Logic, faults: Faults, scenario: Scenario) -> ActorModel<Nod
             skew: faults.skew,
             commits: commits.clone(),
             warm: scenario.warm.contains(&h),
+            built: scenario.built,
         }))
         .actor(Node::Remote {
             commits: n,
             head: scenario.head.min(n - 1),
         })
-        .init_network(Network::new_unordered_duplicating([]))
+        .init_network(if faults.once {
+            Network::new_unordered_nonduplicating([])
+        } else {
+            Network::new_unordered_duplicating([])
+        })
         .lossy_network(if lossy {
             LossyNetwork::Yes
         } else {
@@ -1082,6 +1154,31 @@ pub fn hunt(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Scenario::built`'s start is the one its two deliveries reach: host1 sent the
+    /// create to host2 (its intent open) and host2 holds web1 built by that very job.
+    #[test]
+    fn the_built_start_has_host1s_create_built_on_host2() {
+        let m = model(Logic::default(), Faults::ONCE, Scenario::BUILT_HOST3_COLD);
+        let init = m.init_states().pop().expect("an initial state");
+        let host = |i: usize| match init.actor_states[i].as_ref() {
+            State::Host(h) => h.clone(),
+            State::Remote(_) => panic!("actor {i} is not a host"),
+        };
+        let (h1, h2, h3) = (host(0), host(1), host(2));
+        let intent = h1.disk.intents.get(&0).expect("host1's intent");
+        assert_eq!((intent.job, intent.first_hop), ((0, 0), 1));
+        assert_eq!(h2.disk.held.get(&0), Some(&(0, 0)));
+        assert!(h3.disk.held.is_empty() && h3.commit.is_none());
+        assert!(init.network.iter_deliverable().any(|e| matches!(
+            e.msg,
+            Msg::Result {
+                job: (0, 0),
+                built_on: Some(1),
+                ..
+            }
+        )));
+    }
 
     /// Each commit of the model's branch moves web1's owner: otherwise the model could
     /// not show a create racing an ownership move.
