@@ -107,6 +107,9 @@ pub struct Logic {
     /// A placed intent is decided by `listed_at > at` (before df2dff3, issue 14 case 4)
     /// instead of the builder's inventory sequence.
     pub clock_close: bool,
+    /// A create does not wait for the builders that closed intents name
+    /// ([`decide::builds_unseen`]): the logic before that fix.
+    pub no_built_records: bool,
 }
 
 /// The faults the model explores besides an unordered, duplicating network.
@@ -230,6 +233,8 @@ pub struct Inv {
     pub vms: BTreeMap<u8, Job>,
     /// The creates it has in flight.
     pub in_flight: BTreeMap<u8, Job>,
+    /// Its creates closed as built: VM to the builder and the sequence that showed it.
+    pub built: BTreeMap<u8, (u8, u64)>,
 }
 
 /// Where an intent stands, projected from [`IntentStatus`].
@@ -276,6 +281,8 @@ pub struct Disk {
     pub held: BTreeMap<u8, Job>,
     /// Ghost state for the property: intents closed as "gone" (vm, builder, job).
     pub closed_gone: BTreeSet<(u8, u8, Job)>,
+    /// Intents closed as built ([`decide::built_record`]): VM to builder and sequence.
+    pub built: BTreeMap<u8, (u8, u64)>,
 }
 
 /// A host's state.
@@ -298,8 +305,13 @@ pub struct HostState {
 }
 
 /// What an inventory said, seq and clock aside: its commit, the VMs held, the creates in
-/// flight.
-pub type Published = (Option<u8>, BTreeMap<u8, Job>, BTreeMap<u8, Job>);
+/// flight, the creates closed as built.
+pub type Published = (
+    Option<u8>,
+    BTreeMap<u8, Job>,
+    BTreeMap<u8, Job>,
+    BTreeMap<u8, (u8, u64)>,
+);
 
 /// An actor's state.
 // One remote beside three hosts: boxing the hosts' states would add an allocation to each
@@ -386,6 +398,8 @@ pub enum Node {
         commits: u8,
         /// The commit it starts at (see [`Scenario::head`]).
         head: u8,
+        /// The hosts that start warm: their `Head(0)` is delivered already.
+        warm: Vec<usize>,
     },
 }
 
@@ -464,6 +478,15 @@ pub fn inventory(host: usize, inv: &Inv, commits: &[Commit]) -> Inventory {
         desired_error: None,
         switches: Default::default(),
         recent_events: vec![],
+        built: inv
+            .built
+            .iter()
+            .map(|(v, (h, seq))| flotilla::message::BuiltCreate {
+                vm: VMS[*v as usize].into(),
+                host: HOSTS[*h as usize].into(),
+                seq: *seq,
+            })
+            .collect(),
     }
 }
 
@@ -618,6 +641,7 @@ impl Node {
             listed_at: now,
             vms: s.disk.held.clone(),
             in_flight: BTreeMap::new(),
+            built: s.disk.built.clone(),
         };
         inventories.insert(HOSTS[me].into(), inventory(me, &own, commits));
         let cluster: Vec<String> = commit.hosts.iter().map(|h| HOSTS[*h].to_string()).collect();
@@ -641,6 +665,11 @@ impl Node {
                 decide::intent_fate(&real, Some(SPEC), &inventories, now)
             };
             if let IntentFate::Close(why) = fate {
+                if let Some(b) = decide::built_record(&real, &inventories) {
+                    if let Some(h) = HOSTS.iter().position(|h| *h == b.host) {
+                        s.disk.built.insert(vm, (h as u8, b.seq));
+                    }
+                }
                 if let (true, Status::Placed { host, .. }) = (why.contains("gone"), &i.status) {
                     s.disk.closed_gone.insert((vm, *host, i.job));
                 }
@@ -667,6 +696,7 @@ impl Node {
                     .any(|inv| inv.vms.iter().any(|x| x.name == *vm))
                 || others.iter().any(|f| f.vm == *vm)
                 || !unseen.is_empty()
+                || (!logic.no_built_records && !decide::builds_unseen(vm, &inventories).is_empty())
             {
                 continue;
             }
@@ -731,7 +761,12 @@ impl Node {
 /// before the listing (the VMs it holds now).
 fn publish(me: usize, s: &mut HostState, o: &mut Out<Node>) {
     let in_flight: BTreeMap<u8, Job> = s.disk.intents.iter().map(|(v, i)| (*v, i.job)).collect();
-    let content = (s.reconciled, s.disk.held.clone(), in_flight.clone());
+    let content = (
+        s.reconciled,
+        s.disk.held.clone(),
+        in_flight.clone(),
+        s.disk.built.clone(),
+    );
     if s.published.as_ref() == Some(&content) {
         return;
     }
@@ -742,6 +777,7 @@ fn publish(me: usize, s: &mut HostState, o: &mut Out<Node>) {
         listed_at: T0 + s.offset,
         vms: s.disk.held.clone(),
         in_flight,
+        built: s.disk.built.clone(),
     };
     s.published = Some(content);
     let peers: Vec<Id> = (0..HOSTS.len())
@@ -778,6 +814,7 @@ impl Actor for Node {
                         intents: BTreeMap::new(),
                         held: BTreeMap::new(),
                         closed_gone: BTreeSet::new(),
+                        built: BTreeMap::new(),
                     },
                 };
                 let fresh = storage.is_none();
@@ -812,6 +849,7 @@ impl Actor for Node {
                             listed_at: T0,
                             vms: BTreeMap::new(),
                             in_flight: BTreeMap::new(),
+                            built: BTreeMap::new(),
                         };
                         self.on_msg(id, &mut state, Id::from(1), Msg::Inventory(first), o);
                     }
@@ -830,10 +868,20 @@ impl Actor for Node {
                 }
                 state.into_owned()
             }
-            Node::Remote { commits, head } => {
-                let hosts: Vec<Id> = (0..HOSTS.len()).map(Id::from).collect();
+            Node::Remote {
+                commits,
+                head,
+                warm,
+            } => {
                 for c in 0..=*head {
-                    o.broadcast(&hosts, &Msg::Head(c));
+                    // A warm host's `Head(0)` is consumed: delivering it again changes
+                    // nothing but a network that delivers once, where it would only
+                    // multiply the states.
+                    let to: Vec<Id> = (0..HOSTS.len())
+                        .filter(|h| c > 0 || !warm.contains(h))
+                        .map(Id::from)
+                        .collect();
+                    o.broadcast(&to, &Msg::Head(c));
                 }
                 if head + 1 < *commits {
                     o.set_timer(Push, model_timeout());
@@ -1039,6 +1087,7 @@ pub fn model(logic: Logic, faults: Faults, scenario: Scenario) -> ActorModel<Nod
             built: scenario.built,
         }))
         .actor(Node::Remote {
+            warm: scenario.warm.to_vec(),
             commits: n,
             head: scenario.head.min(n - 1),
         })

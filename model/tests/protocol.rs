@@ -122,13 +122,16 @@ const CLOSED_DEPTH: usize = 8;
 /// model): host1 on c0 creates web1 and host2 builds it; host1 moves to c1, sees host2's
 /// inventory with web1, closes its intent as built by its job and publishes an inventory
 /// without the create in flight; host3, owner under c1, holds that inventory of host1's
-/// but only host2's older one from before the build, so no host shows web1, none waits,
-/// and host3 must not create it a second time.
+/// but only host2's older one from before the build, so no host shows web1 and none
+/// waits. Now host1's inventory carries the closed create ("built on host2, seen at its
+/// seq 2", [`flotilla::agent::decide::built_record`]) and host3 waits until it has read
+/// host2's inventory at that sequence ([`flotilla::agent::decide::builds_unseen`]).
 ///
 /// [`Scenario::BUILT_HOST3_COLD`] starts after host1's create is built on host2 (a
 /// reachable state); the network delivers each message once ([`Faults::ONCE`]: a
-/// subset of the duplicating network's paths, about half the states). Before a fix the
-/// check fails in six deliveries (139,466 states, about 35 s in a debug build):
+/// subset of the duplicating network's paths, about half the states). Without the wait
+/// (`Logic::no_built_records`, the logic before the fix) the check fails in six
+/// deliveries:
 ///
 /// ```text
 /// no VM held by two hosts: counterexample
@@ -140,26 +143,30 @@ const CLOSED_DEPTH: usize = 8;
 /// - Deliver { src: Id(1), dst: Id(2), msg: Inventory(Inv { seq: 1, commit: Some(0), vms: {}, .. }) }
 /// - Deliver { src: Id(2), dst: Id(2), msg: Create { job: (2, 0), vm: 0, commit: 1, .. } }
 /// ```
-///
-/// Ignored until the fix (a closed intent published as "built on host at seq N" and
-/// creates held until the builder's inventory at seq N is seen; see docs/design.md,
-/// "Open"): run it with `--ignored`.
 #[test]
-#[ignore = "open: the double build through a closed intent is not fixed yet"]
 fn a_closed_intent_guards_its_vm_until_the_builder_is_seen() {
     let depth = std::env::var("FLOTILLA_MODEL_CLOSED_DEPTH")
         .ok()
         .and_then(|d| d.parse().ok())
         .unwrap_or(CLOSED_DEPTH);
+    let old = Logic {
+        no_built_records: true,
+        ..Logic::default()
+    };
+    let c = check(old, Faults::ONCE, Scenario::BUILT_HOST3_COLD, depth, true);
+    let path = c
+        .discovery(NO_TWICE)
+        .expect("without the wait for builders, no VM was built twice");
+    eprintln!("{NO_TWICE}: counterexample\n{path}");
     let c = check(
         Logic::default(),
         Faults::ONCE,
         Scenario::BUILT_HOST3_COLD,
         depth,
-        true,
+        false,
     );
     eprintln!(
-        "real logic, host3 cold: {} states, depth {}",
+        "real logic, built, host3 cold: {} states, depth {}",
         c.unique_state_count(),
         c.max_depth()
     );

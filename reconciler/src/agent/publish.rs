@@ -125,6 +125,7 @@ pub(super) fn inventory(
         desired_error: local.desired_error.clone(),
         switches: shared.switches().get().clone(),
         recent_events: shared.events.recent(RECENT_EVENTS),
+        built: Vec::new(),
     })
 }
 
