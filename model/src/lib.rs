@@ -696,7 +696,8 @@ impl Node {
                     .any(|inv| inv.vms.iter().any(|x| x.name == *vm))
                 || others.iter().any(|f| f.vm == *vm)
                 || !unseen.is_empty()
-                || (!logic.no_built_records && !decide::builds_unseen(vm, &inventories).is_empty())
+                || (!logic.no_built_records
+                    && !decide::builds_unseen(vm, &inventories, &BTreeSet::new()).is_empty())
             {
                 continue;
             }

@@ -148,12 +148,18 @@ pub fn built_record(
 /// while this host's own latest inventory of that builder is older, the VM may exist
 /// where this host cannot see it. The intent that guarded it has closed, so without
 /// this wait a host reading peers one after another (an old inventory of the builder, a
-/// new one of the closer) would create it a second time (safety rule 2).
-pub fn builds_unseen(vm: &str, inventories: &BTreeMap<String, Inventory>) -> Vec<String> {
+/// new one of the closer) would create it a second time (safety rule 2). A builder an
+/// operator declared gone (`forgotten`) is not waited for: its VMs count as gone.
+pub fn builds_unseen(
+    vm: &str,
+    inventories: &BTreeMap<String, Inventory>,
+    forgotten: &std::collections::BTreeSet<String>,
+) -> Vec<String> {
     let mut hosts: Vec<String> = inventories
         .values()
         .flat_map(|inv| inv.built.iter())
-        .filter(|b| b.vm == vm && inventories.get(&b.host).is_none_or(|i| i.seq < b.seq))
+        .filter(|b| b.vm == vm && !forgotten.contains(&b.host))
+        .filter(|b| inventories.get(&b.host).is_none_or(|i| i.seq < b.seq))
         .map(|b| b.host.clone())
         .collect();
     hosts.sort();
@@ -551,14 +557,23 @@ mod tests {
         let mut old = inventory("host2", 0, &[], 8);
         old.seq = 1;
         let mut invs = BTreeMap::from([("host1".to_string(), closer), ("host2".to_string(), old)]);
-        assert_eq!(builds_unseen("web1", &invs), vec!["host2".to_string()]);
-        assert!(builds_unseen("db1", &invs).is_empty());
+        let none = std::collections::BTreeSet::new();
+        assert_eq!(
+            builds_unseen("web1", &invs, &none),
+            vec!["host2".to_string()]
+        );
+        assert!(builds_unseen("db1", &invs, &none).is_empty());
         invs.remove("host2");
-        assert_eq!(builds_unseen("web1", &invs), vec!["host2".to_string()]);
+        assert_eq!(
+            builds_unseen("web1", &invs, &none),
+            vec!["host2".to_string()]
+        );
+        let gone = std::collections::BTreeSet::from(["host2".to_string()]);
+        assert!(builds_unseen("web1", &invs, &gone).is_empty());
         let mut destroyed_since = inventory("host2", 0, &[], 8);
         destroyed_since.seq = 5;
         invs.insert("host2".into(), destroyed_since);
-        assert!(builds_unseen("web1", &invs).is_empty());
+        assert!(builds_unseen("web1", &invs, &none).is_empty());
     }
 
     #[test]
