@@ -528,6 +528,23 @@ pub struct Inventory {
     /// This host's most recent events, newest last, for `flotilla events --cluster`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recent_events: Vec<crate::events::Event>,
+    /// Creates this host owned whose intents closed as built: a host that has not yet
+    /// read the builder's inventory that showed the VM must not create it again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub built: Vec<BuiltCreate>,
+}
+
+/// A create whose intent closed because the VM was seen built (safety rule 2): published
+/// by the closer so that a host holding an older inventory of the builder waits for it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuiltCreate {
+    /// The VM.
+    pub vm: String,
+    /// The host that built it.
+    pub host: String,
+    /// The sequence of the builder's inventory that showed it.
+    pub seq: u64,
 }
 
 /// A host an operator declared gone for good.
@@ -763,6 +780,7 @@ mod tests {
                 desired_error: None,
                 switches: Default::default(),
                 recent_events: vec![],
+                built: vec![],
             })),
             Message::Trigger(Trigger {
                 reason: "push".into(),

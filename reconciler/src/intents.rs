@@ -154,6 +154,47 @@ impl IntentStore {
         }
     }
 
+    /// Records that `built`'s intent closed because the VM was seen built, durably,
+    /// replacing an earlier record for the VM (a later build has a later sequence). Called
+    /// before the intent is removed, so a crash between the two leaves both, never
+    /// neither; kept (one per VM) so that a restart publishes them again.
+    pub fn record_built(&self, built: &crate::message::BuiltCreate) -> Result<(), IntentError> {
+        let path = self
+            .built_dir()?
+            .join(self.path(&built.vm)?.file_name().unwrap_or_default());
+        let bytes = serde_json::to_vec_pretty(built).unwrap_or_default();
+        crate::atomic::write(&path, &bytes).map_err(io(&path))
+    }
+
+    /// Every create closed as built ([`IntentStore::record_built`]), sorted by VM.
+    pub fn built(&self) -> Result<Vec<crate::message::BuiltCreate>, IntentError> {
+        let dir = self.built_dir()?;
+        let mut out: Vec<crate::message::BuiltCreate> = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io(&dir))? {
+            let path = entry.map_err(io(&dir))?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let bytes = fs::read(&path).map_err(io(&path))?;
+            out.push(
+                serde_json::from_slice(&bytes).map_err(|e| IntentError::Corrupt {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?,
+            );
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The records of creates closed as built: a directory beside the intents, which
+    /// [`IntentStore::all`] skips (not a `.json` file).
+    fn built_dir(&self) -> Result<PathBuf, IntentError> {
+        let dir = self.dir.join("built");
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        Ok(dir)
+    }
+
     /// Every open intent, sorted by VM name.
     pub fn all(&self) -> Result<Vec<Intent>, IntentError> {
         let mut out = Vec::new();
@@ -223,6 +264,27 @@ mod tests {
         };
         store.record(&newer).unwrap();
         assert_eq!(store.all().unwrap(), vec![newer]);
+    }
+
+    /// Guards the double build through a closed intent (model test
+    /// `a_closed_intent_guards_its_vm_until_the_builder_is_seen`): the record of a create
+    /// closed as built survives a restart, one per VM, the newest kept, and is no intent.
+    #[test]
+    fn built_records_survive_reopening_one_per_vm() {
+        use crate::message::BuiltCreate;
+        let dir = tempfile::tempdir().unwrap();
+        let store = IntentStore::open(dir.path()).unwrap();
+        let b = |seq| BuiltCreate {
+            vm: "web01".into(),
+            host: "host2".into(),
+            seq,
+        };
+        store.record_built(&b(2)).unwrap();
+        store.record_built(&b(5)).unwrap();
+        store.record(&intent("db01")).unwrap();
+        let again = IntentStore::open(dir.path()).unwrap();
+        assert_eq!(again.built().unwrap(), vec![b(5)]);
+        assert_eq!(again.all().unwrap(), vec![intent("db01")]);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use crate::desired::{DesiredState, Snapshot, VmSpec};
 use crate::intents::{Intent, IntentStatus};
-use crate::message::{CreateJob, Inventory, Origin, VmOrder};
+use crate::message::{BuiltCreate, CreateJob, Inventory, Origin, VmOrder};
 use crate::planner::{Action, InFlight, Kind, Plan};
 
 use super::config::FirstHop;
@@ -119,6 +119,54 @@ fn built_by_job<'a>(
     })
 }
 
+/// What the owner publishes when `intent` closes because an inventory shows its VM
+/// built (by the intent's job, or on its placed host after the build): the builder and
+/// that inventory's sequence. `None` when no inventory shows the VM (a close as gone,
+/// refused or expired guards nothing).
+pub fn built_record(
+    intent: &Intent,
+    inventories: &BTreeMap<String, Inventory>,
+) -> Option<BuiltCreate> {
+    let record = |host: &str, inv: &Inventory| BuiltCreate {
+        vm: intent.vm.clone(),
+        host: host.to_string(),
+        seq: inv.seq,
+    };
+    if let Some(host) = built_by_job(intent, inventories) {
+        return inventories.get(host).map(|inv| record(host, inv));
+    }
+    let IntentStatus::Placed { host, at, seq } = &intent.status else {
+        return None;
+    };
+    let inv = inventories.get(host)?;
+    (listed_after_build(inv, *at, *seq) && inv.vms.iter().any(|v| v.name == intent.vm))
+        .then(|| record(host, inv))
+}
+
+/// The builders this host's create of `vm` waits for: a [`BuiltCreate`] published by
+/// any host (`inventories`) says the builder's inventory at its `seq` showed the VM;
+/// while this host's own latest inventory of that builder is older, the VM may exist
+/// where this host cannot see it. The intent that guarded it has closed, so without
+/// this wait a host reading peers one after another (an old inventory of the builder, a
+/// new one of the closer) would create it a second time (safety rule 2). A builder an
+/// operator declared gone (`forgotten`) is not waited for: its VMs count as gone.
+pub fn builds_unseen(
+    vm: &str,
+    inventories: &BTreeMap<String, Inventory>,
+    forgotten: &std::collections::BTreeSet<String>,
+) -> Vec<String> {
+    let mut hosts: Vec<String> = inventories
+        .values()
+        .flat_map(|inv| inv.built.iter())
+        .filter(|b| b.vm == vm && !forgotten.contains(&b.host))
+        .filter(|b| inventories.get(&b.host).is_none_or(|i| i.seq < b.seq))
+        .map(|b| b.host.clone())
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    hosts
+}
+
 /// The create job for `spec`, as its owner sends it: everything a worker needs to build
 /// the VM, the hop budget of the cluster, and whether it must stay on its first host.
 pub fn create_job(snap: &Snapshot, spec: &VmSpec, origin: Origin, expires_at: u64) -> CreateJob {
@@ -212,6 +260,13 @@ impl CommitOwners {
                 .map(|v| (v.name.clone(), v.pin().map(str::to_string)))
                 .collect(),
         }
+    }
+
+    /// The owners under a commit with these `hosts` and each desired VM's pin (`pins`):
+    /// what [`CommitOwners::of`] takes from a snapshot, for callers without one (the
+    /// protocol model in `model/`).
+    pub fn new(hosts: Vec<String>, pins: BTreeMap<String, Option<String>>) -> CommitOwners {
+        CommitOwners { hosts, pins }
     }
 
     /// The owner of `vm` under this commit; `None` when the commit does not desire it.
@@ -449,7 +504,76 @@ mod tests {
             desired_error: None,
             switches: Default::default(),
             recent_events: vec![],
+            built: vec![],
         }
+    }
+
+    /// Guards the double build through a closed intent (found by the model, test
+    /// `a_closed_intent_guards_its_vm_until_the_builder_is_seen`): an intent closed
+    /// because the builder's inventory showed the VM yields the builder and that
+    /// inventory's sequence; one closed with nothing seen yields nothing.
+    #[test]
+    fn an_intent_closed_as_built_records_the_builder_and_its_sequence() {
+        let placed = intent(IntentStatus::Placed {
+            host: "host2".into(),
+            at: 500,
+            seq: Some(10),
+        });
+        let mut shows = inventory("host2", 501, &["web1"], 8);
+        shows.seq = 11;
+        let invs = BTreeMap::from([("host2".to_string(), shows)]);
+        assert_eq!(
+            built_record(&placed, &invs),
+            Some(BuiltCreate {
+                vm: "web1".into(),
+                host: "host2".into(),
+                seq: 11
+            })
+        );
+        let mut gone = inventory("host2", 501, &[], 8);
+        gone.seq = 11;
+        let invs = BTreeMap::from([("host2".to_string(), gone)]);
+        assert_eq!(built_record(&placed, &invs), None);
+        let mut before = inventory("host2", 499, &["web1"], 8);
+        before.seq = 10;
+        let invs = BTreeMap::from([("host2".to_string(), before)]);
+        assert_eq!(built_record(&placed, &invs), None);
+        assert_eq!(built_record(&intent(IntentStatus::Sent), &invs), None);
+    }
+
+    /// Guards the double build through a closed intent (found by the model, test
+    /// `a_closed_intent_guards_its_vm_until_the_builder_is_seen`): host3 holds host1's
+    /// inventory saying web1 was seen built on host2 at seq 2, but only host2's seq 1
+    /// (before the build): it waits for host2, and creates once it reads seq 2 or later
+    /// (then host2's inventory itself decides: a later one without the VM lets it go).
+    #[test]
+    fn a_create_waits_until_the_builders_inventory_of_a_published_build_is_read() {
+        let mut closer = inventory("host1", 0, &[], 8);
+        closer.built = vec![BuiltCreate {
+            vm: "web1".into(),
+            host: "host2".into(),
+            seq: 2,
+        }];
+        let mut old = inventory("host2", 0, &[], 8);
+        old.seq = 1;
+        let mut invs = BTreeMap::from([("host1".to_string(), closer), ("host2".to_string(), old)]);
+        let none = std::collections::BTreeSet::new();
+        assert_eq!(
+            builds_unseen("web1", &invs, &none),
+            vec!["host2".to_string()]
+        );
+        assert!(builds_unseen("db1", &invs, &none).is_empty());
+        invs.remove("host2");
+        assert_eq!(
+            builds_unseen("web1", &invs, &none),
+            vec!["host2".to_string()]
+        );
+        let gone = std::collections::BTreeSet::from(["host2".to_string()]);
+        assert!(builds_unseen("web1", &invs, &gone).is_empty());
+        let mut destroyed_since = inventory("host2", 0, &[], 8);
+        destroyed_since.seq = 5;
+        invs.insert("host2".into(), destroyed_since);
+        assert!(builds_unseen("web1", &invs, &none).is_empty());
     }
 
     #[test]

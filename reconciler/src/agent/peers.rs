@@ -460,6 +460,7 @@ mod tests {
             desired_error: None,
             switches: Default::default(),
             recent_events: vec![],
+            built: vec![],
         };
         Envelope::new("c", host, host, Message::Inventory(Box::new(inv)))
     }

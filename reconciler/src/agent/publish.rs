@@ -84,6 +84,10 @@ pub(super) fn inventory(
             sent_at: i.recorded_at,
         })
         .collect();
+    let built = shared
+        .intents
+        .built()
+        .map_err(|e| format!("reading the closed creates: {e}"))?;
     let ops = shared
         .ops
         .lock()
@@ -125,6 +129,9 @@ pub(super) fn inventory(
         desired_error: local.desired_error.clone(),
         switches: shared.switches().get().clone(),
         recent_events: shared.events.recent(RECENT_EVENTS),
+        // Read after the intents (see there): an intent closed as built is recorded
+        // before it is removed, so it shows here or there, never nowhere.
+        built,
     })
 }
 

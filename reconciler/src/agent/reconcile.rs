@@ -317,6 +317,11 @@ async fn reconcile_once(
                 in_flight.push(decide::in_flight(intent));
             }
             IntentFate::Close(why) => {
+                // The record first: it guards the VM until every host has read the
+                // builder's inventory that showed it (decide::builds_unseen).
+                if let Some(b) = decide::built_record(intent, &inventories) {
+                    shared.intents.record_built(&b).map_err(|e| e.to_string())?;
+                }
                 shared
                     .intents
                     .remove(&intent.vm)
@@ -372,7 +377,7 @@ async fn reconcile_once(
             if owner != &me {
                 continue;
             }
-            let hosts = decide::waits_for(
+            let mut hosts = decide::waits_for(
                 vm,
                 &me,
                 snap.commit.as_deref(),
@@ -380,6 +385,7 @@ async fn reconcile_once(
                 &owners,
                 &forgotten,
             );
+            hosts.extend(decide::builds_unseen(vm, &inventories, &forgotten));
             if !hosts.is_empty() {
                 waiting.insert(vm.clone(), hosts);
             }
