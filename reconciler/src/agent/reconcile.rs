@@ -492,20 +492,7 @@ async fn reconcile_once(
     shared.add(Counter::ReconcileSeconds, took);
     shared.set(Gauge::ReconcileLastSeconds, took);
     shared.set(Gauge::LastReconcileTimestamp, message::now() as f64);
-    let summary = plan.summary();
-    for (action, n) in [
-        ("create", summary.create),
-        ("update", summary.update),
-        ("grow_disk", summary.grow_disk),
-        ("replace", summary.replace),
-        ("start", summary.start),
-        ("stop", summary.stop),
-        ("destroy", summary.destroy),
-        ("blocked", summary.blocked),
-        ("pending", summary.pending),
-    ] {
-        shared.set(Gauge::PlanActions { action }, n as f64);
-    }
+    // `flotilla_plan_actions` came with `metrics.plan` above.
     {
         let mut local = shared.local.lock().unwrap_or_else(|p| p.into_inner());
         local.reconciled_commit = snap.commit.clone();
