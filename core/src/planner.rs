@@ -674,7 +674,12 @@ pub fn plan(
             .unwrap_or(&[]);
         match found {
             [] => {
-                if let Some(host) = unmanaged.get(spec.name.as_str()) {
+                // An unmanaged VM under a name whose create is in flight is that create's
+                // VM before its marker is written: pending, not someone else's name.
+                let creating = flying(&spec.name).filter(|f| f.kind == Kind::Create);
+                if let Some(f) = creating {
+                    pending.push(f.clone());
+                } else if let Some(host) = unmanaged.get(spec.name.as_str()) {
                     b.block(
                         host,
                         &spec.name,

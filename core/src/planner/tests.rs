@@ -322,6 +322,32 @@ fn starts_and_stops() {
     );
 }
 
+/// Guards issue 15, truth 2 (status tells what needs action, truthfully): a VM mid-build
+/// (`vm create` done, the marker not yet written) was planned as "name taken by an
+/// unmanaged VM" by any pass that listed it then, although its own create was in flight;
+/// the blocked item stayed in that host's inventory after the build, and `status` (and the
+/// demo) said an operator must act on a VM flotilla had just built. A create in flight
+/// for the name means the VM is that create's, still being made.
+#[test]
+fn a_vm_mid_build_is_pending_not_a_name_taken() {
+    let snap = snapshot(&s(&["name: web1\nprofile: CS0\n"]), 1.0);
+    let mut half = built(&snap.vms["web1"]);
+    half.marker = None;
+    let actual = vec![HostActual {
+        host: "host2".into(),
+        vms: vec![half],
+    }];
+    let flying = [InFlight {
+        vm: "web1".into(),
+        kind: Kind::Create,
+        host: Some("host2".into()),
+    }];
+    let p = plan(&snap, &actual, &flying, &PlanOptions::default());
+    assert_eq!(all(&p), []);
+    assert_eq!(blocked(&p), []);
+    assert_eq!(p.pending.len(), 1, "{:?}", p.pending);
+}
+
 #[test]
 fn never_touches_unmanaged_vms_nor_takes_their_names() {
     let snap = snapshot(&s(&["name: web1\nprofile: CS0\n"]), 1.0);
