@@ -38,12 +38,6 @@ pub enum Counter<'a> {
         /// How it ended.
         outcome: &'a str,
     },
-    /// `flotilla_backend_invocations_total{command}`: each `vm` subcommand and `sysrc`
-    /// run.
-    BackendInvocations {
-        /// The command.
-        command: &'a str,
-    },
 }
 
 /// A gauge the agent keeps, with its labels.
@@ -64,21 +58,6 @@ pub enum Gauge<'a> {
         tube: &'a str,
         /// The jobs' state.
         state: &'a str,
-    },
-    /// `flotilla_inventory_age_seconds{host}`: the age of each host's inventory.
-    InventoryAge {
-        /// The host.
-        host: &'a str,
-    },
-    /// `flotilla_applied_commit_info{commit}`: the commit this host applied.
-    AppliedCommit {
-        /// The commit.
-        commit: &'a str,
-    },
-    /// `flotilla_desired_commit_info{commit}`: the last good desired commit.
-    DesiredCommit {
-        /// The commit.
-        commit: &'a str,
     },
 }
 
@@ -107,10 +86,6 @@ impl Counter<'_> {
                 label(kind),
                 label(outcome)
             ),
-            Counter::BackendInvocations { command } => format!(
-                "flotilla_backend_invocations_total{{command=\"{}\"}}",
-                label(command)
-            ),
         }
     }
 }
@@ -129,21 +104,6 @@ impl Gauge<'_> {
                 label(tube),
                 label(state)
             ),
-            Gauge::InventoryAge { host } => {
-                format!("flotilla_inventory_age_seconds{{host=\"{}\"}}", label(host))
-            }
-            Gauge::AppliedCommit { commit } => {
-                format!(
-                    "flotilla_applied_commit_info{{commit=\"{}\"}}",
-                    label(commit)
-                )
-            }
-            Gauge::DesiredCommit { commit } => {
-                format!(
-                    "flotilla_desired_commit_info{{commit=\"{}\"}}",
-                    label(commit)
-                )
-            }
         }
     }
 }
@@ -194,10 +154,6 @@ mod tests {
                 },
                 "flotilla_results_total{kind=\"stop\",outcome=\"failed\"}",
             ),
-            (
-                Counter::BackendInvocations { command: "list" },
-                "flotilla_backend_invocations_total{command=\"list\"}",
-            ),
         ];
         for (series, name) in c {
             assert_eq!(series.series(), name);
@@ -223,18 +179,6 @@ mod tests {
                     state: "ready",
                 },
                 "flotilla_queue_jobs{tube=\"flotilla-ops\",state=\"ready\"}",
-            ),
-            (
-                Gauge::InventoryAge { host: "host1" },
-                "flotilla_inventory_age_seconds{host=\"host1\"}",
-            ),
-            (
-                Gauge::AppliedCommit { commit: "abc" },
-                "flotilla_applied_commit_info{commit=\"abc\"}",
-            ),
-            (
-                Gauge::DesiredCommit { commit: "abc" },
-                "flotilla_desired_commit_info{commit=\"abc\"}",
             ),
         ];
         for (series, name) in g {
