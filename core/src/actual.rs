@@ -153,3 +153,50 @@ pub fn sample_vm(name: &str, memory: &str, disks: &[&str], state: RunState) -> A
         marker: None,
     }
 }
+
+/// A marker for tests: this `cluster`'s (or another's), protect and complete as given.
+#[cfg(any(test, feature = "testing"))]
+pub fn marker(protect: bool, complete: bool, cluster: &str) -> Marker {
+    Marker {
+        format_version: Marker::FORMAT_VERSION,
+        cluster: cluster.into(),
+        job_id: "job".into(),
+        spec_hash: "old".into(),
+        commit: "old".into(),
+        owner: "host1".into(),
+        protect,
+        placed_from: None,
+        complete,
+    }
+}
+
+/// A VM as a worker would build it from `spec` (tests).
+#[cfg(any(test, feature = "testing"))]
+pub fn built(spec: &crate::desired::VmSpec) -> ActualVm {
+    let mut config = spec.config.clone();
+    config.insert("uuid".into(), format!("uuid-{}", spec.name));
+    config.insert("network0_mac".into(), "58:9c:fc:00:00:01".into());
+    ActualVm {
+        name: spec.name.clone(),
+        datastore: "default".into(),
+        cpu: spec.cpu,
+        memory: spec.memory,
+        config,
+        disks: vec![Disk {
+            name: "disk0.img".into(),
+            dev: "file".into(),
+            size: spec.disk,
+        }],
+        state: match spec.state {
+            crate::desired::DesiredState::Running => RunState::Running,
+            crate::desired::DesiredState::Stopped => RunState::Stopped,
+        },
+        // The worker puts a VM that runs into vm_list.
+        autostart: (spec.state == crate::desired::DesiredState::Running).then_some(1),
+        marker: Some(Marker {
+            spec_hash: spec.spec_hash.clone(),
+            protect: spec.protect,
+            ..marker(spec.protect, true, "lab")
+        }),
+    }
+}

@@ -2,56 +2,13 @@
 //! VM, planning again leaves it alone. It needs `agent::decide::create_job`, so it
 //! lives in the runtime crate, not beside the planner (flotilla-core).
 
-use crate::actual::{ActualVm, Disk, HostActual, Marker, RunState};
-use crate::desired::{load, DesiredState, FileSet, Snapshot, VmSpec};
+use crate::actual::HostActual;
+use crate::desired::{load, FileSet, Snapshot};
 use crate::planner::{plan, Action, PlanOptions};
 use crate::size::Size;
+use flotilla_core::actual::built;
 use proptest::prelude::*;
 const HOSTS: [&str; 3] = ["host1", "host2", "host3"];
-
-fn marker(protect: bool, complete: bool, cluster: &str) -> Marker {
-    Marker {
-        format_version: Marker::FORMAT_VERSION,
-        cluster: cluster.into(),
-        job_id: "job".into(),
-        spec_hash: "old".into(),
-        commit: "old".into(),
-        owner: "host1".into(),
-        protect,
-        placed_from: None,
-        complete,
-    }
-}
-
-/// A VM as a worker would build it from `spec`.
-fn built(spec: &VmSpec) -> ActualVm {
-    let mut config = spec.config.clone();
-    config.insert("uuid".into(), format!("uuid-{}", spec.name));
-    config.insert("network0_mac".into(), "58:9c:fc:00:00:01".into());
-    ActualVm {
-        name: spec.name.clone(),
-        datastore: "default".into(),
-        cpu: spec.cpu,
-        memory: spec.memory,
-        config,
-        disks: vec![Disk {
-            name: "disk0.img".into(),
-            dev: "file".into(),
-            size: spec.disk,
-        }],
-        state: match spec.state {
-            DesiredState::Running => RunState::Running,
-            DesiredState::Stopped => RunState::Stopped,
-        },
-        // The worker puts a VM that runs into vm_list.
-        autostart: (spec.state == DesiredState::Running).then_some(1),
-        marker: Some(Marker {
-            spec_hash: spec.spec_hash.clone(),
-            protect: spec.protect,
-            ..marker(spec.protect, true, "lab")
-        }),
-    }
-}
 
 /// A chain over `order` (host indexes); the last host's `next` is the first (a loop)
 /// or none.

@@ -1,7 +1,7 @@
 //! Planner examples and properties.
 
 use super::*;
-use crate::actual::{Disk, Marker};
+use crate::actual::{built, marker, Marker};
 use crate::desired::{load, FileSet};
 use proptest::prelude::*;
 
@@ -25,50 +25,6 @@ fn snapshot(vms: &[String], prune_guard: f64) -> Snapshot {
         files.insert(format!("vms/{i:04}.yaml"), v.as_str());
     }
     load(&files, Some("c0ffee".into())).unwrap_or_else(|e| panic!("{}", e.render()))
-}
-
-fn marker(protect: bool, complete: bool, cluster: &str) -> Marker {
-    Marker {
-        format_version: Marker::FORMAT_VERSION,
-        cluster: cluster.into(),
-        job_id: "job".into(),
-        spec_hash: "old".into(),
-        commit: "old".into(),
-        owner: "host1".into(),
-        protect,
-        placed_from: None,
-        complete,
-    }
-}
-
-/// A VM as a worker would build it from `spec`.
-fn built(spec: &VmSpec) -> ActualVm {
-    let mut config = spec.config.clone();
-    config.insert("uuid".into(), format!("uuid-{}", spec.name));
-    config.insert("network0_mac".into(), "58:9c:fc:00:00:01".into());
-    ActualVm {
-        name: spec.name.clone(),
-        datastore: "default".into(),
-        cpu: spec.cpu,
-        memory: spec.memory,
-        config,
-        disks: vec![Disk {
-            name: "disk0.img".into(),
-            dev: "file".into(),
-            size: spec.disk,
-        }],
-        state: match spec.state {
-            DesiredState::Running => RunState::Running,
-            DesiredState::Stopped => RunState::Stopped,
-        },
-        // The worker puts a VM that runs into vm_list.
-        autostart: (spec.state == DesiredState::Running).then_some(1),
-        marker: Some(Marker {
-            spec_hash: spec.spec_hash.clone(),
-            protect: spec.protect,
-            ..marker(spec.protect, true, "lab")
-        }),
-    }
 }
 
 fn host_mut<'a>(actual: &'a mut Vec<HostActual>, host: &str) -> &'a mut HostActual {
